@@ -1,0 +1,125 @@
+"""The pattern registry: a pattern is a function from (rank, factors, options) to static indices.
+
+A new pattern is one function plus a call to `register_pattern`; nothing else in the library
+changes. Indices are positions (row i, column j) in the r×r coefficient matrix M of
+
+    W = W0 + U M Vᵀ,      U: (d1, r), V: (d2, r)
+
+in the paper's orientation (W is out × in, i.e. the transpose of a Flax `Dense` kernel).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternOptions:
+    """User options that a pattern may read. All hashable.
+
+    d: band half-width (banded); also sets the default budget of random/top-k.
+    k: number of positions (random, top-k); None means the banded budget for `d`.
+    seed: base seed (random).
+    """
+
+    d: int | None = None
+    k: int | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternSpec:
+    """A registered pattern.
+
+    Attributes:
+      name: the name users pass as `pattern=`.
+      indices: `(r, u, v, options, key) -> (rows, cols)`; int32 numpy arrays of shape (n,).
+        `u: (d1, r)`, `v: (d2, r)` are numpy float factors, or None when `needs_factors` is
+        False. `key` is a tuple of ints that identifies the target (and layer), so seeded
+        patterns differ between targets but are reproducible.
+      count: `(r, options) -> n`, the number of trainable entries, computed without factors so
+        that bad options are reported before any SVD runs.
+      check: `(options) -> None`, raises ValueError on bad options (before any SVD runs).
+      needs_factors: whether `indices` reads u and v (top-k); then each layer of a stacked
+        kernel gets its own indices.
+      per_layer: whether each layer of a stacked kernel gets its own indices.
+      left_product: optional structured `(u, coeffs, rows, cols, r) -> U M` of shape (d1, r)
+        that avoids the generic gather/segment_sum.
+    """
+
+    name: str
+    indices: Callable
+    count: Callable[[int, PatternOptions], int]
+    check: Callable[[PatternOptions], None]
+    needs_factors: bool = False
+    per_layer: bool = False
+    left_product: Callable | None = None
+
+
+_PATTERNS: dict[str, PatternSpec] = {}
+
+
+def register_pattern(spec: PatternSpec) -> PatternSpec:
+    """Add a pattern to the registry (overwriting one of the same name is an error)."""
+    if spec.name in _PATTERNS:
+        raise ValueError(f"A pattern named {spec.name!r} is already registered.")
+    _PATTERNS[spec.name] = spec
+    return spec
+
+
+def get_pattern(name: str) -> PatternSpec:
+    """The registered pattern called `name`; ValueError listing the known names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"`pattern` must be a string, got {type(name).__name__}.")
+    try:
+        return _PATTERNS[name]
+    except KeyError:
+        known = ", ".join(sorted(_PATTERNS))
+        raise ValueError(f"Unknown pattern {name!r}; choose one of: {known}.") from None
+
+
+def available_patterns() -> tuple[str, ...]:
+    """Names of all registered patterns."""
+    return tuple(sorted(_PATTERNS))
+
+
+def banded_count(r: int, d: int) -> int:
+    """|Ω| of a band of half-width d in an r×r grid: r(2d+1) − d(d+1), for d < r."""
+    d = min(d, r - 1)
+    return r * (2 * d + 1) - d * (d + 1)
+
+
+def budget(r: int, options: PatternOptions) -> int:
+    """k for random/top-k: the explicit `k`, else the banded budget for `d` (the paper's rule)."""
+    if options.k is not None:
+        return options.k
+    return banded_count(r, options.d or 0)
+
+
+def check_count_options(options: PatternOptions) -> None:
+    """Validation shared by the count-based patterns (random, top-k)."""
+    if options.k is None and options.d is None:
+        raise ValueError("pattern needs `k` (number of entries) or `d` (use the banded budget).")
+    if options.k is not None:
+        if isinstance(options.k, bool) or not isinstance(options.k, int | np.integer):
+            raise TypeError(f"`k` must be an int, got {type(options.k).__name__}.")
+        if options.k <= 0:
+            raise ValueError(f"`k` must be positive, got k={options.k}.")
+    if options.d is not None:
+        check_band_width(options.d)
+
+
+def check_band_width(d) -> None:
+    if isinstance(d, bool) or not isinstance(d, int | np.integer):
+        raise TypeError(f"`d` must be an int, got {type(d).__name__}.")
+    if d < 0:
+        raise ValueError(f"`d` must be >= 0 (d=0 is the plain diagonal), got d={d}.")
+
+
+def sort_by_column(rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Order positions by (column, row) so segment sums over columns see sorted ids."""
+    order = np.lexsort((rows, cols))
+    return rows[order].astype(np.int32), cols[order].astype(np.int32)

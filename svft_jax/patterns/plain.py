@@ -1,0 +1,29 @@
+"""SVFT^P: the diagonal of M, r trainable values (the singular values are shifted)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from svft_jax.patterns._registry import PatternOptions, PatternSpec, register_pattern
+
+
+def plain_indices(r: int, u, v, options: PatternOptions, key) -> tuple[np.ndarray, np.ndarray]:
+    """Ω = {(i, i)}: rows = cols = arange(r)."""
+    diagonal = np.arange(r, dtype=np.int32)
+    return diagonal, diagonal.copy()
+
+
+def plain_left_product(u, coeffs, rows, cols, options):
+    """U diag(m): (d1, r) * (r,) -> (d1, r); no gather."""
+    return u * coeffs
+
+
+PLAIN = register_pattern(
+    PatternSpec(
+        name="plain",
+        indices=plain_indices,
+        count=lambda r, options: r,
+        check=lambda options: None,
+        left_product=plain_left_product,
+    )
+)

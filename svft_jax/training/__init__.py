@@ -1,0 +1,3 @@
+"""Training helpers: optimisers that respect SVFT's frozen factors."""
+
+from svft_jax.training.optim import optimizer

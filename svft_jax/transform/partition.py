@@ -1,0 +1,94 @@
+"""Which leaves train: masks, labels, and equinox-style split/combine.
+
+Trainable leaves are M (`m`) and the reference gate of every SVFT node, plus any leaf whose
+path matches the `extra` regex (for example a new classifier head). Everything else — U, s,
+V, W0 and every untouched parameter — is frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from svft_jax._paths import compile_regex, map_with_path, matches
+from svft_jax.transform.node import DATA_FIELDS, TRAINABLE_FIELDS, SVFTNode, is_node
+
+FROZEN, SVFT, EXTRA = "frozen", "svft", "extra"
+
+
+def _node_labels(node: SVFTNode) -> SVFTNode:
+    """The node with each array field replaced by its label (None stays None)."""
+    return dataclasses.replace(
+        node,
+        **{
+            field: None if getattr(node, field) is None else (SVFT if field in TRAINABLE_FIELDS else FROZEN)
+            for field in DATA_FIELDS
+        },
+    )
+
+
+def labels(tree, extra: str | None = None):
+    """A pytree of strings: "svft" on M (and gates), "extra" on `extra` leaves, else "frozen".
+
+    Works on the full adapted tree and on either half of `split` (None positions stay None),
+    so it can serve as `optax.multi_transform`'s `param_labels`.
+    """
+    extra_re = compile_regex(extra, "extra")
+
+    def label(path, x):
+        if is_node(x):
+            return _node_labels(x)
+        return EXTRA if matches(extra_re, path) else FROZEN
+
+    return map_with_path(label, tree, is_leaf=is_node)
+
+
+def trainable_mask(adapted, extra: str | None = None):
+    """Bool pytree with the structure of `adapted`: True on M, gates and `extra` leaves.
+
+    Usable as `optax.masked(tx, trainable_mask(adapted))`; note that bare `optax.masked`
+    passes frozen leaves' updates through unchanged — prefer `svft_jax.optimizer`, which
+    zeroes them.
+    """
+    return jax.tree_util.tree_map(lambda label: label != FROZEN, labels(adapted, extra))
+
+
+def split(adapted, extra: str | None = None):
+    """(trainable, frozen): two trees shaped like `adapted`, with None where the other holds.
+
+    `jax.grad(loss)(trainable, frozen, ...)` then differentiates M (and `extra`) alone.
+    """
+    mask = trainable_mask(adapted, extra)
+    trainable = jax.tree_util.tree_map(lambda x, keep: x if keep else None, adapted, mask)
+    frozen = jax.tree_util.tree_map(lambda x, keep: None if keep else x, adapted, mask)
+    return trainable, frozen
+
+
+def _structure(tree):
+    return jax.tree_util.tree_structure(tree, is_leaf=lambda x: x is None)
+
+
+def combine(trainable, frozen):
+    """The inverse of `split`: take each leaf from whichever tree holds it.
+
+    Raises:
+      ValueError: if the two trees do not come from the same `split` (different structure,
+        metadata, or a leaf present in both).
+    """
+    if _structure(trainable) != _structure(frozen):
+        raise ValueError(
+            "combine: the trainable and frozen trees have different structures or SVFT "
+            "metadata; they must come from the same `split` (or the same `apply` config).\n"
+            f"trainable: {_structure(trainable)}\nfrozen:    {_structure(frozen)}"
+        )
+
+    def pick(path, a, b):
+        if a is not None and b is not None:
+            raise ValueError(f"combine: leaf {path!r} is present in both trees; pass the two halves of one `split`.")
+        return a if a is not None else b
+
+    paths = map_with_path(lambda p, _: p, trainable, is_leaf=lambda x: x is None)
+    return jax.tree_util.tree_map(
+        pick, paths, trainable, frozen, is_leaf=lambda x: x is None
+    )
