@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from svft_jax.transform.partition import EXTRA, FROZEN, SVFT, labels
+from svft_jax.transform.partition import ADAPTER, EXTRA, FROZEN, labels
 
 
 def optimizer(
@@ -32,5 +32,5 @@ def optimizer(
       An `optax.GradientTransformation`.
     """
     del adapted
-    transforms = {SVFT: tx, EXTRA: extra_tx if extra_tx is not None else tx, FROZEN: optax.set_to_zero()}
+    transforms = {ADAPTER: tx, EXTRA: extra_tx if extra_tx is not None else tx, FROZEN: optax.set_to_zero()}
     return optax.multi_transform(transforms, lambda tree: labels(tree, extra))

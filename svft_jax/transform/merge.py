@@ -99,5 +99,5 @@ def merge(adapted):
       the unmodified model's `apply` accepts. Differentiable and jit-able.
     """
     return jax.tree_util.tree_map(
-        lambda x: merged_kernel(x) if is_node(x) else x, adapted, is_leaf=is_node
+        lambda x: x.merged_kernel() if is_node(x) else x, adapted, is_leaf=is_node
     )

@@ -16,7 +16,7 @@ full-rank factors stand in for W0 (keep_base=False).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar  # noqa: F401
 
 import jax
 import jax.numpy as jnp
@@ -90,9 +90,41 @@ class SVFTMeta:
         return self.rank == min(self.layout.d1, self.layout.d2)
 
 
+class AdapterNode:
+    """Base class of every node that stands in for one kernel (SVFT here, LoRA/DoRA/VeRA in
+    `svft_jax.baselines`). `merge`, `split`, `combine`, `labels`, `optimizer` and `summary`
+    work on any subclass that is a registered pytree dataclass and defines:
+
+      DATA_FIELDS: names of its array children; TRAINABLE_FIELDS: the trainable subset.
+      merged_kernel(): the dense kernel (original layout and dtype).
+      num_trainable: trainable scalars. kernel_shape: the original kernel's shape.
+      summary_row(): (path, W shape text, method text, rank text, entries text).
+    """
+
+    DATA_FIELDS: tuple[str, ...] = ()
+    TRAINABLE_FIELDS: tuple[str, ...] = ()
+
+    def merged_kernel(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def num_trainable(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def summary_row(self) -> tuple[str, ...]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
 @dataclasses.dataclass(frozen=True)
-class SVFTNode:
+class SVFTNode(AdapterNode):
     """One adapted kernel. See the module docstring for shapes."""
+
+    DATA_FIELDS = ("u", "s", "v", "m", "gate", "base")
+    TRAINABLE_FIELDS = ("m", "gate")
 
     u: Any
     s: Any
@@ -116,6 +148,24 @@ class SVFTNode:
             count += int(np.prod(self.meta.layout.stack_shape, dtype=int))
         return count
 
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return self.meta.layout.shape
+
+    def merged_kernel(self):
+        """The adapted kernel in its original layout and dtype."""
+        from svft_jax.transform.merge import merged_kernel
+
+        return merged_kernel(self)
+
+    def summary_row(self) -> tuple[str, ...]:
+        meta = self.meta
+        stack = "×".join(map(str, meta.layout.stack_shape))
+        shape = f"{stack + '×' if stack else ''}{meta.layout.d1}×{meta.layout.d2}"
+        detail = {"banded": f"d={meta.options.d}", "random": f"seed={meta.options.seed}"}.get(meta.pattern, "")
+        method = f"svft-{meta.pattern}({detail})" if detail else f"svft-{meta.pattern}"
+        return (meta.path, shape, method, str(meta.rank), str(meta.num_entries))
+
     def dense_coefficients(self):
         """M as a dense (*stack, r, r) array. For tests and inspection, not the hot path."""
         r = self.meta.rank
@@ -129,15 +179,14 @@ class SVFTNode:
         return dense.reshape(*stack, r, r)
 
 
-DATA_FIELDS = ("u", "s", "v", "m", "gate", "base")
-TRAINABLE_FIELDS = ("m", "gate")
-
-jax.tree_util.register_dataclass(SVFTNode, data_fields=list(DATA_FIELDS), meta_fields=["meta"])
+jax.tree_util.register_dataclass(
+    SVFTNode, data_fields=list(SVFTNode.DATA_FIELDS), meta_fields=["meta"]
+)
 
 
 def is_node(x) -> bool:
-    """True for an `SVFTNode` (use as `is_leaf=` in tree maps)."""
-    return isinstance(x, SVFTNode)
+    """True for any adapter node — SVFT or a baseline (use as `is_leaf=` in tree maps)."""
+    return isinstance(x, AdapterNode)
 
 
 def pattern_spec(node: SVFTNode):

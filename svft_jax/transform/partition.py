@@ -1,6 +1,7 @@
 """Which leaves train: masks, labels, and equinox-style split/combine.
 
-Trainable leaves are M (`m`) and the reference gate of every SVFT node, plus any leaf whose
+Trainable leaves are each adapter node's TRAINABLE_FIELDS (SVFT: M and the reference gate;
+LoRA: A and B; ...), plus any leaf whose
 path matches the `extra` regex (for example a new classifier head). Everything else — U, s,
 V, W0 and every untouched parameter — is frozen.
 """
@@ -12,24 +13,24 @@ import dataclasses
 import jax
 
 from svft_jax._paths import compile_regex, map_with_path, matches
-from svft_jax.transform.node import DATA_FIELDS, TRAINABLE_FIELDS, SVFTNode, is_node
+from svft_jax.transform.node import AdapterNode, is_node
 
-FROZEN, SVFT, EXTRA = "frozen", "svft", "extra"
+FROZEN, ADAPTER, EXTRA = "frozen", "adapter", "extra"
 
 
-def _node_labels(node: SVFTNode) -> SVFTNode:
+def _node_labels(node: AdapterNode) -> AdapterNode:
     """The node with each array field replaced by its label (None stays None)."""
     return dataclasses.replace(
         node,
         **{
-            field: None if getattr(node, field) is None else (SVFT if field in TRAINABLE_FIELDS else FROZEN)
-            for field in DATA_FIELDS
+            field: None if getattr(node, field) is None else (ADAPTER if field in node.TRAINABLE_FIELDS else FROZEN)
+            for field in node.DATA_FIELDS
         },
     )
 
 
 def labels(tree, extra: str | None = None):
-    """A pytree of strings: "svft" on M (and gates), "extra" on `extra` leaves, else "frozen".
+    """A pytree of strings: "adapter" on adapter parameters (SVFT: M and gates), "extra" on `extra` leaves, else "frozen".
 
     Works on the full adapted tree and on either half of `split` (None positions stay None),
     so it can serve as `optax.multi_transform`'s `param_labels`.

@@ -15,7 +15,7 @@ def count_parameters(adapted, extra: str | None = None) -> dict:
 
     Returns:
       {"trainable": M entries + gates + `extra` leaves, "total": parameters of the original
-       model (each node counts as its kernel), "targets": number of SVFT nodes,
+       model (each node counts as its kernel), "targets": number of adapter nodes,
        "percent": 100 · trainable / total}.
     """
     extra_re = compile_regex(extra, "extra")
@@ -24,7 +24,7 @@ def count_parameters(adapted, extra: str | None = None) -> dict:
     def visit(path, x):
         if is_node(x):
             counts["trainable"] += x.num_trainable
-            counts["total"] += math.prod(x.meta.layout.shape)
+            counts["total"] += math.prod(x.kernel_shape)
             counts["targets"] += 1
         elif hasattr(x, "size"):
             counts["total"] += int(x.size)
@@ -40,21 +40,15 @@ def count_parameters(adapted, extra: str | None = None) -> dict:
 def summary(adapted, extra: str | None = None, print_fn=print) -> str:
     """Print (and return) one row per SVFT target and the trainable-parameter totals.
 
-    Columns: path, W shape (d1×d2, with the layer stack), pattern, rank r, |Ω| per layer,
-    trainable scalars. The last line reads like PEFT's `print_trainable_parameters`.
+    Columns: path, W shape (d1×d2, with the layer stack), method (e.g. svft-banded(d=2)),
+    rank r, entries per layer (|Ω| for SVFT), trainable scalars. The last line reads like PEFT's `print_trainable_parameters`.
     """
     rows = []
     for node in jax.tree_util.tree_leaves(adapted, is_leaf=is_node):
         if not is_node(node):
             continue
-        meta = node.meta
-        stack = "×".join(map(str, meta.layout.stack_shape))
-        shape = f"{stack + '×' if stack else ''}{meta.layout.d1}×{meta.layout.d2}"
-        options = meta.options
-        detail = {"banded": f"d={options.d}", "random": f"seed={options.seed}"}.get(meta.pattern, "")
-        pattern = f"{meta.pattern}({detail})" if detail else meta.pattern
-        rows.append((meta.path, shape, pattern, str(meta.rank), str(meta.num_entries), str(node.num_trainable)))
-    header = ("target", "W (out×in)", "pattern", "rank", "|Ω|", "trainable")
+        rows.append((*node.summary_row(), str(node.num_trainable)))
+    header = ("target", "W (out×in)", "method", "rank", "entries", "trainable")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells):
@@ -64,7 +58,7 @@ def summary(adapted, extra: str | None = None, print_fn=print) -> str:
     text = "\n".join(
         [line(header), line(tuple("-" * w for w in widths)), *map(line, rows),
          f"trainable params: {counts['trainable']:,} || all params: {counts['total']:,} || "
-         f"trainable%: {counts['percent']:.4f} || SVFT targets: {counts['targets']}"]
+         f"trainable%: {counts['percent']:.4f} || adapted targets: {counts['targets']}"]
     )
     if print_fn is not None:
         print_fn(text)
