@@ -76,6 +76,16 @@ def _check_dtype_arg(value, name: str):
     return dtype
 
 
+def _check_seed(seed) -> int:
+    """`seed` as a non-negative int. Checked up front because numpy's seeded Generator (the
+    random pattern) rejects negative seeds only after the SVDs have run."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+    if seed < 0:
+        raise ValueError(f"`seed` must be >= 0, got seed={seed}; pass a non-negative int.")
+    return int(seed)
+
+
 def _resolve_config(path: str, base: dict, overrides) -> dict:
     config = dict(base)
     for regex, values in overrides:
@@ -95,14 +105,16 @@ def _plan_target(path: str, leaf, config: dict) -> _TargetPlan:
         raise ValueError(f"{where} was chosen as a target but has shape {tuple(leaf.shape)}; SVFT needs a 2-D (or N-D) kernel, not a {leaf.ndim}-D leaf. Narrow `targets` (biases and norms cannot be adapted).")
     try:
         layout = resolve_layout(leaf.shape, jnp.dtype(leaf.dtype).name, config.get("layout"))
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}.") from err
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{where}: {err}.") from err
     if layout is None:
         raise ValueError(f"{where} has shape {tuple(leaf.shape)} whose input/output axes cannot be inferred; declare them with overrides={{{path!r}: {{'layout': {{'stack_ndim': ..., 'in_axes': (...), 'out_axes': (...)}}}}}}.")
 
     try:
         spec = get_pattern(config["pattern"])
-        options = PatternOptions(d=config["d"], k=config["k"], seed=config["seed"])
+        # `seed` may come from `overrides`, which `apply` has not checked yet.
+        seed = _check_seed(config["seed"])
+        options = PatternOptions(d=config["d"], k=config["k"], seed=seed)
         spec.check(options)
     except (ValueError, TypeError) as err:
         raise type(err)(f"{where}: {err}") from err
@@ -205,7 +217,13 @@ def _initial_values(plan: _TargetPlan, n: int):
     shape = (*plan.layout.stack_shape, n)
     if plan.init == "zeros":
         return jnp.zeros(shape, jnp.float32), None
-    key = jax.random.fold_in(jax.random.key(plan.options.seed), plan.key[0] & 0x7FFFFFFF)
+    # Without jax_enable_x64, jax.random.key keeps only the low 32 bits of a seed, so seeds
+    # 2**32 apart would collide; fold the high bits in (a no-op for seeds below 2**32).
+    seed = plan.options.seed
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    if seed >> 32:
+        key = jax.random.fold_in(key, (seed >> 32) & 0xFFFFFFFF)
+    key = jax.random.fold_in(key, plan.key[0] & 0x7FFFFFFF)
     m = jax.random.normal(key, shape, jnp.float32) * np.sqrt(2.0 / n)
     return m, jnp.zeros(plan.layout.stack_shape, jnp.float32)
 
@@ -277,8 +295,7 @@ def apply(
         raise ValueError(f"svd_dtype must be one of {SVD_DTYPES}, got {svd_dtype!r}.{hint}")
     if svd_backend not in ("jax", "numpy"):
         raise ValueError(f"svd_backend must be 'jax' or 'numpy', got {svd_backend!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+    seed = _check_seed(seed)
     if not isinstance(svd_batch, int) or svd_batch < 1:
         raise ValueError(f"`svd_batch` must be a positive int, got {svd_batch!r}.")
     get_pattern(pattern)  # unknown name -> ValueError listing the known ones

@@ -72,13 +72,33 @@ class KernelLayout:
         return matrix.reshape(permuted_shape).transpose(np.argsort(permutation))
 
 
+def _axes(spec: Mapping, name: str, ndim: int) -> tuple[int, ...]:
+    """spec[name] as a tuple of non-negative axes; ValueError (not KeyError/TypeError from deep
+    inside) when it is missing or not a sequence of ints, so `apply` can name the parameter."""
+    if name not in spec:
+        raise ValueError(f"layout dict needs {name!r} (a tuple of axes), got keys {sorted(spec)}")
+    axes = spec[name]
+    if isinstance(axes, int | np.integer):
+        axes = (axes,)
+    if not isinstance(axes, tuple | list) or not all(
+        isinstance(a, int | np.integer) and not isinstance(a, bool) for a in axes
+    ):
+        raise ValueError(f"layout {name!r} must be a tuple of ints, got {axes!r}")
+    if any(not -ndim <= a < ndim for a in axes):
+        raise ValueError(f"layout {name}={tuple(axes)} has an axis out of range for a {ndim}-D kernel")
+    return tuple(int(a) % ndim for a in axes)
+
+
 def _layout_from_spec(shape, dtype, spec: Mapping) -> KernelLayout:
     unknown = set(spec) - {"stack_ndim", "in_axes", "out_axes"}
     if unknown:
         raise ValueError(f"unknown layout keys {sorted(unknown)}")
-    stack_ndim = int(spec.get("stack_ndim", 0))
-    in_axes = tuple(int(a) % len(shape) for a in spec["in_axes"])
-    out_axes = tuple(int(a) % len(shape) for a in spec["out_axes"])
+    stack_ndim = spec.get("stack_ndim", 0)
+    if isinstance(stack_ndim, bool) or not isinstance(stack_ndim, int | np.integer) or not 0 <= stack_ndim <= len(shape) - 2:
+        raise ValueError(f"layout stack_ndim must be an int in [0, {len(shape) - 2}] for a kernel of shape {tuple(shape)}, got {stack_ndim!r}")
+    stack_ndim = int(stack_ndim)
+    in_axes = _axes(spec, "in_axes", len(shape))
+    out_axes = _axes(spec, "out_axes", len(shape))
     expected = set(range(stack_ndim, len(shape)))
     if sorted(in_axes + out_axes) != sorted(expected) or len(in_axes + out_axes) != len(expected):
         raise ValueError(
@@ -125,4 +145,9 @@ def resolve_layout(shape, dtype, declared=None) -> KernelLayout | None:
         if declared not in NAMED_LAYOUTS:
             raise ValueError(f"unknown layout {declared!r}; known: {sorted(NAMED_LAYOUTS)}")
         declared = NAMED_LAYOUTS[declared]
+    if not isinstance(declared, Mapping):
+        raise ValueError(
+            f"layout must be one of {sorted(NAMED_LAYOUTS)} or a dict with 'stack_ndim', "
+            f"'in_axes', 'out_axes', got {declared!r}"
+        )
     return _layout_from_spec(shape, dtype, declared)
