@@ -130,6 +130,9 @@ def _builder_class():
 
 def build(data_dir: str | os.PathLike | None = None):
     """Write the dataset as ArrayRecord files (once; later calls reuse them). Returns the builder."""
+    import tensorflow_datasets as tfds
+
+    tfds.disable_progress_bar()
     data_dir = Path(data_dir or DEFAULT_DATA_DIR)
     data_dir.mkdir(parents=True, exist_ok=True)
     builder = _builder_class()(data_dir=str(data_dir), file_format="array_record")

@@ -21,6 +21,7 @@ import math
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -76,14 +77,14 @@ class Method:
 # in PEFT's common setting, VeRA 1e-2 as in its paper, SVFT's M 1e-2 — the paper trains M with
 # LRs of this order — full fine-tuning 5e-5). They were not tuned on this task.
 METHODS: dict[str, Method] = {m.name: m for m in [
+    Method("svft_banded_d2", "svft", 1e-2, (("pattern", "banded"), ("d", 2))),
+    Method("lora_r8", "lora", 1e-3, (("rank", 8), ("alpha", 16.0))),
     Method("head_only", "head", 0.0),
     Method("full_ft", "full", 5e-5),
+    Method("svft_plain", "svft", 1e-2, (("pattern", "plain"),)),
     Method("lora_r1", "lora", 1e-3, (("rank", 1), ("alpha", 2.0))),
-    Method("lora_r8", "lora", 1e-3, (("rank", 8), ("alpha", 16.0))),
     Method("dora_r1", "dora", 1e-3, (("rank", 1), ("alpha", 2.0))),
     Method("vera_r256", "vera", 1e-2, (("rank", 256),)),
-    Method("svft_plain", "svft", 1e-2, (("pattern", "plain"),)),
-    Method("svft_banded_d2", "svft", 1e-2, (("pattern", "banded"), ("d", 2))),
     Method("svft_random_d2", "svft", 1e-2, (("pattern", "random"), ("d", 2))),
     Method("svft_topk_d2", "svft", 1e-2, (("pattern", "topk"), ("d", 2))),
 ]}
@@ -93,9 +94,9 @@ METHODS: dict[str, Method] = {m.name: m for m in [
 class Config:
     """Budget and data of one experiment (the same for every method)."""
 
-    steps: int = 300
-    batch_size: int = 32
-    max_length: int = 48
+    steps: int = 120
+    batch_size: int = 16
+    max_length: int = 32
     head_learning_rate: float = 2e-3
     warmup_fraction: float = 0.1
     eval_batch_size: int = 128
@@ -186,14 +187,20 @@ def evaluate(eval_fn, trainable, frozen, source, tokenizer, config: Config) -> f
     return correct / total
 
 
-def run_method(method: Method, module, encoder_params, sources, tokenizer, config: Config,
-               seeds, log=print) -> list[dict]:
-    """Train and evaluate one method for each seed; one compiled step serves all seeds.
+@dataclasses.dataclass
+class CompiledMethod:
+    """A method's optimiser and jitted train/eval steps, built once and reused for every seed
+    (jit caches on the tree structure, so seeds that keep the adapter metadata share one
+    compilation)."""
 
-    Returns:
-      One dict per seed: seed, trainable, total, test/validation accuracy, step_time_s,
-      train_time_s, final train loss.
-    """
+    method: Method
+    tx: Any
+    train_step: Callable
+    eval_fn: Callable
+    extra: str
+
+
+def compile_method(method: Method, module, config: Config) -> CompiledMethod:
     forward = make_forward(module)
 
     def loss_fn(adapted, batch, rng):
@@ -206,46 +213,56 @@ def run_method(method: Method, module, encoder_params, sources, tokenizer, confi
         return jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * batch["mask"])
 
     tx = make_optimizer(method, config)
-    train_step = make_train_step(loss_fn, tx)
-    extra = _trainable_filter(method)
+    return CompiledMethod(method, tx, make_train_step(loss_fn, tx), eval_fn, _trainable_filter(method))
+
+
+def run_one(compiled: CompiledMethod, seed: int, encoder_params, sources, tokenizer, config: Config,
+            log=print) -> dict:
+    """Train one method for `config.steps` steps with one seed, then measure test accuracy.
+
+    The seed sets the adapter's initialisation (LoRA's A, the random pattern, ...), the head's
+    initialisation and the order of the training data.
+
+    Returns:
+      {method, seed, trainable, total, test_accuracy, validation_accuracy (or None),
+       step_time_s (median after compilation), train_time_s, eval_time_s, final_train_loss}.
+    """
+    method, tx = compiled.method, compiled.tx
     hidden = int(encoder_params["embeddings"]["word_embeddings"]["embedding"].shape[-1])
-    rows = []
-    for seed in seeds:
-        adapted = {"encoder": method.adapt(encoder_params, seed), "classifier": init_head(hidden, 2, seed)}
-        counts = svft_jax.count_parameters(adapted, extra=extra)
-        trainable, frozen = svft_jax.split(adapted, extra=extra)
-        opt_state = tx.init(trainable)
-        train_source = sources["train"]
-        limit = None if config.train_limit is None else min(config.train_limit, len(train_source))
-        used = limit or len(train_source)
-        epochs = math.ceil(config.steps * config.batch_size / used)
-        loader = rotten_tomatoes.batches(train_source, tokenizer, batch_size=config.batch_size,
-                                         max_length=config.max_length, seed=seed, epochs=epochs,
-                                         limit=limit, drop_remainder=True)
-        rng = jax.random.key(seed)
-        step_times, metrics, start = [], {}, time.perf_counter()
-        for step, batch in zip(range(config.steps), loader, strict=False):
-            tic = time.perf_counter()
-            trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, batch, rng)
-            jax.block_until_ready(metrics["loss"])
-            step_times.append(time.perf_counter() - tic)
-            if step % 50 == 0 or step == config.steps - 1:
-                log(f"  {method.name} seed={seed} step={step} loss={float(metrics['loss']):.4f} "
-                    f"acc={float(metrics['accuracy']):.3f} {step_times[-1]:.3f}s/step")
-        train_time = time.perf_counter() - start
-        timed = step_times[1:][: config.timing_steps] if len(step_times) > 1 else step_times
+    adapted = {"encoder": method.adapt(encoder_params, seed), "classifier": init_head(hidden, 2, seed)}
+    counts = svft_jax.count_parameters(adapted, extra=compiled.extra)
+    trainable, frozen = svft_jax.split(adapted, extra=compiled.extra)
+    opt_state = tx.init(trainable)
+    train_source = sources["train"]
+    limit = None if config.train_limit is None else min(config.train_limit, len(train_source))
+    epochs = math.ceil(config.steps * config.batch_size / (limit or len(train_source)))
+    loader = rotten_tomatoes.batches(train_source, tokenizer, batch_size=config.batch_size,
+                                     max_length=config.max_length, seed=seed, epochs=epochs,
+                                     limit=limit, drop_remainder=True)
+    rng = jax.random.key(seed)
+    step_times, metrics, start = [], {}, time.perf_counter()
+    for step, batch in zip(range(config.steps), loader, strict=False):
         tic = time.perf_counter()
-        test = evaluate(eval_fn, trainable, frozen, sources["test"], tokenizer, config)
-        eval_time = time.perf_counter() - tic
-        validation = (evaluate(eval_fn, trainable, frozen, sources["validation"], tokenizer, config)
-                      if config.validate else None)
-        rows.append(dict(method=method.name, seed=seed, trainable=counts["trainable"], total=counts["total"],
-                         validation_accuracy=validation, test_accuracy=test,
-                         step_time_s=float(np.median(timed)), train_time_s=train_time,
-                         eval_time_s=eval_time, final_train_loss=float(metrics["loss"])))
-        log(f"  {method.name} seed={seed}: test={test:.4f} val={validation} eval={eval_time:.1f}s "
-            f"trainable={counts['trainable']:,} step={rows[-1]['step_time_s']:.3f}s")
-    return rows
+        trainable, opt_state, metrics = compiled.train_step(trainable, frozen, opt_state, batch, rng)
+        jax.block_until_ready(metrics["loss"])
+        step_times.append(time.perf_counter() - tic)
+        if step % 50 == 0 or step == config.steps - 1:
+            log(f"  {method.name} seed={seed} step={step} loss={float(metrics['loss']):.4f} "
+                f"acc={float(metrics['accuracy']):.3f} {step_times[-1]:.3f}s/step")
+    train_time = time.perf_counter() - start
+    timed = step_times[1:][: config.timing_steps] if len(step_times) > 1 else step_times
+    tic = time.perf_counter()
+    test = evaluate(compiled.eval_fn, trainable, frozen, sources["test"], tokenizer, config)
+    eval_time = time.perf_counter() - tic
+    validation = (evaluate(compiled.eval_fn, trainable, frozen, sources["validation"], tokenizer, config)
+                  if config.validate else None)
+    row = dict(method=method.name, seed=seed, trainable=counts["trainable"], total=counts["total"],
+               test_accuracy=test, validation_accuracy=validation,
+               step_time_s=float(np.median(timed)), train_time_s=train_time,
+               eval_time_s=eval_time, final_train_loss=float(metrics["loss"]))
+    log(f"  {method.name} seed={seed}: test={test:.4f} trainable={counts['trainable']:,} "
+        f"step={row['step_time_s']:.3f}s train={train_time:.0f}s eval={eval_time:.0f}s")
+    return row
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -340,18 +357,37 @@ def write_results(rows, table, config: Config, command: str, output_dir: Path, p
 
 
 def run_experiment(config: Config, method_names, seeds, *, module=None, encoder_params=None,
-                   sources=None, tokenizer=None, log=print):
-    """Every method × seed; returns (per-seed rows, summary table)."""
+                   sources=None, tokenizer=None, log=print, on_result=None, keep_going=False):
+    """Every method × seed, seed-major (all methods with the first seed, then the next seed),
+    so a run stopped early still covers every method. Returns (per-seed rows, summary table).
+
+    Args:
+      on_result: called with the rows so far after each (method, seed), e.g. to write files.
+      keep_going: log a failing (method, seed) and go on instead of raising.
+    """
+    unknown = [name for name in method_names if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; known: {sorted(METHODS)}")
     if module is None:
         module, encoder_params = load_encoder()
     sources = sources or rotten_tomatoes.data_sources()
     tokenizer = tokenizer or rotten_tomatoes.load_tokenizer()
+    compiled: dict[str, CompiledMethod] = {}
     rows = []
-    for name in method_names:
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
-        log(f"== {name}")
-        rows += run_method(METHODS[name], module, encoder_params, sources, tokenizer, config, seeds, log)
+    for seed in seeds:
+        for name in method_names:
+            if name not in compiled:
+                compiled[name] = compile_method(METHODS[name], module, config)
+            log(f"== {name} seed={seed}")
+            try:
+                rows.append(run_one(compiled[name], seed, encoder_params, sources, tokenizer, config, log))
+            except Exception:  # noqa: BLE001 - one failing method must not cost the other runs
+                if not keep_going:
+                    raise
+                log(f"!! {name} seed={seed} failed:\n{traceback.format_exc()}")
+                continue
+            if on_result is not None:
+                on_result(rows)
     return rows, summarise(rows)
 
 
@@ -370,10 +406,17 @@ def main(argv=None):
     methods = [m for m in args.methods.split(",") if m]
     command = " ".join([".venv/bin/python", "experiments/sentiment.py", *(argv if argv is not None else sys.argv[1:])])
     start = time.perf_counter()
-    rows, table = run_experiment(config, methods, seeds, log=lambda s: print(s, flush=True))
+
+    def write_partial(rows):
+        minutes = (time.perf_counter() - start) / 60
+        done = len(rows) == len(methods) * len(seeds)
+        status = (f"Complete: {len(rows)} runs in {minutes:.1f} min." if done else
+                  f"PARTIAL: {len(rows)} of {len(methods) * len(seeds)} runs after {minutes:.1f} min (the run is still going or was stopped).")
+        write_results(rows, summarise(rows), config, command, Path(args.output_dir), args.prefix, notes=status)
+
+    rows, table = run_experiment(config, methods, seeds, log=lambda s: print(s, flush=True),
+                                 on_result=write_partial, keep_going=True)
     elapsed = time.perf_counter() - start
-    write_results(rows, table, config, command, Path(args.output_dir), args.prefix,
-                  notes=f"Total wall-clock time: {elapsed / 60:.1f} min.")
     print(markdown_table(table))
     print(f"total {elapsed / 60:.1f} min; wrote {args.output_dir}/{args.prefix}.{{json,md,png}}")
 

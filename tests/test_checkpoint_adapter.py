@@ -16,6 +16,9 @@ import importlib
 from svft_jax.checkpoint import load_adapter, load_factor_cache, read_adapter, save_adapter, save_factor_cache
 
 
+_merge = jax.jit(svft_jax.merge)  # one compile instead of many eager small-op compiles
+
+
 def _base(seed: int = 0):
     g = np.random.default_rng(seed)
     return {
@@ -59,11 +62,12 @@ def test_adapter_round_trip_reproduces_the_trained_model_exactly(tmp_path):
     trained = _trained(_mixed_adapted(base))
     trained = jax.tree_util.tree_map_with_path(
         lambda p, x: x + 1.0 if "classifier" in jax.tree_util.keystr(p) else x, trained, is_leaf=svft_jax.is_node)
-    path = save_adapter(tmp_path / "adapter.safetensors", trained, extra="classifier/.*", base_params=base)
+    path = save_adapter(tmp_path / "adapter.safetensors", trained, extra="classifier/.*", base_params=base,
+                        svd_backend="numpy")
     loaded = load_adapter(path, base)
     assert jax.tree_util.tree_structure(loaded) == jax.tree_util.tree_structure(trained)  # same SVFT meta
     _assert_equal(loaded, trained)  # m, gates, factors and the extra head
-    _assert_equal(svft_jax.merge(loaded), svft_jax.merge(trained))
+    _assert_equal(_merge(loaded), _merge(trained))
 
 
 def test_adapter_file_holds_only_m_gates_and_pattern(tmp_path):
@@ -114,8 +118,8 @@ def test_adapter_trained_on_jax_svd_merges_identically_on_numpy_lapack_factors(t
     trained = _trained(adapted)
     path = save_adapter(tmp_path / "a.safetensors", trained)
     on_lapack = load_adapter(path, base, svd_backend="numpy")
-    for want, got in zip(jax.tree_util.tree_leaves(svft_jax.merge(trained)),
-                         jax.tree_util.tree_leaves(svft_jax.merge(on_lapack)), strict=True):
+    for want, got in zip(jax.tree_util.tree_leaves(_merge(trained)),
+                         jax.tree_util.tree_leaves(_merge(on_lapack)), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     # ΔW itself (not just W0 + ΔW) agrees, measured against its own size.
     for path_name in ("attn/query/kernel", "mlp/kernel"):
@@ -134,7 +138,7 @@ def test_factor_cache_rebuilds_the_adapted_tree_without_any_svd(tmp_path, monkey
     base = _base()
     adapted = _mixed_adapted(base)
     cache = save_factor_cache(tmp_path / "factors.safetensors", adapted, base_params=base)
-    adapter = save_adapter(tmp_path / "a.safetensors", _trained(adapted), base_params=base)
+    adapter = save_adapter(tmp_path / "a.safetensors", _trained(adapted), base_params=base, svd_backend="numpy")
 
     def no_svd(*args, **kwargs):
         raise AssertionError("an SVD ran although factors were cached")
@@ -144,7 +148,7 @@ def test_factor_cache_rebuilds_the_adapted_tree_without_any_svd(tmp_path, monkey
     assert jax.tree_util.tree_structure(rebuilt) == jax.tree_util.tree_structure(adapted)
     _assert_equal(rebuilt, adapted)
     via_cache = load_adapter(adapter, base, factors=cache)
-    _assert_equal(svft_jax.merge(via_cache), svft_jax.merge(_trained(adapted)))
+    _assert_equal(_merge(via_cache), _merge(_trained(adapted)))
     with pytest.raises(AssertionError, match="an SVD ran"):  # the patch is live: apply would SVD
         load_adapter(adapter, base)
 

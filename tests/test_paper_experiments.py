@@ -148,6 +148,10 @@ def test_sample_per_class_reads_only_what_it_needs_and_rejects_small_classes():
 
 
 # --- scripts end to end on mock data ------------------------------------------------------------
+# One CPU device and no log files: the driver's sharding and logging have their own tests.
+FAST = ("--config.data_parallel=false", "--config.log_format=none")
+
+
 def structured_source(make_example, n):
     """A mock_data `as_data_source_fn` whose examples are well formed (random text can't be parsed)."""
 
@@ -162,7 +166,7 @@ def test_glue_end_to_end_tiny_model(tmp_path):
     with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
         metrics = glue.main([
             "--task=cola", "--model=tiny", "--method=svft_banded_d1", "--max_length=24",
-            "--config.steps=2", "--config.batch_size=8", f"--output_dir={tmp_path}",
+            "--config.steps=2", "--config.batch_size=8", *FAST, f"--output_dir={tmp_path}",
         ])
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["score"] == pytest.approx(metrics["score"])
@@ -182,7 +186,7 @@ def test_image_classification_end_to_end_tiny_vit(tmp_path):
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=structured_source(_image_example, 135)):
         metrics = vision.main([
             "--dataset=resisc45", "--model=tiny", "--method=svft_plain", "--train_per_class=2", "--val_per_class=1",
-            "--max_test_examples=16", "--config.steps=2", "--config.batch_size=16", f"--output_dir={tmp_path}",
+            "--max_test_examples=16", "--config.steps=2", "--config.batch_size=16", *FAST, f"--output_dir={tmp_path}",
         ])
     assert metrics["train_examples"] == 90 and metrics["validation_examples"] == 45
     assert 0.0 <= metrics["test"]["accuracy"] <= 1.0 and 0.0 <= metrics["validation"]["accuracy"] <= 1.0
@@ -202,7 +206,7 @@ def test_math_reasoning_end_to_end_tiny_llama(tmp_path):
         metrics = math_reasoning.main([
             "--model=tiny", "--method=svft_plain", f"--math_jsonl={math_file}", "--max_length=64", "--max_prompt_length=48",
             "--max_new_tokens=4", "--eval_batch_size=4", "--max_eval_examples=4",
-            "--config.steps=2", "--config.batch_size=8", "--config.accumulation_steps=2", f"--output_dir={tmp_path / 'run'}",
+            "--config.steps=2", "--config.batch_size=8", "--config.accumulation_steps=2", *FAST, f"--output_dir={tmp_path / 'run'}",
         ])
     assert metrics["gsm8k"]["examples"] == 4 and 0.0 <= metrics["gsm8k"]["accuracy"] <= 1.0
     assert metrics["math"]["examples"] == 3 and 0.0 <= metrics["math"]["accuracy"] <= 1.0
@@ -234,7 +238,7 @@ def test_commonsense_end_to_end_all_eight_tasks(tmp_path):
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=structured_source(_commonsense_example, 4)):
         metrics = commonsense.main([
             "--model=tiny", "--method=svft_random_d1", "--max_length=96", "--max_prompt_length=64", "--max_new_tokens=3",
-            "--eval_batch_size=4", "--max_eval_per_task=4", "--config.steps=2", "--config.batch_size=8", f"--output_dir={tmp_path}",
+            "--eval_batch_size=4", "--max_eval_per_task=4", "--config.steps=2", "--config.batch_size=8", "--config.accumulation_steps=1", *FAST, f"--output_dir={tmp_path}",
         ])
     assert set(metrics["tasks"]) == set(commonsense.TASKS)
     assert metrics["train_examples"] == 32

@@ -50,6 +50,17 @@ def adapt(params, method: MethodSpec, *, targets: str | None, seed: int = 0):
     return baselines.METHODS[method.family](params, targets=targets, seed=seed, **method.kwargs)
 
 
+def init_tiny(model_class, config, input_shape: tuple[int, ...]):
+    """A randomly initialised HF Flax model whose init runs as ONE jitted call.
+
+    (`model_class(config)` initialises eagerly, compiling every initializer op separately,
+    which dominates a smoke test's runtime.) Returns (model, params); pass params explicitly.
+    """
+    model = model_class(config, seed=0, _do_init=False)
+    params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(0), input_shape)
+    return model, params
+
+
 def base_parser(description: str, table: TableConfig) -> argparse.ArgumentParser:
     """Flags every script has; the driver's `--config.<field>` flags pass through untouched."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)

@@ -206,10 +206,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             pairs += [(prompt, RESPONSE_TEMPLATE.format(answer=answer)) for prompt, answer in items]
     evaluation = {name: formatted(data.limit(load(TASKS[name].tfds_name, TASKS[name].eval_split), args.max_eval_per_task), TASKS[name]) for name in names}
 
-    model, tokenizer = lm.load_causal_lm(args.model, args.dtype)
+    model, params, tokenizer = lm.load_causal_lm(args.model, args.dtype)
     if args.factor_dtype and method.family == "svft":
         method = type(method)(method.name, method.family, {**method.kwargs, "factor_dtype": args.factor_dtype})
-    adapted = common.adapt(model.params, method, targets=args.targets, seed=args.seed)
+    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
     config = common.train_config(
         COMMONSENSE, method, epochs=args.epochs or COMMONSENSE.epochs, num_train_examples=len(pairs), overrides=overrides,
         output_dir=args.output_dir, seed=args.seed,

@@ -117,26 +117,27 @@ def task_metrics(task: GlueTask, labels, predictions) -> dict[str, float]:
 
 # --- model ----------------------------------------------------------------------------------
 def tiny_model(num_labels: int, max_length: int):
-    """A 2-layer random RoBERTa classifier over ByteTokenizer ids (tests; nothing downloaded)."""
+    """A 1-layer random RoBERTa classifier over ByteTokenizer ids (tests; nothing downloaded)."""
     from transformers import FlaxRobertaForSequenceClassification, RobertaConfig
 
     tokenizer = ByteTokenizer()
     config = RobertaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=max_length + 4, pad_token_id=tokenizer.pad_id,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, num_labels=num_labels,
     )
-    return FlaxRobertaForSequenceClassification(config, seed=0), tokenizer
+    model, params = common.init_tiny(FlaxRobertaForSequenceClassification, config, (1, max_length))
+    return model, params, tokenizer
 
 
 def load_model(name: str, num_labels: int, max_length: int):
-    """(Flax sequence classifier, tokenizer): `from_pretrained(name)` or the tiny test model."""
+    """(Flax sequence classifier, params, tokenizer): `from_pretrained(name)` or the tiny test model."""
     if name == "tiny":
         return tiny_model(num_labels, max_length)
     from transformers import FlaxAutoModelForSequenceClassification
 
     model = FlaxAutoModelForSequenceClassification.from_pretrained(name, num_labels=num_labels)
-    return model, load_tokenizer(name)
+    return model, model.params, load_tokenizer(name)
 
 
 def encode_example(example: dict, *, task: GlueTask, tokenizer, max_length: int) -> dict[str, np.ndarray]:
@@ -205,8 +206,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train_source = data.limit(load(task.tfds_name, "train"), args.max_train_examples)
     eval_sources = {split: data.limit(load(task.tfds_name, split), args.max_eval_examples) for split in (task.eval_split, *task.extra_eval_splits)}
 
-    model, tokenizer = load_model(args.model, task.num_labels, max_length)
-    adapted = common.adapt(model.params, method, targets=args.targets, seed=args.seed)
+    model, params, tokenizer = load_model(args.model, task.num_labels, max_length)
+    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
     epochs = args.epochs or GLUE_EPOCHS[args.task]
     config = common.train_config(
         GLUE, method, epochs=epochs, num_train_examples=len(train_source), overrides=overrides,

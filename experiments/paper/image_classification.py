@@ -89,19 +89,20 @@ def preprocess(example: dict, *, image_size: int, mean: float = 0.5, std: float 
 
 
 def load_model(name: str, num_classes: int):
-    """(FlaxViTForImageClassification, image size): from_pretrained with a fresh head, or tiny."""
+    """(FlaxViTForImageClassification, params, image size): from_pretrained with a fresh head, or tiny."""
     from transformers import FlaxViTForImageClassification, ViTConfig
 
     if name == "tiny":
         config = ViTConfig(
-            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=64, num_labels=num_classes,
         )
-        return FlaxViTForImageClassification(config, seed=0), 32
+        model, params = common.init_tiny(FlaxViTForImageClassification, config, (1, 3, 32, 32))
+        return model, params, 32
     model = FlaxViTForImageClassification.from_pretrained(
         VISION_MODELS.get(name, name), num_labels=num_classes, ignore_mismatched_sizes=True
     )
-    return model, model.config.image_size
+    return model, model.params, model.config.image_size
 
 
 def make_task(model, adapted, train_set, val_set, *, image_size, batch_size, seed, extra):
@@ -152,8 +153,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     train_set, val_set = few_shot_splits(pools, dataset, train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed)
     test_set = data.limit(load(dataset.test_split), args.max_test_examples)
 
-    model, image_size = load_model(args.model, dataset.num_classes)
-    adapted = common.adapt(model.params, method, targets=args.targets, seed=args.seed)
+    model, params, image_size = load_model(args.model, dataset.num_classes)
+    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
     config = common.train_config(
         VISION, method, epochs=args.epochs or VISION.epochs, num_train_examples=len(train_set), overrides=overrides,
         output_dir=args.output_dir, seed=args.seed, selection_metric="accuracy", selection_mode="max",

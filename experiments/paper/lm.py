@@ -29,20 +29,21 @@ def format_prompt(instruction: str) -> str:
 
 
 def tiny_causal_lm():
-    """A 2-layer random Llama over ByteTokenizer ids (tests; nothing downloaded)."""
+    """A 1-layer random Llama over ByteTokenizer ids (tests; nothing downloaded)."""
     from transformers import FlaxLlamaForCausalLM, LlamaConfig
 
     tokenizer = ByteTokenizer()
     config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
     )
-    return FlaxLlamaForCausalLM(config, seed=0), tokenizer
+    model, params = common.init_tiny(FlaxLlamaForCausalLM, config, (1, 8))
+    return model, params, tokenizer
 
 
 def load_causal_lm(name: str, dtype: str = "bfloat16"):
-    """(Flax causal LM, tokenizer): `FlaxAutoModelForCausalLM.from_pretrained(name)` or the tiny one.
+    """(Flax causal LM, params, tokenizer): `FlaxAutoModelForCausalLM.from_pretrained(name)` or the tiny one.
 
     Args:
       name: hub name or local directory (Gemma, Llama, GPT-2, ... with Flax support), or 'tiny'.
@@ -53,7 +54,7 @@ def load_causal_lm(name: str, dtype: str = "bfloat16"):
     from transformers import FlaxAutoModelForCausalLM
 
     model = FlaxAutoModelForCausalLM.from_pretrained(name, dtype=jnp.dtype(dtype))
-    return model, load_tokenizer(name)
+    return model, model.params, load_tokenizer(name)
 
 
 def encode_sft(prompt: str, response: str, *, tokenizer, max_length: int) -> dict[str, np.ndarray]:

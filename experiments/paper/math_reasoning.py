@@ -204,10 +204,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     gsm8k_test = data.limit(load("gsm8k", "test"), args.max_eval_examples)
     math_test = read_math_jsonl(args.math_jsonl)[: args.max_eval_examples] if args.math_jsonl else None
 
-    model, tokenizer = lm.load_causal_lm(args.model, args.dtype)
+    model, params, tokenizer = lm.load_causal_lm(args.model, args.dtype)
     if args.factor_dtype and method.family == "svft":
         method = type(method)(method.name, method.family, {**method.kwargs, "factor_dtype": args.factor_dtype})
-    adapted = common.adapt(model.params, method, targets=args.targets, seed=args.seed)
+    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
     config = common.train_config(
         MATH, method, epochs=args.epochs or MATH.epochs, num_train_examples=len(pairs), overrides=overrides,
         output_dir=args.output_dir, seed=args.seed,

@@ -39,7 +39,7 @@ def _host(x) -> np.ndarray:
 
 
 def save_adapter(path, adapted, *, extra: str | None = None, base_params=None,
-                 svd_dtype: str = "float32", overwrite: bool = False):
+                 svd_dtype: str = "float32", svd_backend: str = "jax", overwrite: bool = False):
     """Write the trained part of an SVFT model to one small file.
 
     Args:
@@ -49,7 +49,9 @@ def save_adapter(path, adapted, *, extra: str | None = None, base_params=None,
         e.g. 'classifier/.*' for a new head.
       base_params: the original params; needed only if some target used keep_base=False
         (its W0 is then not in the tree, and the fingerprint needs its exact bytes).
-      svd_dtype: the `svd_dtype` given to `apply` (recorded so `load_adapter` repeats it).
+      svd_dtype, svd_backend: the SVD settings given to `apply` (the nodes do not record
+        them); `load_adapter` repeats them by default, which reproduces the factors bit for
+        bit on the same platform. Another back-end gives the same update to float precision.
       overwrite: replace an existing file (write-then-rename); otherwise FileExistsError.
     Returns:
       The path written, as a `pathlib.Path`.
@@ -79,7 +81,7 @@ def save_adapter(path, adapted, *, extra: str | None = None, base_params=None,
         raise ValueError(f"extra={extra!r} matched no leaf outside the SVFT nodes; paths are '/'-joined, e.g. {list(leaves)[:4]}.")
     for p in extras:
         tensors[_EXTRA_PREFIX + p] = _host(leaves[p])
-    metadata = encode_header(ADAPTER_FORMAT, {"targets": records, "extras": extras, "svd_dtype": svd_dtype}, tensors)
+    metadata = encode_header(ADAPTER_FORMAT, {"targets": records, "extras": extras, "svd_dtype": svd_dtype, "svd_backend": svd_backend}, tensors)
     return atomic_write(path, safetensors_chunks(tensors, metadata), overwrite=overwrite, what="adapter")
 
 
@@ -139,7 +141,7 @@ def _install(adapted, adapter: AdapterFile, where: str):
     return jax.tree_util.tree_map_with_path(install, adapted, is_leaf=is_node)
 
 
-def load_adapter(path, base_params, *, factors=None, svd_backend: str = "jax", svd_dtype: str | None = None):
+def load_adapter(path, base_params, *, factors=None, svd_backend: str | None = None, svd_dtype: str | None = None):
     """Re-create a trained SVFT model from a base model and an adapter file.
 
     Verifies the file (format version, checksum), verifies that `base_params` holds exactly
@@ -152,7 +154,8 @@ def load_adapter(path, base_params, *, factors=None, svd_backend: str = "jax", s
       base_params: the original (un-adapted) params of the base model.
       factors: optional factor cache (a path from `save_factor_cache`, or an adapted tree
         of the same base) to skip the SVDs.
-      svd_backend: "jax" or "numpy" (the result is the same update thanks to canonical signs).
+      svd_backend: override the recorded back-end ("jax" or "numpy"); thanks to canonical
+        singular-vector signs the update is the same to float precision.
       svd_dtype: override the recorded `svd_dtype` ("float32"/"float64").
     Returns:
       The adapted tree (SVFT nodes with the trained m), ready for `svft_jax.merge` or
@@ -166,7 +169,8 @@ def load_adapter(path, base_params, *, factors=None, svd_backend: str = "jax", s
     expected = {r["path"]: r["base"] for r in adapter.targets}
     verify_fingerprint(expected, base_params, where)
     if factors is None:
-        adapted = apply_from_records(base_params, adapter.targets, svd_backend=svd_backend,
+        adapted = apply_from_records(base_params, adapter.targets,
+                                     svd_backend=svd_backend or adapter.header["svd_backend"],
                                      svd_dtype=svd_dtype or adapter.header["svd_dtype"])
     else:
         from svft_jax.checkpoint.cache import adapted_from_factors

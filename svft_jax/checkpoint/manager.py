@@ -20,9 +20,12 @@ anything else (a tmp directory left by a kill, a half-copied step) is never rest
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -142,7 +145,30 @@ class TrainCheckpointer:
             cleanup_tmp_directories=True,  # tmp dirs left by a killed save are never complete
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        self._options = options
+        self._manager = self._open_manager()
+
+    def _open_manager(self) -> ocp.CheckpointManager:
+        return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "meta"))
+
+    def _recover_from_failed_save(self, step: int) -> None:
+        """Drop the failed step's Orbax tmp folder and start a fresh manager, so retrying works.
+
+        The tmp folder holds only the partial step being written (Orbax would delete it on
+        the next start anyway); finished steps are not touched.
+        """
+        for cleanup in (self._manager.wait_until_finished, self._manager.close):
+            with contextlib.suppress(Exception):  # the failure may resurface here
+                cleanup()
+        # When one item of a synchronous save fails, Orbax raises at once while the other
+        # items' writer threads are still running; they would re-create files under the tmp
+        # folder while we delete it. Let them finish first.
+        for thread in threading.enumerate():
+            if type(thread).__name__ == "_SignalingThread" and thread is not threading.current_thread():
+                thread.join(timeout=60)
+        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)
+        self._manager = self._open_manager()
 
     # ----------------------------------------------------------------------------- set-up
     def _claim_directory(self) -> None:
@@ -258,8 +284,11 @@ class TrainCheckpointer:
             saved = self._manager.save(step, args=args, metrics=json_metrics, force=force)
             if not self._async_save:
                 self._manager.wait_until_finished()
-        except OSError as err:
-            raise OSError(err.errno, f"could not save checkpoint step {step} to {str(self.directory)!r}: {err.strerror or err}. Earlier steps are untouched; the partial step is ignored on restore.") from err
+        except Exception as err:
+            self._recover_from_failed_save(step)
+            if isinstance(err, OSError):
+                raise OSError(err.errno, f"could not save checkpoint step {step} to {str(self.directory)!r}: {err.strerror or err}. Earlier steps are untouched; the partial step was removed.") from err
+            raise
         return bool(saved)
 
     def wait_until_finished(self) -> None:

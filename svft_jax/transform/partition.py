@@ -12,7 +12,7 @@ import dataclasses
 
 import jax
 
-from svft_jax._paths import compile_regex, map_with_path, matches
+from svft_jax._paths import compile_regex, map_with_path, matches, path_to_str
 from svft_jax.transform.node import AdapterNode, is_node
 
 FROZEN, ADAPTER, EXTRA = "frozen", "adapter", "extra"
@@ -75,7 +75,8 @@ def combine(trainable, frozen):
 
     Raises:
       ValueError: if the two trees do not come from the same `split` (different structure,
-        metadata, or a leaf present in both).
+        metadata, a leaf present in both, or a leaf missing from both — which happens when
+        the halves were split with different `extra` and would drop that parameter).
     """
     if _structure(trainable) != _structure(frozen):
         raise ValueError(
@@ -84,12 +85,35 @@ def combine(trainable, frozen):
             f"trainable: {_structure(trainable)}\nfrozen:    {_structure(frozen)}"
         )
 
-    def pick(path, a, b):
+    def pick(path, a, b, optional=False):
         if a is not None and b is not None:
             raise ValueError(f"combine: leaf {path!r} is present in both trees; pass the two halves of one `split`.")
+        if a is None and b is None and not optional:
+            # A parameter that neither half holds would silently vanish from the model (e.g.
+            # halves split with different `extra`), so this is an error, not a None leaf.
+            raise ValueError(f"combine: leaf {path!r} is missing from both trees; pass the two halves of one `split` (with the same `extra`).")
         return a if a is not None else b
 
-    paths = map_with_path(lambda p, _: p, trainable, is_leaf=lambda x: x is None)
-    return jax.tree_util.tree_map(
-        pick, paths, trainable, frozen, is_leaf=lambda x: x is None
+    def pick_node(path, a, b):
+        # A node's optional fields (SVFT's gate, base) are legitimately None in both halves.
+        return dataclasses.replace(
+            a, **{field: pick(f"{path}/{field}", getattr(a, field), getattr(b, field), optional=True)
+                  for field in a.DATA_FIELDS}
+        )
+
+    def pick_any(path, a, b):
+        if is_node(a) and is_node(b):
+            return pick_node(path, a, b)
+        return pick(path, a, b)
+
+    return _map_pairs(pick_any, trainable, frozen)
+
+
+def _map_pairs(fn, first, second):
+    """fn(path, a, b) over positions of two same-structure trees, nodes and None as leaves."""
+    is_leaf = lambda x: x is None or is_node(x)  # noqa: E731
+    flat_first, treedef = jax.tree_util.tree_flatten_with_path(first, is_leaf=is_leaf)
+    flat_second = treedef.flatten_up_to(second)
+    return treedef.unflatten(
+        [fn(path_to_str(path), a, b) for (path, a), b in zip(flat_first, flat_second, strict=True)]
     )

@@ -1,0 +1,508 @@
+"""The generic SVFT training driver: one loop for every experiment.
+
+An experiment builds a `Task` (adapted params, a loss, data) and calls `run(task, config)`;
+the driver adds the optimiser (AdamW on M with warmup + linear/cosine decay, a separate
+learning rate for a new head), gradient accumulation, data parallelism over all devices
+(`jax.sharding`, multi-process aware), periodic evaluation, best-checkpoint selection, a
+tqdm bar and JSON/CSV metric logs. See `.helper_notes/train_driver_api.md` for the contract.
+
+    python experiments/train.py --config.steps=30 --config.output_dir=/tmp/svft_demo
+
+runs a built-in demo (a tiny random Flax BERT classifier on synthetic tokens).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import sys
+import time
+import types
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+if __package__ in (None, ""):  # run as a script: make `svft_jax` importable from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import svft_jax  # noqa: E402
+from svft_jax import distributed  # noqa: E402
+from svft_jax.training import make_eval_step, make_schedule, make_train_step  # noqa: E402
+
+LOG_FORMATS = ("json", "csv")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything the loop needs besides the task. Override from the command line with
+    `parse_config` (`--config.steps=10`)."""
+
+    steps: int = 1000
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    head_learning_rate: float | None = None
+    weight_decay: float = 0.0
+    head_weight_decay: float | None = None
+    warmup_fraction: float = 0.1
+    schedule: str = "linear"
+    max_grad_norm: float | None = None
+    accumulation_steps: int = 1
+    eval_every: int = 0
+    log_every: int = 10
+    seed: int = 0
+    output_dir: str | None = None
+    log_format: str = "json,csv"
+    selection_metric: str = "loss"
+    selection_mode: str = "min"
+    data_parallel: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        def positive_int(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got {value!r}.")
+
+        for name in ("steps", "batch_size", "accumulation_steps", "log_every"):
+            positive_int(name)
+        if self.batch_size % self.accumulation_steps:
+            raise ValueError(f"TrainConfig.batch_size={self.batch_size} must be divisible by accumulation_steps={self.accumulation_steps}.")
+        if isinstance(self.eval_every, bool) or not isinstance(self.eval_every, int) or self.eval_every < 0:
+            raise ValueError(f"TrainConfig.eval_every must be an int ≥ 0 (0: evaluate only at the end), got {self.eval_every!r}.")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            raise ValueError(f"TrainConfig.warmup_fraction must be in [0, 1], got {self.warmup_fraction!r}.")
+        if self.selection_mode not in ("min", "max"):
+            raise ValueError(f"TrainConfig.selection_mode must be 'min' or 'max', got {self.selection_mode!r}.")
+        make_schedule(self.schedule, 1.0, 1)  # validates the name
+        unknown = set(self.log_formats) - set(LOG_FORMATS)
+        if unknown:
+            raise ValueError(f"TrainConfig.log_format={self.log_format!r}: unknown {sorted(unknown)}; use a comma-joined subset of {LOG_FORMATS} or 'none'.")
+
+    @property
+    def log_formats(self) -> tuple[str, ...]:
+        if self.log_format.strip().lower() in ("", "none"):
+            return ()
+        return tuple(part.strip() for part in self.log_format.split(",") if part.strip())
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_fraction * self.steps))
+
+
+@dataclasses.dataclass
+class Task:
+    """What an experiment supplies; see the module docstring of the API note for details.
+
+    Attributes:
+      adapted: the adapted parameter tree (`svft_jax.apply` or a baseline), head included.
+      loss_fn: loss_fn(adapted, batch, rng) -> (scalar loss, {name: scalar}).
+      train_data: train_data(epoch) -> iterable of batches (pytrees of arrays, leading axis =
+        the global batch, or this process's share of it when running multi-process).
+      eval_data: () -> iterable over the evaluation set (fresh on every call), or None.
+      metric_fn: metric_fn(adapted, batch) -> {name: scalar or per-example array}; default:
+        loss_fn's loss and metrics with a fixed rng.
+      aggregate_fn: list of per-batch metric dicts (numpy) -> {name: float}; default: the
+        example-weighted mean of scalar metrics.
+      extra: regex of fully-trainable extra leaves (a new head), trained at
+        `head_learning_rate`.
+      count_tokens: batch -> number of tokens, for the tokens/s readout (default: examples).
+      name: shown in logs.
+    """
+
+    adapted: Any
+    loss_fn: Callable
+    train_data: Callable[[int], Iterable]
+    eval_data: Callable[[], Iterable] | None = None
+    metric_fn: Callable | None = None
+    aggregate_fn: Callable | None = None
+    extra: str | None = None
+    count_tokens: Callable | None = None
+    name: str = "task"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _parse_value(name: str, text: str, annotation):
+    """Convert a CLI string to the field's type (int, float, bool, str, or X | None)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if text.strip().lower() in ("none", "null"):
+            return None
+        annotation = options[0]
+    if annotation is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--config.{name} expects a boolean (true/false), got {text!r}.")
+    try:
+        return annotation(text)
+    except ValueError as err:
+        raise ValueError(f"--config.{name} expects {annotation.__name__}, got {text!r}.") from err
+
+
+def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
+    """`base` with command-line overrides `--config.name=value` (or `--name=value`).
+
+    Args:
+      argv: arguments without the program name (default: sys.argv[1:]).
+      base: the experiment's defaults (default: TrainConfig()).
+    Returns:
+      A new, validated TrainConfig.
+    Raises:
+      ValueError: for an unknown field (the message lists the valid ones) or a bad value.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    base = TrainConfig() if base is None else base
+    hints = typing.get_type_hints(type(base))
+    changes = {}
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"expected --config.name=value, got {arg!r}.")
+        key, text = arg[2:].split("=", 1)
+        name = key.removeprefix("config.")
+        if name not in hints:
+            raise ValueError(f"unknown config field {name!r}; valid fields: {sorted(hints)}.")
+        changes[name] = _parse_value(name, text, hints[name])
+    return dataclasses.replace(base, **changes)
+
+
+def make_optimizer(config: TrainConfig, extra: str | None = None):
+    """AdamW on M (and gates) and, with its own LR, on the `extra` leaves; frozen leaves get none.
+
+    Returns:
+      (tx, {"learning_rate": schedule, "head_learning_rate": schedule}).
+    """
+    def adamw(peak, weight_decay):
+        schedule = make_schedule(config.schedule, peak, config.steps, config.warmup_steps)
+        parts = [optax.adamw(schedule, weight_decay=weight_decay)]
+        if config.max_grad_norm is not None:
+            parts.insert(0, optax.clip_by_global_norm(config.max_grad_norm))
+        return optax.chain(*parts), schedule
+
+    tx_m, schedule_m = adamw(config.learning_rate, config.weight_decay)
+    head_lr = config.learning_rate if config.head_learning_rate is None else config.head_learning_rate
+    head_wd = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
+    tx_head, schedule_head = adamw(head_lr, head_wd)
+    tx = svft_jax.optimizer(tx_m, extra=extra, extra_tx=tx_head)
+    return tx, {"learning_rate": schedule_m, "head_learning_rate": schedule_head}
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+class MetricsLog:
+    """Rows of metrics to `<name>.jsonl` and `<name>.csv` (columns fixed by the first row)."""
+
+    def __init__(self, directory: Path | None, name: str, formats: tuple[str, ...], leading: tuple[str, ...],
+                 trailing: tuple[str, ...] = ("elapsed_s",)):
+        self.rows: list[dict] = []
+        self.paths: dict[str, Path] = {}
+        self._leading, self._trailing = leading, trailing
+        self._columns: list[str] | None = None
+        if directory is not None and jax.process_index() == 0:
+            for fmt in formats:
+                self.paths[fmt] = directory / f"{name}.{'jsonl' if fmt == 'json' else 'csv'}"
+                self.paths[fmt].write_text("")  # a new run starts a new log
+
+    def write(self, row: dict) -> None:
+        self.rows.append(row)
+        if "json" in self.paths:
+            with self.paths["json"].open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        if "csv" in self.paths:
+            if self._columns is None:
+                fixed = (*self._leading, *self._trailing)
+                rest = sorted(k for k in row if k not in fixed)
+                self._columns = [k for k in self._leading if k in row] + rest + [k for k in self._trailing if k in row]
+                with self.paths["csv"].open("a", newline="") as f:
+                    csv.writer(f).writerow(self._columns)
+            with self.paths["csv"].open("a", newline="") as f:
+                csv.writer(f).writerow([row.get(k, "") for k in self._columns])
+
+
+def _to_float(value) -> float:
+    return float(np.asarray(value))
+
+
+# ----------------------------------------------------------------------------- loop
+
+
+def _endless_batches(train_data: Callable[[int], Iterable]) -> Iterator:
+    epoch = 0
+    while True:
+        empty = True
+        for batch in train_data(epoch):
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError(f"Task.train_data({epoch}) yielded no batches.")
+        epoch += 1
+
+
+def _num_examples(batch) -> int:
+    leaves = jax.tree_util.tree_leaves(batch)
+    return int(np.shape(leaves[0])[0]) if leaves and np.ndim(leaves[0]) else 1
+
+
+def _default_metric_fn(loss_fn):
+    def metric_fn(adapted, batch):
+        loss, metrics = loss_fn(adapted, batch, jax.random.key(0))
+        return {**metrics, "loss": loss}
+
+    return metric_fn
+
+
+def _weighted_mean(per_batch: list[dict], weights: list[int]) -> dict:
+    total = float(sum(weights))
+    names = per_batch[0].keys()
+    return {name: float(sum(np.asarray(m[name], np.float64) * w for m, w in zip(per_batch, weights, strict=True)) / total) for name in names}
+
+
+def evaluate(task: Task, eval_step, trainable, frozen, place_batch) -> dict:
+    """Run `eval_step` over `task.eval_data()` and aggregate; {} if the task has no eval set."""
+    if task.eval_data is None:
+        return {}
+    per_batch, weights = [], []
+    for batch in task.eval_data():
+        weights.append(_num_examples(batch) * jax.process_count())
+        per_batch.append(distributed.gather_to_host(eval_step(trainable, frozen, place_batch(batch, eval_mode=True))))
+    if not per_batch:
+        raise ValueError("Task.eval_data() yielded no batches.")
+    if task.aggregate_fn is not None:
+        return {k: float(v) for k, v in task.aggregate_fn(per_batch).items()}
+    return _weighted_mean(per_batch, weights)
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    if best is None:
+        return True
+    return value < best if mode == "min" else value > best
+
+
+def _restore(checkpoint_manager, trainable, opt_state):
+    if checkpoint_manager is None:
+        return 0, trainable, opt_state
+    restored = checkpoint_manager.restore_latest(trainable, opt_state)
+    if restored is None:
+        return 0, trainable, opt_state
+    if isinstance(restored, dict):
+        restored = (restored["step"], restored["trainable"], restored["opt_state"])
+    step, trainable, opt_state = restored
+    return int(step), trainable, opt_state
+
+
+def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.GradientTransformation | None = None) -> dict:
+    """Train `task` for `config.steps` optimiser steps; evaluate, log, keep the best M.
+
+    Args:
+      task: the experiment's `Task`.
+      config: a `TrainConfig`.
+      checkpoint_manager: optional object with `save(step, trainable, opt_state, metrics)`
+        (called after each evaluation and at the end) and `restore_latest(trainable,
+        opt_state) -> None | (step, trainable, opt_state)` (called once, before training).
+      tx: an optimiser overriding `make_optimizer(config, task.extra)`.
+    Returns:
+      {"final_eval", "best_eval", "best_step", "best_trainable", "trainable", "adapted" (the
+      best model, combine(best_trainable, frozen)), "history": {"train": rows, "eval": rows},
+      "train_time_s", "steps", "log_paths", "config"}.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
+    out_dir = Path(config.output_dir) if config.output_dir else None
+    is_main = jax.process_index() == 0
+    if out_dir is not None and is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "task": task.name}, indent=2))
+
+    trainable_host, frozen_host = svft_jax.split(task.adapted, extra=task.extra)
+    if not jax.tree_util.tree_leaves(trainable_host):
+        raise ValueError("Task.adapted has no trainable leaves: pass the output of svft_jax.apply (and set Task.extra for a head).")
+    schedules = {}
+    if tx is None:
+        tx, schedules = make_optimizer(config, task.extra)
+    trainable = jax.tree_util.tree_map(jnp.array, trainable_host)  # a copy: the step donates it
+    opt_state = tx.init(trainable)
+    start_step, trainable, opt_state = _restore(checkpoint_manager, trainable, opt_state)
+
+    mesh = None
+    if config.data_parallel and jax.device_count() > 1:
+        mesh = distributed.make_mesh()
+        if config.batch_size % mesh.shape[distributed.DATA]:
+            raise ValueError(f"TrainConfig.batch_size={config.batch_size} must be divisible by the {mesh.shape[distributed.DATA]} devices of the data axis (or set data_parallel=False).")
+        trainable = distributed.shard_params(trainable, mesh, extra=task.extra)
+        frozen = distributed.shard_params(frozen_host, mesh, extra=task.extra)
+        opt_state = distributed.replicate(opt_state, mesh)
+    else:
+        frozen = frozen_host
+
+    def place_batch(batch, eval_mode=False):
+        if mesh is None:
+            return batch
+        rows = _num_examples(batch) * jax.process_count()
+        if eval_mode and rows % mesh.shape[distributed.DATA] and jax.process_count() == 1:
+            return distributed.replicate(batch, mesh)  # an odd-sized last eval batch
+        return distributed.shard_batch(batch, mesh)
+
+    train_step = make_train_step(task.loss_fn, tx, accumulation_steps=config.accumulation_steps, donate=("trainable", "opt_state"))
+    eval_step = make_eval_step(task.metric_fn or _default_metric_fn(task.loss_fn))
+    train_log = MetricsLog(out_dir, "train_metrics", config.log_formats,
+                           ("step", "loss", "grad_norm", "learning_rate", "head_learning_rate"), ("examples_per_s", "tokens_per_s", "elapsed_s"))
+    eval_log = MetricsLog(out_dir, "eval_metrics", config.log_formats, ("step",))
+
+    best = {"value": None, "step": None, "metrics": {}, "trainable": None}
+
+    def run_eval(step: int, elapsed: float) -> dict:
+        metrics = evaluate(task, eval_step, trainable, frozen, place_batch)
+        if metrics:
+            eval_log.write({"step": step, **metrics, "elapsed_s": round(elapsed, 3)})
+            if config.selection_metric not in metrics:
+                raise ValueError(f"TrainConfig.selection_metric={config.selection_metric!r} is not among the eval metrics {sorted(metrics)}.")
+            if _better(metrics[config.selection_metric], best["value"], config.selection_mode):
+                best.update(value=metrics[config.selection_metric], step=step, metrics=metrics,
+                            trainable=distributed.gather_to_host(trainable))
+        if checkpoint_manager is not None:
+            checkpoint_manager.save(step, trainable, opt_state, metrics)
+        return metrics
+
+    batches = _endless_batches(task.train_data)
+    for _ in range(start_step):  # resume: skip the batches already trained on
+        next(batches)
+    key = jax.random.key(config.seed)
+    progress = None
+    if config.progress and is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=config.steps, initial=start_step, desc=task.name, unit="step", dynamic_ncols=True)
+
+    start = time.perf_counter()
+    window_metrics, window_examples, window_tokens, window_start = [], 0, 0, time.perf_counter()
+    final_eval = {}
+    step = start_step
+    while step < config.steps:
+        batch = next(batches)
+        rows = _num_examples(batch) * jax.process_count()
+        if rows != config.batch_size:
+            raise ValueError(f"Task.train_data yielded a batch of {rows} examples; TrainConfig.batch_size is {config.batch_size} (drop the last partial batch).")
+        window_examples += rows
+        window_tokens += int(task.count_tokens(batch)) * jax.process_count() if task.count_tokens else 0
+        trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, place_batch(batch), jax.random.fold_in(key, step))
+        window_metrics.append(metrics)
+        step += 1
+        if step % config.log_every == 0 or step == config.steps:
+            host = [jax.tree_util.tree_map(_to_float, m) for m in window_metrics]
+            seconds = max(time.perf_counter() - window_start, 1e-9)
+            row = {"step": step, **{name: float(np.mean([m[name] for m in host])) for name in host[0]}}
+            for name, schedule in schedules.items():
+                row[name] = float(schedule(step - 1))
+            row["examples_per_s"] = window_examples / seconds
+            if task.count_tokens:
+                row["tokens_per_s"] = window_tokens / seconds
+            row["elapsed_s"] = round(time.perf_counter() - start, 3)
+            if not all(math.isfinite(v) for v in row.values()):
+                raise FloatingPointError(f"non-finite training metrics at step {step}: {row}; lower the learning rate or check the data.")
+            train_log.write(row)
+            if progress is not None:
+                rate = row.get("tokens_per_s", row["examples_per_s"])
+                progress.set_postfix(loss=f"{row['loss']:.4f}", **{"tok/s" if task.count_tokens else "ex/s": f"{rate:.0f}"})
+            window_metrics, window_examples, window_tokens, window_start = [], 0, 0, time.perf_counter()
+        if progress is not None:
+            progress.update(1)
+        if config.eval_every and step % config.eval_every == 0 and step != config.steps:
+            run_eval(step, time.perf_counter() - start)
+    train_time = time.perf_counter() - start
+    final_eval = run_eval(step, train_time)
+    if progress is not None:
+        progress.close()
+
+    final_trainable = distributed.gather_to_host(trainable)
+    if best["trainable"] is None:  # no eval set: the last M is the best we know
+        best.update(step=step, metrics=final_eval, trainable=final_trainable)
+    results = {
+        "final_eval": final_eval,
+        "best_eval": best["metrics"],
+        "best_step": best["step"],
+        "best_trainable": best["trainable"],
+        "trainable": final_trainable,
+        "adapted": svft_jax.combine(best["trainable"], frozen_host),
+        "history": {"train": train_log.rows, "eval": eval_log.rows},
+        "train_time_s": train_time,
+        "steps": step,
+        "log_paths": {f"{log_name}.{fmt}": str(path) for log_name, log in (("train", train_log), ("eval", eval_log)) for fmt, path in log.paths.items()},
+        "config": dataclasses.asdict(config),
+    }
+    if out_dir is not None and is_main:
+        summary = {k: results[k] for k in ("final_eval", "best_eval", "best_step", "train_time_s", "steps", "config")}
+        (out_dir / "results.json").write_text(json.dumps({**summary, "task": task.name}, indent=2))
+        results["log_paths"]["results"] = str(out_dir / "results.json")
+    return results
+
+
+# ----------------------------------------------------------------------------- demo task
+
+
+def demo_task(config: TrainConfig, *, num_train: int = 256, num_eval: int = 64, seq_len: int = 16) -> Task:
+    """A tiny randomly initialised Flax BERT classifier on synthetic tokens.
+
+    Positive sequences draw their tokens from ids [8, 36), negative ones from [36, 64): every
+    position carries the label, so a few steps of M and head training lower the loss.
+    SVFT (banded, d=1) on every attention/MLP kernel; the classifier head is trained in full.
+    """
+    from transformers import BertConfig, FlaxBertForSequenceClassification
+
+    from svft_jax.training import losses
+
+    bert_config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=64, max_position_embeddings=seq_len, num_labels=2,
+                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = FlaxBertForSequenceClassification(bert_config, seed=config.seed)
+    adapted = svft_jax.apply(model.params, "banded", d=1, svd_backend="numpy")
+
+    rng = np.random.default_rng(config.seed)
+
+    def make_split(n):
+        positive = rng.random(n) < 0.5
+        tokens = np.where(positive[:, None], rng.integers(8, 36, size=(n, seq_len)), rng.integers(36, 64, size=(n, seq_len)))
+        return {"input_ids": tokens.astype(np.int32), "attention_mask": np.ones_like(tokens, np.int32), "labels": positive.astype(np.int32)}
+
+    train, evaluation = make_split(num_train), make_split(num_eval)
+
+    def loss_fn(adapted, batch, rng):
+        del rng  # no dropout in this tiny config
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], params=svft_jax.merge(adapted)).logits
+        return losses.classification_loss(logits, batch["labels"])
+
+    def train_data(epoch):
+        order = np.random.default_rng(epoch).permutation(num_train)
+        for lo in range(0, num_train - config.batch_size + 1, config.batch_size):
+            yield jax.tree_util.tree_map(lambda x: x[order[lo : lo + config.batch_size]], train)
+
+    def eval_data():
+        for lo in range(0, num_eval, config.batch_size):
+            yield jax.tree_util.tree_map(lambda x: x[lo : lo + config.batch_size], evaluation)
+
+    return Task(adapted=adapted, loss_fn=loss_fn, train_data=train_data, eval_data=eval_data,
+                extra="classifier/.*", count_tokens=lambda batch: int(np.sum(batch["attention_mask"])), name="demo-bert")
+
+
+def main(argv=None) -> dict:
+    config = parse_config(argv, TrainConfig(steps=30, batch_size=16, learning_rate=5e-2, head_learning_rate=2e-2,
+                                            eval_every=10, log_every=5))
+    results = run(demo_task(config), config)
+    print(json.dumps({"best_step": results["best_step"], "best_eval": results["best_eval"], "train_time_s": results["train_time_s"]}, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Bad input fails fast and clearly: ValueError (TypeError for a wrong type) whose message
+names the parameter path where there is one and says what to do, raised before any SVD runs.
+"""
+
+import importlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import svft_jax
+# The modules, not the functions of the same name that svft_jax.transform re-exports.
+apply_module = importlib.import_module("svft_jax.transform.apply")
+factorize_module = importlib.import_module("svft_jax.transform.factorize")
+
+QUERY = "encoder/query/kernel"
+
+
+def _params(weight=None):
+    rng = np.random.default_rng(0)
+    return {
+        "encoder": {
+            "query": {"kernel": jnp.asarray(rng.normal(size=(6, 4)) if weight is None else weight, jnp.float32),
+                      "bias": jnp.zeros(4)},
+            "norm": {"scale": jnp.ones(4)},
+        },
+        "lookup": {"kernel": jnp.arange(16, dtype=jnp.int32).reshape(4, 4)},
+    }
+
+
+@pytest.fixture
+def no_svd(monkeypatch):
+    """Make every SVD entry point fail loudly, so a test proves validation ran first."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an SVD ran before the bad input was reported")
+
+    monkeypatch.setattr(apply_module, "_factorize", forbidden)
+    monkeypatch.setattr(factorize_module, "svd_factors", forbidden)
+    if hasattr(apply_module, "svd_factors"):
+        monkeypatch.setattr(apply_module, "svd_factors", forbidden)
+    monkeypatch.setattr(np.linalg, "svd", forbidden)
+    monkeypatch.setattr(jnp.linalg, "svd", forbidden)
+
+
+def _nan_weight():
+    weight = np.random.default_rng(0).normal(size=(6, 4))
+    weight[2, 1] = np.nan
+    return weight
+
+
+def _inf_weight():
+    weight = np.random.default_rng(0).normal(size=(6, 4))
+    weight[0, 3] = -np.inf
+    return weight
+
+
+# (id, call, exception type, substrings the message must contain: what and where, and the fix)
+CASES = [
+    ("unknown-pattern", lambda: svft_jax.apply(_params(), "lora"), ValueError, ["'lora'", "choose one of", "banded"]),
+    ("pattern-not-a-string", lambda: svft_jax.apply(_params(), 3), TypeError, ["pattern"]),
+    ("unknown-pattern-in-override",
+     lambda: svft_jax.apply(_params(), overrides={".*query.*": {"pattern": "diag"}}), ValueError, [QUERY, "'diag'", "choose one of"]),
+    ("negative-d", lambda: svft_jax.apply(_params(), "banded", d=-1), ValueError, [QUERY, "`d`", ">= 0"]),
+    ("non-int-d", lambda: svft_jax.apply(_params(), "banded", d=1.5), TypeError, [QUERY, "`d`", "int"]),
+    ("banded-without-d", lambda: svft_jax.apply(_params(), "banded"), ValueError, [QUERY, "`d`"]),
+    ("banded-with-k", lambda: svft_jax.apply(_params(), "banded", d=1, k=4), ValueError, [QUERY, "not `k`"]),
+    ("k-zero", lambda: svft_jax.apply(_params(), "random", k=0), ValueError, [QUERY, "`k`", "positive"]),
+    ("k-negative", lambda: svft_jax.apply(_params(), "topk", k=-3), ValueError, [QUERY, "`k`", "positive"]),
+    ("k-above-r-squared", lambda: svft_jax.apply(_params(), "topk", k=17), ValueError, [QUERY, "k=17", "k ≤ 16"]),
+    ("k-not-int", lambda: svft_jax.apply(_params(), "random", k=2.5), TypeError, [QUERY, "`k`", "int"]),
+    ("count-pattern-without-k-or-d", lambda: svft_jax.apply(_params(), "random"), ValueError, [QUERY, "`k`", "`d`"]),
+    ("rank-zero", lambda: svft_jax.apply(_params(), rank=0), ValueError, [QUERY, "rank=0", "[1, 4]"]),
+    ("rank-above-r", lambda: svft_jax.apply(_params(), rank=5), ValueError, [QUERY, "rank=5", "[1, 4]"]),
+    ("rank-float", lambda: svft_jax.apply(_params(), rank=2.0), TypeError, [QUERY, "`rank`", "int"]),
+    ("rank-bool", lambda: svft_jax.apply(_params(), rank=True), TypeError, [QUERY, "`rank`"]),
+    ("k-above-reduced-rank-squared", lambda: svft_jax.apply(_params(), "random", k=5, rank=2), ValueError, [QUERY, "k ≤ 4"]),
+    ("targets-match-nothing", lambda: svft_jax.apply(_params(), targets=r".*value/kernel"), ValueError, ["'.*value/kernel'", "matched no parameter", QUERY]),
+    ("default-targets-match-nothing", lambda: svft_jax.apply({"norm": {"scale": jnp.ones(3)}}), ValueError, ["default targets", "matched no parameter"]),
+    ("non-floating-leaf-chosen", lambda: svft_jax.apply(_params(), targets="lookup/kernel"), ValueError, ["'lookup/kernel'", "int32", "exclude"]),
+    ("one-d-leaf-chosen", lambda: svft_jax.apply(_params(), targets=r"encoder/query/(kernel|bias)"), ValueError, ["'encoder/query/bias'", "1-D", "Narrow `targets`"]),
+    ("nan-weight", lambda: svft_jax.apply(_params(_nan_weight())), ValueError, [QUERY, "NaN or Inf", "fix the checkpoint"]),
+    ("inf-weight", lambda: svft_jax.apply(_params(_inf_weight())), ValueError, [QUERY, "NaN or Inf"]),
+    ("svd-dtype-bfloat16", lambda: svft_jax.apply(_params(), svd_dtype="bfloat16"), ValueError, ["svd_dtype", "factor_dtype=jnp.bfloat16"]),
+    ("svd-backend-unknown", lambda: svft_jax.apply(_params(), svd_backend="torch"), ValueError, ["svd_backend", "'numpy'"]),
+    ("factor-dtype-int", lambda: svft_jax.apply(_params(), factor_dtype=jnp.int8), ValueError, ["factor_dtype", "floating"]),
+    ("init-unknown", lambda: svft_jax.apply(_params(), init="kaiming"), ValueError, [QUERY, "`init`", "'reference'"]),
+    ("seed-negative", lambda: svft_jax.apply(_params(), "random", k=3, seed=-1), ValueError, ["`seed`", ">= 0"]),
+    ("seed-override-not-int", lambda: svft_jax.apply(_params(), "random", k=3, overrides={".*": {"seed": "7"}}), TypeError, [QUERY, "`seed`", "int"]),
+    ("seed-override-negative", lambda: svft_jax.apply(_params(), "random", k=3, overrides={".*": {"seed": -2}}), ValueError, [QUERY, "`seed`", ">= 0"]),
+    ("invalid-targets-regex", lambda: svft_jax.apply(_params(), targets="encoder/(query"), ValueError, ["`targets`", "not a valid regular expression"]),
+    ("invalid-exclude-regex", lambda: svft_jax.apply(_params(), exclude="[a-"), ValueError, ["`exclude`", "not a valid regular expression"]),
+    ("invalid-override-regex", lambda: svft_jax.apply(_params(), overrides={"*kernel": {"d": 1}}), ValueError, ["'*kernel'", "not a valid regular expression"]),
+    ("targets-not-a-string", lambda: svft_jax.apply(_params(), targets=["encoder/query/kernel"]), TypeError, ["`targets`", "regex string"]),
+    ("unknown-override-key", lambda: svft_jax.apply(_params(), overrides={".*": {"lr": 1e-3}}), ValueError, ["['lr']", "allowed"]),
+    ("override-not-a-dict", lambda: svft_jax.apply(_params(), overrides={".*": "banded"}), TypeError, ["overrides['.*']", "dict"]),
+    ("keep-base-false-with-reduced-rank", lambda: svft_jax.apply(_params(), rank=2, keep_base=False), ValueError, [QUERY, "keep_base=False", "full rank"]),
+    ("unknown-layout-name", lambda: svft_jax.apply(_params(), overrides={".*": {"layout": "nhwc"}}), ValueError, [QUERY, "'nhwc'", "out_in"]),
+    ("layout-dict-missing-axes", lambda: svft_jax.apply(_params(), overrides={".*": {"layout": {"in_axes": (0,)}}}), ValueError, [QUERY, "'out_axes'"]),
+    ("layout-axes-overlap", lambda: svft_jax.apply(_params(), overrides={".*": {"layout": {"in_axes": (0,), "out_axes": (0,)}}}), ValueError, [QUERY, "exactly once"]),
+    ("layout-not-a-dict", lambda: svft_jax.apply(_params(), overrides={".*": {"layout": (1, 0)}}), ValueError, [QUERY, "layout must be one of"]),
+]
+
+
+@pytest.mark.parametrize(("call", "error", "fragments"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
+def test_bad_input_raises_before_any_svd_with_path_and_fix(no_svd, call, error, fragments):
+    with pytest.raises(error) as info:
+        call()
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} missing from: {message}"
+
+
+def test_applying_twice_is_refused_before_any_svd(monkeypatch):
+    adapted = svft_jax.apply(_params(), svd_backend="numpy")
+    monkeypatch.setattr(apply_module, "_factorize", lambda *a, **k: pytest.fail("SVD ran"))
+    with pytest.raises(ValueError) as info:
+        svft_jax.apply(adapted)
+    assert QUERY in str(info.value) and "already an SVFT node" in str(info.value)
+    assert "`merge` first" in str(info.value)
+
+
+def test_nan_outside_the_targets_is_not_an_error():
+    params = _params()
+    params["encoder"]["norm"]["scale"] = jnp.array([1.0, np.nan, 1.0, 1.0])
+    adapted = svft_jax.apply(params, svd_backend="numpy")
+    assert svft_jax.is_node(adapted["encoder"]["query"]["kernel"])
+
+
+def test_a_bad_target_among_good_ones_fails_before_the_good_ones_are_factorized(no_svd):
+    params = _params()
+    params["encoder"]["value"] = {"kernel": jnp.asarray(_nan_weight(), jnp.float32)}
+    with pytest.raises(ValueError, match="encoder/value/kernel"):
+        svft_jax.apply(params)
+
+
+def test_input_params_are_not_modified_by_a_failed_apply(no_svd):
+    params = _params()
+    before = np.asarray(params["encoder"]["query"]["kernel"]).copy()
+    with pytest.raises(ValueError):
+        svft_jax.apply(params, "topk", k=999)
+    assert not svft_jax.is_node(params["encoder"]["query"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(params["encoder"]["query"]["kernel"]), before)
+
+
+# --- combine ---------------------------------------------------------------------------------
+
+def _halves(**kwargs):
+    return svft_jax.split(svft_jax.apply(_params(), svd_backend="numpy", **kwargs))
+
+
+def test_combine_rejects_halves_with_different_metadata():
+    train_d1, _ = _halves(pattern="banded", d=1)
+    _, frozen_d2 = _halves(pattern="banded", d=0)
+    with pytest.raises(ValueError, match="same `split`"):
+        svft_jax.combine(train_d1, frozen_d2)
+
+
+def test_combine_rejects_halves_with_different_structure():
+    trainable, frozen = _halves()
+    frozen = {**frozen, "extra_layer": {"kernel": jnp.ones((2, 2))}}
+    with pytest.raises(ValueError, match="different structures"):
+        svft_jax.combine(trainable, frozen)
+
+
+def test_combine_rejects_a_leaf_present_in_both_halves():
+    adapted = svft_jax.apply(_params(), svd_backend="numpy")
+    with pytest.raises(ValueError, match="present in both"):
+        svft_jax.combine(adapted, adapted)
+
+
+def test_combine_rejects_halves_split_with_different_extra():
+    trainable, _ = _halves()
+    _, frozen = svft_jax.split(svft_jax.apply(_params(), svd_backend="numpy"), extra=r".*bias")
+    with pytest.raises(ValueError, match="missing from both"):  # the bias would vanish
+        svft_jax.combine(trainable, frozen)
