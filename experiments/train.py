@@ -56,6 +56,7 @@ class TrainConfig:
     max_grad_norm: float | None = None
     accumulation_steps: int = 1
     eval_every: int = 0
+    eval_at_start: bool = False
     log_every: int = 10
     seed: int = 0
     output_dir: str | None = None
@@ -202,19 +203,37 @@ def make_optimizer(config: TrainConfig, extra: str | None = None):
 # ----------------------------------------------------------------------------- logging
 
 
+def _keep_previous(path: Path) -> None:
+    """Move an existing file aside (`name.old-1`, `name.old-2`, ...) instead of overwriting it."""
+    if path.exists():
+        index = 1
+        while path.with_name(f"{path.name}.old-{index}").exists():
+            index += 1
+        path.rename(path.with_name(f"{path.name}.old-{index}"))
+
+
 class MetricsLog:
-    """Rows of metrics to `<name>.jsonl` and `<name>.csv` (columns fixed by the first row)."""
+    """Rows of metrics to `<name>.jsonl` and `<name>.csv` (columns fixed by the first row).
+
+    A fresh run moves an earlier run's files aside (`.old-N`); a resumed run (`append=True`)
+    continues them, keeping the CSV's existing columns.
+    """
 
     def __init__(self, directory: Path | None, name: str, formats: tuple[str, ...], leading: tuple[str, ...],
-                 trailing: tuple[str, ...] = ("elapsed_s",)):
+                 trailing: tuple[str, ...] = ("elapsed_s",), append: bool = False):
         self.rows: list[dict] = []
         self.paths: dict[str, Path] = {}
         self._leading, self._trailing = leading, trailing
         self._columns: list[str] | None = None
         if directory is not None and jax.process_index() == 0:
             for fmt in formats:
-                self.paths[fmt] = directory / f"{name}.{'jsonl' if fmt == 'json' else 'csv'}"
-                self.paths[fmt].write_text("")  # a new run starts a new log
+                path = directory / f"{name}.{'jsonl' if fmt == 'json' else 'csv'}"
+                self.paths[fmt] = path
+                if not append:
+                    _keep_previous(path)
+                elif fmt == "csv" and path.exists() and path.stat().st_size:
+                    with path.open(newline="") as f:
+                        self._columns = next(csv.reader(f))
 
     def write(self, row: dict) -> None:
         self.rows.append(row)
@@ -322,10 +341,6 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
     out_dir = Path(config.output_dir) if config.output_dir else None
     is_main = jax.process_index() == 0
-    if out_dir is not None and is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "task": task.name}, indent=2))
-
     trainable_host, frozen_host = svft_jax.split(task.adapted, extra=task.extra)
     if not jax.tree_util.tree_leaves(trainable_host):
         raise ValueError("Task.adapted has no trainable leaves: pass the output of svft_jax.apply (and set Task.extra for a head).")
@@ -335,6 +350,12 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
     trainable = jax.tree_util.tree_map(jnp.array, trainable_host)  # a copy: the step donates it
     opt_state = tx.init(trainable)
     start_step, trainable, opt_state = _restore(checkpoint_manager, trainable, opt_state)
+    resumed = start_step > 0
+    if out_dir is not None and is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "results.json"):  # an earlier run's files are moved aside, never overwritten
+            _keep_previous(out_dir / name)
+        (out_dir / "config.json").write_text(json.dumps({**dataclasses.asdict(config), "task": task.name, "resumed_from_step": start_step}, indent=2))
 
     mesh = None
     if config.data_parallel and jax.device_count() > 1:
@@ -358,8 +379,9 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
     train_step = make_train_step(task.loss_fn, tx, accumulation_steps=config.accumulation_steps, donate=("trainable", "opt_state"))
     eval_step = make_eval_step(task.metric_fn or _default_metric_fn(task.loss_fn))
     train_log = MetricsLog(out_dir, "train_metrics", config.log_formats,
-                           ("step", "loss", "grad_norm", "learning_rate", "head_learning_rate"), ("examples_per_s", "tokens_per_s", "elapsed_s"))
-    eval_log = MetricsLog(out_dir, "eval_metrics", config.log_formats, ("step",))
+                           ("step", "loss", "grad_norm", "learning_rate", "head_learning_rate"), ("examples_per_s", "tokens_per_s", "elapsed_s"),
+                           append=resumed)
+    eval_log = MetricsLog(out_dir, "eval_metrics", config.log_formats, ("step",), append=resumed)
 
     best = {"value": None, "step": None, "metrics": {}, "trainable": None}
 
@@ -372,7 +394,7 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
             if _better(metrics[config.selection_metric], best["value"], config.selection_mode):
                 best.update(value=metrics[config.selection_metric], step=step, metrics=metrics,
                             trainable=distributed.gather_to_host(trainable))
-        if checkpoint_manager is not None:
+        if checkpoint_manager is not None and not (resumed and step == start_step):  # that step is saved already
             checkpoint_manager.save(step, trainable, opt_state, metrics)
         return metrics
 
@@ -386,6 +408,8 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
 
         progress = tqdm(total=config.steps, initial=start_step, desc=task.name, unit="step", dynamic_ncols=True)
 
+    if config.eval_at_start and start_step == 0:
+        run_eval(0, 0.0)  # the untouched model's score: the baseline every later eval is read against
     start = time.perf_counter()
     window_metrics, window_examples, window_tokens, window_start = [], 0, 0, time.perf_counter()
     final_eval = {}
@@ -452,7 +476,7 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
 # ----------------------------------------------------------------------------- demo task
 
 
-def demo_task(config: TrainConfig, *, num_train: int = 256, num_eval: int = 64, seq_len: int = 16) -> Task:
+def demo_task(config: TrainConfig, *, num_train: int = 256, num_eval: int = 64, seq_len: int = 16, num_layers: int = 2) -> Task:
     """A tiny randomly initialised Flax BERT classifier on synthetic tokens.
 
     Positive sequences draw their tokens from ids [8, 36), negative ones from [36, 64): every
@@ -463,7 +487,7 @@ def demo_task(config: TrainConfig, *, num_train: int = 256, num_eval: int = 64, 
 
     from svft_jax.training import losses
 
-    bert_config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    bert_config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2,
                              intermediate_size=64, max_position_embeddings=seq_len, num_labels=2,
                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = FlaxBertForSequenceClassification(bert_config, seed=config.seed)
@@ -486,11 +510,12 @@ def demo_task(config: TrainConfig, *, num_train: int = 256, num_eval: int = 64, 
     def train_data(epoch):
         order = np.random.default_rng(epoch).permutation(num_train)
         for lo in range(0, num_train - config.batch_size + 1, config.batch_size):
-            yield jax.tree_util.tree_map(lambda x: x[order[lo : lo + config.batch_size]], train)
+            rows = order[lo : lo + config.batch_size]
+            yield {name: column[rows] for name, column in train.items()}
 
     def eval_data():
         for lo in range(0, num_eval, config.batch_size):
-            yield jax.tree_util.tree_map(lambda x: x[lo : lo + config.batch_size], evaluation)
+            yield {name: column[lo : lo + config.batch_size] for name, column in evaluation.items()}
 
     return Task(adapted=adapted, loss_fn=loss_fn, train_data=train_data, eval_data=eval_data,
                 extra="classifier/.*", count_tokens=lambda batch: int(np.sum(batch["attention_mask"])), name="demo-bert")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import svft_jax
+
 # The modules, not the functions of the same name that svft_jax.transform re-exports.
 apply_module = importlib.import_module("svft_jax.transform.apply")
 factorize_module = importlib.import_module("svft_jax.transform.factorize")

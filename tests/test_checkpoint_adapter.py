@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 
 import jax
@@ -12,9 +13,13 @@ import pytest
 from safetensors import safe_open
 
 import svft_jax
-import importlib
-from svft_jax.checkpoint import load_adapter, load_factor_cache, read_adapter, save_adapter, save_factor_cache
-
+from svft_jax.checkpoint import (
+    load_adapter,
+    load_factor_cache,
+    read_adapter,
+    save_adapter,
+    save_factor_cache,
+)
 
 _merge = jax.jit(svft_jax.merge)  # one compile instead of many eager small-op compiles
 
@@ -118,20 +123,38 @@ def test_adapter_trained_on_jax_svd_merges_identically_on_numpy_lapack_factors(t
     trained = _trained(adapted)
     path = save_adapter(tmp_path / "a.safetensors", trained)
     on_lapack = load_adapter(path, base, svd_backend="numpy")
-    for want, got in zip(jax.tree_util.tree_leaves(_merge(trained)),
-                         jax.tree_util.tree_leaves(_merge(on_lapack)), strict=True):
+    want_tree, got_tree = _merge(trained), _merge(on_lapack)
+    for want, got in zip(jax.tree_util.tree_leaves(want_tree), jax.tree_util.tree_leaves(got_tree), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     # ΔW itself (not just W0 + ΔW) agrees, measured against its own size.
-    for path_name in ("attn/query/kernel", "mlp/kernel"):
-        node_jax = _node(trained, path_name)
-        node_np = _node(on_lapack, path_name)
-        delta_jax, delta_np = np.asarray(svft_jax.delta_matrix(node_jax)), np.asarray(svft_jax.delta_matrix(node_np))
+    for name in ("query", "value"):
+        kernel = np.asarray(base["attn"][name]["kernel"])
+        delta_jax = np.asarray(want_tree["attn"][name]["kernel"]) - kernel
+        delta_np = np.asarray(got_tree["attn"][name]["kernel"]) - kernel
+        assert np.linalg.norm(delta_jax) > 0.1 * np.linalg.norm(kernel)  # a real update
         assert np.linalg.norm(delta_np - delta_jax) <= 1e-4 * np.linalg.norm(delta_jax)
 
 
-def _node(tree, path):
-    return dict(jax.tree_util.tree_flatten_with_path(tree, is_leaf=svft_jax.is_node)[0])[
-        tuple(jax.tree_util.DictKey(k) for k in path.split("/"))]
+def test_adapter_survives_an_svd_that_flips_singular_vector_signs(tmp_path, monkeypatch):
+    """XLA:CPU and LAPACK agree on signs here, so emulate a platform (cuSOLVER, TPU) whose
+    valid SVD returns some pairs (u_i, v_i) negated: the canonical signs must undo it."""
+    base = _base()
+    trained = _trained(svft_jax.apply(base, "banded", d=2, targets=r"attn/.*kernel", svd_backend="numpy"))
+    path = save_adapter(tmp_path / "a.safetensors", trained, svd_backend="numpy")
+    lapack_svd = np.linalg.svd
+
+    def flipping_svd(matrix, *args, **kwargs):
+        u, s, vt = lapack_svd(matrix, *args, **kwargs)
+        flips = np.where(np.arange(s.shape[-1]) % 2 == 0, -1.0, 1.0).astype(u.dtype)  # negate every other pair
+        return u * flips, s, vt * flips[:, None]
+
+    monkeypatch.setattr(np.linalg, "svd", flipping_svd)
+    flipped = load_adapter(path, base)
+    monkeypatch.undo()
+    u_flipped = lapack_svd(np.asarray(base["attn"]["query"]["kernel"]).T)[0]
+    assert not np.allclose(flipping_svd(np.asarray(base["attn"]["query"]["kernel"]).T)[0], u_flipped)  # the flip is real
+    for want, got in zip(jax.tree_util.tree_leaves(_merge(trained)), jax.tree_util.tree_leaves(_merge(flipped)), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
 def test_factor_cache_rebuilds_the_adapted_tree_without_any_svd(tmp_path, monkeypatch):

@@ -10,13 +10,13 @@ import sys
 import time
 from pathlib import Path
 
+import _resume_worker as worker
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-import _resume_worker as worker
 import svft_jax
 from svft_jax.checkpoint import TrainCheckpointer
 
@@ -155,3 +155,29 @@ def test_fresh_directory_has_no_latest_and_steps_must_increase(tmp_path):
         restored = ckpt.restore_latest(trainable)
     assert restored.opt_state is None and restored.rng is None and restored.data_position is None
     assert os.path.isfile(tmp_path / "new" / "ckpt" / "svft_jax_checkpoints.json")
+
+
+def test_steps_without_metrics_are_pruned_by_recency_and_never_ranked_best(tmp_path):
+    trainable, _ = _tiny_state()
+    with TrainCheckpointer(tmp_path, max_to_keep=1, best_metric="accuracy") as ckpt:
+        ckpt.save(1, trainable, metrics={"accuracy": 0.8})
+        for step in (2, 3, 4):
+            ckpt.save(step, _perturbed(trainable, float(step)), None, {})  # no eval at these steps
+        assert ckpt.all_steps() == [1, 4]
+        assert ckpt.best_step() == 1
+        step, restored, opt_state = ckpt.restore_latest(trainable)  # the driver's unpacking
+    assert step == 4 and opt_state is None
+    _assert_trees_equal(restored, _perturbed(trainable, 4.0))
+
+
+def test_restore_places_arrays_with_the_template_sharding(tmp_path):
+    trainable, _ = _tiny_state()
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    trainable = jax.device_put(trainable, replicated)
+    with TrainCheckpointer(tmp_path) as ckpt:
+        ckpt.save(1, trainable)
+        restored = ckpt.restore_latest(trainable)
+    for want, got in zip(jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(restored.trainable), strict=True):
+        assert got.sharding == want.sharding
+        assert np.array_equal(got, want)

@@ -12,7 +12,12 @@ import safetensors.numpy
 import transformers
 
 import svft_jax
-from svft_jax.checkpoint import load_merged, load_merged_safetensors, save_merged, save_merged_safetensors
+from svft_jax.checkpoint import (
+    load_merged,
+    load_merged_safetensors,
+    save_merged,
+    save_merged_safetensors,
+)
 
 TARGETS = r".*attention/self/(query|value)/kernel|.*intermediate/dense/kernel"
 

@@ -17,7 +17,7 @@ import svft_jax
 merge = jax.jit(svft_jax.merge)
 
 FAST = settings(
-    max_examples=15, deadline=None, derandomize=True, database=None,
+    max_examples=12, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 

@@ -26,7 +26,13 @@ import svft_jax.models as svft_models  # noqa: E402
 from svft_jax._paths import path_to_str  # noqa: E402
 
 BATCH, SEQ, STEPS, LR = 4, 8, 5, 1e-2
-VOCAB, HIDDEN, LAYERS, HEADS, FFN = 99, 32, 2, 4, 37
+VOCAB, HIDDEN, HEADS, FFN = 99, 32, 4, 37
+# Training runs compile a forward and a backward pass per family, and HF Flax unrolls its
+# layers, so they use one layer; the target tests only read parameter shapes (no compile)
+# of a deeper model.
+TRAIN_LAYERS, TARGET_LAYERS = 1, 3
+# Tiny matrices: LAPACK on the host avoids compiling an XLA SVD per shape.
+SVD = dict(svd_backend="numpy")
 
 # What default targets must never touch, on any path component.
 NEVER_ADAPTED = re.compile(r"(?i).*(embed|norm|ln_|ln_f|pooler|classifier|head|wte|wpe).*")
@@ -76,7 +82,8 @@ class Family:
     the module paths its default targets must be: {role: [module path inside block]}."""
 
     name: str
-    build: Callable[[], object]
+    model_cls: type
+    config: Callable[[int], object]  # number of layers -> config
     outputs: Callable
     loss: Callable  # (outputs, batch) -> scalar
     batch: Callable  # numpy Generator -> batch
@@ -84,13 +91,19 @@ class Family:
     block: str  # format string of one block's path, with {i}
     modules: dict  # role ("q", "k", "v", "o", "mlp") -> module paths
 
+    def build(self, layers: int = TRAIN_LAYERS):
+        return self.model_cls(self.config(layers), seed=0)
+
+    def shapes(self, layers: int = TARGET_LAYERS):
+        """The parameter tree as ShapeDtypeStructs: no weights drawn, nothing compiled."""
+        return self.model_cls(self.config(layers), _do_init=False).params_shape_tree
+
 
 def _bert_like(name, config_cls, model_cls, prefix):
     return Family(
-        name,
-        lambda: model_cls(config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                     num_attention_heads=HEADS, intermediate_size=FFN,
-                                     max_position_embeddings=64), seed=0),
+        name, model_cls,
+        lambda layers: config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers,
+                                  num_attention_heads=HEADS, intermediate_size=FFN, max_position_embeddings=64),
         _text_classifier_outputs,
         lambda out, b: _classification_loss(out, b["labels"]),
         lambda rng: _text_batch(rng, True),
@@ -103,10 +116,10 @@ def _bert_like(name, config_cls, model_cls, prefix):
 
 def _decoder(name, config_cls, model_cls, **config):
     return Family(
-        name,
-        lambda: model_cls(config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS,
-                                     num_attention_heads=HEADS, num_key_value_heads=2,  # GQA
-                                     intermediate_size=FFN, max_position_embeddings=64, **config), seed=0),
+        name, model_cls,
+        lambda layers: config_cls(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers,
+                                  num_attention_heads=HEADS, num_key_value_heads=2,  # GQA
+                                  intermediate_size=FFN, max_position_embeddings=64, **config),
         _lm_outputs,
         lambda out, b: _causal_lm_loss(out, b["input_ids"]),
         lambda rng: _text_batch(rng, False),
@@ -121,9 +134,8 @@ FAMILIES = {
     "bert": _bert_like("bert", transformers.BertConfig, transformers.FlaxBertForSequenceClassification, "bert"),
     "roberta": _bert_like("roberta", transformers.RobertaConfig, transformers.FlaxRobertaForSequenceClassification, "roberta"),
     "gpt2": Family(
-        "gpt2",
-        lambda: transformers.FlaxGPT2LMHeadModel(
-            transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64), seed=0),
+        "gpt2", transformers.FlaxGPT2LMHeadModel,
+        lambda layers: transformers.GPT2Config(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=layers, n_head=HEADS, n_positions=64),
         _lm_outputs,
         lambda out, b: _causal_lm_loss(out, b["input_ids"]),
         lambda rng: _text_batch(rng, False),
@@ -135,10 +147,9 @@ FAMILIES = {
     "gemma": _decoder("gemma", transformers.GemmaConfig, transformers.FlaxGemmaForCausalLM,
                       head_dim=HIDDEN // HEADS, hidden_activation="gelu_pytorch_tanh"),
     "vit": Family(
-        "vit",
-        lambda: transformers.FlaxViTForImageClassification(
-            transformers.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                   intermediate_size=FFN, image_size=16, patch_size=8, num_labels=3), seed=0),
+        "vit", transformers.FlaxViTForImageClassification,
+        lambda layers: transformers.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=layers, num_attention_heads=HEADS,
+                                              intermediate_size=FFN, image_size=16, patch_size=8, num_labels=3),
         _vit_outputs,
         lambda out, b: _classification_loss(out, b["labels"]),
         _image_batch,
@@ -201,10 +212,10 @@ def run(request) -> Run:
     family = FAMILIES[request.param]
     model = family.build()
     batch = family.batch(np.random.default_rng(1))
-    adapted = svft_models.adapt(model, pattern="banded", d=2)
+    adapted = svft_models.adapt(model, pattern="banded", d=2, **SVD)
     forward, losses, after_one_step, final = _train(family, model, adapted, batch)
     merged = svft_jax.merge(adapted)
-    no_base = svft_models.adapt(model, pattern="banded", d=2, keep_base=False)
+    no_base = svft_models.adapt(model, pattern="banded", d=2, keep_base=False, **SVD)
     return Run(
         family, model, batch, adapted,
         reference=np.asarray(forward(model.params, batch)),
@@ -214,15 +225,9 @@ def run(request) -> Run:
     )
 
 
-def _num_layers(model) -> int:
-    config = model.config
-    return getattr(config, "num_hidden_layers", None) or config.n_layer
-
-
-def _expected(run: Run, roles) -> set[str]:
-    family = run.family
+def _expected(family: Family, roles, layers: int) -> set[str]:
     return {f"{family.block.format(i=i)}/{module}/kernel"
-            for i in range(_num_layers(run.model)) for role in roles for module in family.modules.get(role, [])}
+            for i in range(layers) for role in roles for module in family.modules.get(role, [])}
 
 
 def _flat(tree):
@@ -273,42 +278,53 @@ def test_training_leaves_every_frozen_leaf_bit_identical(run):
 
 
 # ----------------------------------------------------------------------------- (d) targets
-def _selected(run, **flags):
-    return set(svft_jax.select_targets(run.model.params, svft_models.default_targets(run.model, **flags)))
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request) -> Family:
+    return FAMILIES[request.param]
 
 
-def test_default_targets_are_attention_and_mlp_kernels_of_every_layer(run):
-    roles = run.family.modules.keys()
-    expected = _expected(run, roles)
-    per_layer = sum(len(v) for v in run.family.modules.values())
-    assert len(expected) == _num_layers(run.model) * per_layer
-    chosen = _selected(run)
+@pytest.fixture(scope="module")
+def shapes(family):
+    return family.shapes(TARGET_LAYERS)
+
+
+def _selected(family, shapes, **flags):
+    return set(svft_jax.select_targets(shapes, svft_models.default_targets(family.model_cls.config_class.model_type, **flags)))
+
+
+def test_default_targets_are_attention_and_mlp_kernels_of_every_layer(family, shapes):
+    expected = _expected(family, family.modules.keys(), TARGET_LAYERS)
+    assert len(expected) == TARGET_LAYERS * sum(len(v) for v in family.modules.values())
+    chosen = _selected(family, shapes)
     assert chosen == expected
-    assert {p for p, x in _flat(run.adapted).items() if svft_jax.is_node(x)} == expected
     assert not [p for p in chosen if NEVER_ADAPTED.fullmatch(p)]
 
 
-def test_kernels_left_out_by_default_are_only_embeddings_poolers_and_heads(run):
-    chosen = _selected(run)
-    kernels = {p for p, x in _flat(run.model.params).items() if np.ndim(x) >= 2}
-    left_out = kernels - chosen
+def test_kernels_left_out_by_default_are_only_embeddings_poolers_and_heads(family, shapes):
+    kernels = {p for p, x in _flat(shapes).items() if len(x.shape) >= 2}
+    left_out = kernels - _selected(family, shapes)
     assert all(NEVER_ADAPTED.fullmatch(p) for p in left_out), sorted(left_out)
 
 
-def test_attention_only_and_qv_only_narrow_the_targets(run):
-    attention_roles = [r for r in run.family.modules if r != "mlp"]
-    assert _selected(run, attention_only=True) == _expected(run, attention_roles)
-    if "q" in run.family.modules:
-        assert _selected(run, qv_only=True) == _expected(run, ["q", "v"])
+def test_attention_only_and_qv_only_narrow_the_targets(family, shapes):
+    attention_roles = [r for r in family.modules if r != "mlp"]
+    assert _selected(family, shapes, attention_only=True) == _expected(family, attention_roles, TARGET_LAYERS)
+    if "q" in family.modules:
+        assert _selected(family, shapes, qv_only=True) == _expected(family, ["q", "v"], TARGET_LAYERS)
     else:  # GPT-2: Q, K, V are one fused kernel
         with pytest.raises(ValueError, match="fuses Q, K and V"):
-            svft_models.default_targets(run.model, qv_only=True)
+            svft_models.default_targets("gpt2", qv_only=True)
+
+
+def test_adapted_run_has_nodes_exactly_on_the_default_targets(run):
+    nodes = {p for p, x in _flat(run.adapted).items() if svft_jax.is_node(x)}
+    assert nodes == _expected(run.family, run.family.modules.keys(), TRAIN_LAYERS)
 
 
 # ----------------------------------------------------------------------------- family specifics
 def test_gpt2_conv1d_kernels_are_read_as_stored_out_by_in_matrices():
     model = FAMILIES["gpt2"].build()
-    adapted = svft_models.adapt(model, pattern="plain")
+    adapted = svft_models.adapt(model, pattern="plain", **SVD)
     node = adapted["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
     kernel = np.asarray(model.params["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"])
     assert kernel.shape == (3 * HIDDEN, HIDDEN)  # FlaxConv1D: (out = q|k|v, in)
@@ -322,7 +338,7 @@ def test_gpt2_conv1d_kernels_are_read_as_stored_out_by_in_matrices():
 
 def test_gqa_key_value_projections_keep_their_narrow_shape():
     model = FAMILIES["llama"].build()
-    adapted = svft_models.adapt(model, pattern="banded", d=1, attention_only=True)
+    adapted = svft_models.adapt(model, pattern="banded", d=1, attention_only=True, **SVD)
     node = adapted["model"]["layers"]["0"]["self_attn"]["k_proj"]["kernel"]
     head_dim = HIDDEN // HEADS
     assert (node.meta.layout.d1, node.meta.layout.d2) == (2 * head_dim, HIDDEN)  # 2 kv heads

@@ -12,10 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _multihost_worker as worker
 import jax
 import numpy as np
 
-import _multihost_worker as worker
 from svft_jax import distributed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +66,9 @@ def test_two_processes_train_like_one(tmp_path):
     np.testing.assert_allclose(first["losses"], second["losses"], rtol=1e-6)
     np.testing.assert_allclose(first["losses"], ref_losses, rtol=1e-5)
     assert set(first["trainable"]) == set(ref_trainable) == {"['head']['kernel']", "['layer1']['kernel'].m", "['layer2']['kernel'].m"}
+    diff_between = max(float(np.max(np.abs(np.subtract(first["trainable"][p], second["trainable"][p])))) for p in ref_trainable)
+    diff_reference = max(float(np.max(np.abs(np.subtract(first["trainable"][p], ref_trainable[p])))) for p in ref_trainable)
+    print(f"2 processes: max |ΔM| between them {diff_between:.1e}, vs 1 process {diff_reference:.1e}; losses {first['losses']} vs {ref_losses}")
     for path, ref in ref_trainable.items():
         np.testing.assert_allclose(first["trainable"][path], second["trainable"][path], atol=1e-7)
         np.testing.assert_allclose(first["trainable"][path], ref, atol=1e-5)

@@ -92,7 +92,7 @@ def reference_w(node, to_w):
     return to_w(_f64(node.base)) + u @ core @ np.swapaxes(v, -1, -2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _adapted_and_merged(pattern):
     """One apply and one compiled merge per pattern, shared by the per-layout tests."""
     params = _params()

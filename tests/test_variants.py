@@ -97,8 +97,9 @@ class VariantsTest(chex.TestCase):
     @pytest.mark.filterwarnings("ignore::DeprecationWarning")
     def test_loss_and_grad_step_match_closed_form(self):
         adapted = _adapted("banded", d=1)  # the structured (slice) product
+        adapted = {"dense": adapted["dense"]}  # one target keeps the un-jitted grad quick
         trainable, frozen = svft_jax.split(adapted)
-        cotangents = _cotangents()
+        cotangents = {"dense": _cotangents()["dense"]}
         step = self.variant(jax.value_and_grad(_linear_loss))
         loss, grads = step(trainable, frozen, cotangents)
         expected_loss = sum(np.sum(_reference_kernel(adapted[n]["kernel"]) * cotangents[n]) for n in cotangents)
@@ -150,14 +151,16 @@ def test_data_parallel_pmean_gradient_equals_full_batch_gradient():
 
 # --- vmap --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("pattern", "options"), [("plain", {}), ("banded", {"d": 2}), ("random", {"k": 6})])
-def test_vmap_over_a_batch_of_m_equals_a_python_loop(pattern, options):
-    adapted = _adapted(pattern, **options)
-    for name in ("dense", "stacked"):
-        node = adapted[name]["kernel"]
-        batch_m = jnp.asarray(np.random.default_rng(4).normal(size=(5, *node.m.shape)), jnp.float32)
-        one = jax.jit(lambda m, node=node: svft_jax.merge({"k": dataclasses.replace(node, m=m)})["k"])
-        batched = jax.vmap(one)(batch_m)
-        looped = jnp.stack([one(m) for m in batch_m])
-        assert batched.shape == (5, *node.meta.layout.shape)
-        np.testing.assert_allclose(np.asarray(batched), np.asarray(looped), rtol=1e-6, atol=1e-6)
+@pytest.mark.parametrize(
+    ("pattern", "options", "name"),
+    [("plain", {}, "dense"), ("banded", {"d": 2}, "stacked"), ("random", {"k": 6}, "stacked")],
+)
+def test_vmap_over_a_batch_of_m_equals_a_python_loop(pattern, options, name):
+    node = _adapted(pattern, **options)[name]["kernel"]
+    batch_m = jnp.asarray(np.random.default_rng(4).normal(size=(5, *node.m.shape)), jnp.float32)
+    one = jax.jit(lambda m: svft_jax.merge({"k": dataclasses.replace(node, m=m)})["k"])
+    batched = jax.vmap(one)(batch_m)
+    looped = jnp.stack([one(m) for m in batch_m])
+    assert batched.shape == (5, *node.meta.layout.shape)
+    np.testing.assert_allclose(np.asarray(batched), np.asarray(looped), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(looped[2], np.float64), _reference_kernel(node, batch_m[2]), rtol=1e-5, atol=1e-5)

@@ -32,6 +32,11 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+if __package__ in (None, ""):  # run as a file (python experiments/paper/x.py): make the repo root importable
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
 from experiments.paper import common, data
 from experiments.paper.configs import GLUE, GLUE_EPOCHS, GLUE_MAX_LENGTH
 from experiments.paper.text import ByteTokenizer, load_tokenizer, pad_to

@@ -31,6 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+if __package__ in (None, ""):  # run as a file (python experiments/paper/x.py): make the repo root importable
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
 from experiments.paper import common, data
 from experiments.paper.configs import TRAIN_PER_CLASS, VAL_PER_CLASS, VISION, VISION_MODELS
 
@@ -97,7 +102,7 @@ def load_model(name: str, num_classes: int):
             image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=64, num_labels=num_classes,
         )
-        model, params = common.init_tiny(FlaxViTForImageClassification, config, (1, 3, 32, 32))
+        model, params = common.init_tiny(FlaxViTForImageClassification, config, (1, 32, 32, 3))  # init takes NHWC; __call__ takes NCHW
         return model, params, 32
     model = FlaxViTForImageClassification.from_pretrained(
         VISION_MODELS.get(name, name), num_labels=num_classes, ignore_mismatched_sizes=True

@@ -31,6 +31,12 @@ import sys
 from collections.abc import Sequence
 
 import svft_jax
+
+if __package__ in (None, ""):  # run as a file (python experiments/paper/x.py): make the repo root importable
+    import pathlib
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+
 from experiments.paper import common, data, lm
 from experiments.paper.configs import MATH
 

@@ -158,8 +158,10 @@ def safetensors_chunks(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
 
 
 def read_safetensors(path, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Read a safetensors file fully. Returns (tensors, metadata).
+    """Read a safetensors file (memory-mapped, so each tensor is copied into RAM once).
 
+    Returns:
+      (tensors, metadata): {name: numpy array}, the header's `__metadata__`.
     Raises:
       FileNotFoundError if `path` does not exist; ValueError naming the file if it is
       truncated or not a safetensors file.
@@ -167,30 +169,32 @@ def read_safetensors(path, what: str) -> tuple[dict[str, np.ndarray], dict[str, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no {what} at {str(path)!r}.")
-    blob = path.read_bytes()
     where = f"{what} {str(path)!r}"
-    if len(blob) < 8:
-        raise ValueError(f"{where} is truncated or not a safetensors file ({len(blob)} bytes).")
-    (header_len,) = struct.unpack("<Q", blob[:8])
-    if header_len > min(len(blob) - 8, _MAX_HEADER_BYTES):
-        raise ValueError(f"{where} is truncated or not a safetensors file (header of {header_len} bytes in a {len(blob)}-byte file).")
+    size = path.stat().st_size
+    if size < 8:
+        raise ValueError(f"{where} is truncated or not a safetensors file ({size} bytes).")
+    blob = np.memmap(path, dtype=np.uint8, mode="r")
+    (header_len,) = struct.unpack("<Q", blob[:8].tobytes())
+    if header_len > min(size - 8, _MAX_HEADER_BYTES):
+        raise ValueError(f"{where} is truncated or not a safetensors file (header of {header_len} bytes in a {size}-byte file).")
     try:
-        header = json.loads(blob[8 : 8 + header_len])
+        header = json.loads(blob[8 : 8 + header_len].tobytes())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"{where} is corrupted: its header is not valid JSON ({err}).") from err
     if not isinstance(header, dict):
         raise ValueError(f"{where} is corrupted: its header is not a JSON object.")
     metadata = header.pop("__metadata__", None) or {}
-    data = memoryview(blob)[8 + header_len :]
+    data = blob[8 + header_len :]
     tensors = {}
     for name, info in header.items():
         try:
             dtype = numpy_dtype(_CODE_TO_DTYPE[info["dtype"]]).newbyteorder("<")
             start, end = (int(x) for x in info["data_offsets"])
             shape = tuple(int(s) for s in info["shape"])
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{where} is corrupted: bad header entry for tensor {name!r}.") from err
         if end > len(data) or start > end or (end - start) != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
             raise ValueError(f"{where} is truncated or corrupted: tensor {name!r} needs bytes [{start}, {end}) but the data section has {len(data)}.")
-        tensors[name] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+        tensors[name] = np.array(data[start:end].view(dtype).reshape(shape), dtype=dtype.newbyteorder("="))
+    del blob, data  # release the mapping
     return tensors, metadata

@@ -14,7 +14,7 @@ import numpy as np
 from svft_jax.patterns import PatternOptions
 from svft_jax.transform.apply import apply
 from svft_jax.transform.layout import KernelLayout
-from svft_jax.transform.node import SVFTMeta, SVFTNode, StaticIndices
+from svft_jax.transform.node import StaticIndices, SVFTMeta, SVFTNode
 
 FORMAT_VERSION = 1
 _HEADER_KEY = "svft_jax"

@@ -26,7 +26,12 @@ import numpy as np
 
 from svft_jax._paths import compile_regex, matches, path_to_str
 from svft_jax.checkpoint._files import atomic_write, read_safetensors, safetensors_chunks
-from svft_jax.checkpoint._records import apply_from_records, decode_header, encode_header, target_record
+from svft_jax.checkpoint._records import (
+    apply_from_records,
+    decode_header,
+    encode_header,
+    target_record,
+)
 from svft_jax.checkpoint.fingerprint import base_fingerprint, leaves_by_path, verify_fingerprint
 from svft_jax.transform.node import SVFTNode, is_node
 

@@ -15,7 +15,12 @@ import numpy as np
 
 from svft_jax._paths import path_to_str
 from svft_jax.checkpoint._files import atomic_write, read_safetensors, safetensors_chunks
-from svft_jax.checkpoint._records import decode_header, encode_header, node_from_record, target_record
+from svft_jax.checkpoint._records import (
+    decode_header,
+    encode_header,
+    node_from_record,
+    target_record,
+)
 from svft_jax.checkpoint.fingerprint import base_fingerprint, leaves_by_path, verify_fingerprint
 from svft_jax.transform.node import SVFTNode, is_node
 

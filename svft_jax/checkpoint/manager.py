@@ -68,6 +68,10 @@ class RestoredState:
     data_position: Any
     metrics: dict | None
 
+    def __iter__(self):
+        """Unpacks as `step, trainable, opt_state = restored` (the training driver's protocol)."""
+        return iter((self.step, self.trainable, self.opt_state))
+
 
 def _leaves_with_paths(tree) -> list[tuple[str, Any]]:
     return [(path_to_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -78,7 +82,7 @@ def _describe(leaves) -> list[dict]:
 
 
 def _json_metrics(metrics) -> dict | None:
-    if metrics is None:
+    if metrics is None or (isinstance(metrics, dict) and not metrics):  # {}: no eval this step
         return None
     if not isinstance(metrics, dict):
         raise TypeError(f"`metrics` must be a dict of scalars, got {type(metrics).__name__}.")
@@ -137,7 +141,9 @@ class TrainCheckpointer:
         if best_metric is not None:
             def best_fn(metrics, name=best_metric):
                 return metrics[name]
-            keep.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best))
+            # Steps saved without metrics are ranked by recency only (else BestN keeps them forever).
+            keep.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
+                                       keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
             best_fn=best_fn, best_mode=best_mode,
             preservation_policy=policies.AnyPreservationPolicy(keep),
@@ -238,7 +244,8 @@ class TrainCheckpointer:
           step: the training step (non-negative int, larger than every saved step).
           trainable: the trainable half from `svft_jax.split` (M, gates, extra leaves).
           opt_state: the optimiser state (any pytree of arrays), or None.
-          metrics: dict of scalars; must contain `best_metric` when one is set.
+          metrics: dict of scalars, or None; when given, it must contain `best_metric` (if
+            set). Steps saved without metrics compete for `max_to_keep` only.
           rng: a PRNG key (typed `jax.random.key` or raw uint32), or None.
           data_position: where the data stream is (an int or a JSON-able dict), or None.
           force: passed to Orbax (save even if its policy would skip the step).
@@ -253,7 +260,7 @@ class TrainCheckpointer:
         if latest is not None and step <= latest:
             raise ValueError(f"step {step} is not after the latest saved step {latest} in {str(self.directory)!r}; steps must increase (restore_latest to resume).")
         json_metrics = _json_metrics(metrics)
-        if self.best_metric is not None and (json_metrics is None or self.best_metric not in json_metrics):
+        if self.best_metric is not None and json_metrics is not None and self.best_metric not in json_metrics:
             raise ValueError(f"best_metric={self.best_metric!r} is not in metrics {sorted(json_metrics or {})}; pass it to save() so retention can rank this step.")
         try:
             json.dumps(data_position)
@@ -327,7 +334,6 @@ class TrainCheckpointer:
         """
         if template_trainable is None:
             raise TypeError("restore needs `template_trainable`: the trainable half of svft_jax.split(svft_jax.apply(base_params, <same config>)); the checkpoint stores arrays, not the SVFT structure.")
-        step_dir = self.directory / str(step)
         if step not in self.all_steps():
             raise ValueError(f"no complete checkpoint for step {step} in {str(self.directory)!r}; complete steps: {self.all_steps()}.")
         where = f"checkpoint step {step} in {str(self.directory)!r}"

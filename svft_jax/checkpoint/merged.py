@@ -22,7 +22,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from svft_jax._paths import key_to_str
-from svft_jax.checkpoint._files import atomic_write, ensure_directory, read_safetensors, safetensors_chunks
+from svft_jax.checkpoint._files import (
+    atomic_write,
+    ensure_directory,
+    read_safetensors,
+    safetensors_chunks,
+)
 from svft_jax.transform.merge import merge
 
 
@@ -32,7 +37,10 @@ def merged_params(adapted):
     Jitted: one compilation of the whole merge is several times faster than running its
     many small ops eagerly (each compiles on first use).
     """
-    return jax.device_get(_jit_merge(adapted))
+    try:
+        return jax.device_get(_jit_merge(adapted))
+    except TypeError:  # a non-array leaf (e.g. a string) cannot enter jit: merge eagerly
+        return jax.device_get(merge(adapted))
 
 
 _jit_merge = jax.jit(merge)

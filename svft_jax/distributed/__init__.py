@@ -6,7 +6,12 @@
     trainable, opt_state, metrics = train_step(trainable, frozen, opt_state, shard_batch(batch, mesh), rng)
 """
 
-from svft_jax.distributed.pmap import make_pmap_train_step, replicate_for_pmap, split_for_pmap, unreplicate
+from svft_jax.distributed.pmap import (
+    make_pmap_train_step,
+    replicate_for_pmap,
+    split_for_pmap,
+    unreplicate,
+)
 from svft_jax.distributed.sharding import (
     DATA,
     MODEL,

@@ -154,12 +154,15 @@ def replicate(tree, mesh: Mesh):
 
 
 def gather_to_host(tree):
-    """Numpy copies of every array (global arrays are all-gathered first; multi-process safe)."""
+    """Numpy copies of every array (global arrays are all-gathered first; multi-process safe).
+
+    Real copies, not views of device buffers: a later step may donate (reuse) those buffers.
+    """
     def fetch(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             from jax.experimental import multihost_utils
 
             return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(x)
+        return np.array(x, copy=True)
 
     return jax.tree_util.tree_map(fetch, tree)

@@ -8,7 +8,12 @@ from svft_jax.training import losses, schedules
 from svft_jax.training.losses import causal_lm_loss, classification_loss, regression_loss
 from svft_jax.training.optim import optimizer
 from svft_jax.training.schedules import make_schedule, warmup_constant, warmup_cosine, warmup_linear
-from svft_jax.training.step import make_eval_step, make_train_step, split_micro_batches, train_step_fn
+from svft_jax.training.step import (
+    make_eval_step,
+    make_train_step,
+    split_micro_batches,
+    train_step_fn,
+)
 
 __all__ = [
     "causal_lm_loss",

@@ -19,7 +19,14 @@ import numpy as np
 
 from svft_jax._paths import compile_regex, matches, path_to_str
 from svft_jax.patterns import PatternOptions, PatternSpec, get_pattern
-from svft_jax.transform.factorize import SVD_DTYPES, svd_factors
+from svft_jax.transform.factorize import (
+    SVD_BACKENDS,
+    SVD_DTYPES,
+    active_svd_cache,
+    factor_cache_key,
+    resolve_backend,
+    svd_factors,
+)
 from svft_jax.transform.layout import KernelLayout, resolve_layout
 from svft_jax.transform.node import SVFTMeta, SVFTNode, StaticIndices, is_node
 
@@ -170,9 +177,25 @@ def select_targets(params, targets: str | None = None, exclude: str | None = Non
 
 
 def _factorize(plans: list[_TargetPlan], leaves: dict, svd_dtype: str, backend: str, batch: int, progress: bool):
-    """SVDs of all targets, same-shaped matrices batched together. Returns {path: (u, s, v)}."""
+    """SVDs of all targets, same-shaped matrices batched together. Returns {path: (u, s, v)}.
+
+    Targets found in the active `svd_cache` (if any) are not recomputed; computed ones are
+    stored in it. Each batch is one call of `svd_factors` (LAPACK's gesdd in a loop on the
+    host, or one batched XLA SVD on an accelerator).
+    """
+    backend = resolve_backend(backend)
+    cache = active_svd_cache()
+    factors, keys = {}, {}
+    if cache is not None:
+        for plan in plans:
+            matrix = plan.layout.to_matrix(np.asarray(leaves[plan.path]))
+            keys[plan.path] = factor_cache_key(matrix, plan.rank, svd_dtype, backend)
+            if keys[plan.path] in cache:
+                factors[plan.path] = tuple(cache[keys[plan.path]])
     groups: dict[tuple, list[_TargetPlan]] = {}
     for plan in plans:
+        if plan.path in factors:
+            continue
         key = (plan.layout.d1, plan.layout.d2, plan.rank, jnp.dtype(leaves[plan.path].dtype).name)
         groups.setdefault(key, []).append(plan)
     chunks = [group[i : i + batch] for group in groups.values() for i in range(0, len(group), batch)]
@@ -180,13 +203,14 @@ def _factorize(plans: list[_TargetPlan], leaves: dict, svd_dtype: str, backend: 
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="SVFT: SVD", unit="batch")
-    factors = {}
+    on_host = backend == "numpy" or (svd_dtype == "float64" and not jax.config.read("jax_enable_x64"))
+    xp = np if on_host else jnp  # keep host SVDs on the host: no device round trip per matrix
     for chunk in chunks:
-        matrices = [plan.layout.to_matrix(jnp.asarray(leaves[plan.path])) for plan in chunk]
+        matrices = [plan.layout.to_matrix(xp.asarray(leaves[plan.path])) for plan in chunk]
         sizes = [int(np.prod(plan.layout.stack_shape, dtype=int)) for plan in chunk]
         d1, d2 = chunk[0].layout.d1, chunk[0].layout.d2
-        stacked = jnp.concatenate([m.reshape(-1, d1, d2) for m in matrices])
-        u, s, v = svd_factors(stacked, chunk[0].rank, svd_dtype, backend)
+        stacked = xp.concatenate([m.reshape(-1, d1, d2) for m in matrices])
+        u, s, v = svd_factors(stacked, chunk[0].rank, svd_dtype, backend, seed=chunk[0].key[0])
         offsets = np.cumsum([0, *sizes])
         for plan, lo, hi in zip(chunk, offsets[:-1], offsets[1:], strict=True):
             stack = plan.layout.stack_shape
@@ -195,6 +219,8 @@ def _factorize(plans: list[_TargetPlan], leaves: dict, svd_dtype: str, backend: 
                 s[lo:hi].reshape(*stack, plan.rank),
                 v[lo:hi].reshape(*stack, d2, plan.rank),
             )
+            if cache is not None:
+                cache[keys[plan.path]] = tuple(np.asarray(x) for x in factors[plan.path])
     return factors
 
 
@@ -243,7 +269,7 @@ def apply(
     init: str = "zeros",
     svd_dtype: str = "float32",
     keep_base: bool = True,
-    svd_backend: str = "jax",
+    svd_backend: str = "auto",
     svd_batch: int = 16,
     progress: bool = False,
 ):
@@ -278,7 +304,9 @@ def apply(
       svd_dtype: "float32" or "float64" (computed with LAPACK unless jax_enable_x64 is on).
       keep_base: store W0 in the node (exact W0 at M = 0, and needed by factored execution).
         With False and full rank, U (diag(s) + M) Vᵀ stands in for W0, as in the paper.
-      svd_backend: "jax" (XLA, on the default device) or "numpy" (LAPACK on the host).
+      svd_backend: "auto" (LAPACK on the host when JAX runs on CPU — faster than XLA:CPU's
+        SVD — else XLA on the accelerator), "jax", "numpy", or "randomized" (approximate,
+        for rank < min(d1, d2); see `svft_jax.transform.factorize`).
       svd_batch: how many same-shaped matrices one batched SVD call takes.
       progress: show a progress bar over SVD batches.
 
@@ -293,8 +321,8 @@ def apply(
     if svd_dtype not in SVD_DTYPES:
         hint = " Compute the SVD in float32 and store bfloat16 factors with factor_dtype=jnp.bfloat16." if "16" in str(svd_dtype) else ""
         raise ValueError(f"svd_dtype must be one of {SVD_DTYPES}, got {svd_dtype!r}.{hint}")
-    if svd_backend not in ("jax", "numpy"):
-        raise ValueError(f"svd_backend must be 'jax' or 'numpy', got {svd_backend!r}.")
+    if svd_backend not in SVD_BACKENDS:
+        raise ValueError(f"svd_backend must be one of {SVD_BACKENDS}, got {svd_backend!r}.")
     seed = _check_seed(seed)
     if not isinstance(svd_batch, int) or svd_batch < 1:
         raise ValueError(f"`svd_batch` must be a positive int, got {svd_batch!r}.")
