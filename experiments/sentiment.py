@@ -41,8 +41,7 @@ import rotten_tomatoes  # noqa: E402
 
 import svft_jax  # noqa: E402
 from svft_jax import baselines  # noqa: E402
-from svft_jax.training import losses, schedules  # noqa: E402
-from svft_jax.training import make_train_step  # noqa: E402
+from svft_jax.training import losses, make_train_step, schedules  # noqa: E402
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HEAD = "classifier/.*"
@@ -161,11 +160,11 @@ def make_optimizer(method: Method, config: Config) -> optax.GradientTransformati
 
     head_tx = adamw(config.head_learning_rate)
     if method.kind == "full":  # every leaf trains: the head at its LR, the encoder at the method's
-        return optax.multi_transform(
-            {"head": head_tx, "encoder": adamw(method.learning_rate)},
-            lambda tree: {key: jax.tree_util.tree_map(lambda _: "head" if key == "classifier" else "encoder", value)
-                          for key, value in tree.items()},
-        )
+        def full_labels(tree):
+            return {key: jax.tree_util.tree_map(lambda _, label="head" if key == "classifier" else "encoder": label, value)
+                    for key, value in tree.items()}
+
+        return optax.multi_transform({"head": head_tx, "encoder": adamw(method.learning_rate)}, full_labels)
     adapter_tx = adamw(method.learning_rate) if method.kind != "head" else optax.set_to_zero()
     return svft_jax.optimizer(adapter_tx, extra=HEAD, extra_tx=head_tx)
 
@@ -298,8 +297,9 @@ def markdown_table(table: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for row in table:
         full = "—" if row["percent_of_full_ft"] is None else f"{row['percent_of_full_ft']:.1f}"
+        spread = f"± {100 * row['test_accuracy_sd']:.2f}" if row["seeds"] > 1 else "(1 seed)"
         lines.append(f"| {row['method']} | {row['trainable']:,} | {row['percent_of_model']:.4f} | "
-                     f"{100 * row['test_accuracy_mean']:.2f} ± {100 * row['test_accuracy_sd']:.2f} | "
+                     f"{100 * row['test_accuracy_mean']:.2f} {spread} | "
                      f"{full} | {row['step_time_s']:.3f} |")
     return "\n".join(lines)
 
@@ -331,10 +331,11 @@ def plot(table: list[dict], path: Path) -> None:
 
 
 def write_results(rows, table, config: Config, command: str, output_dir: Path, prefix: str = "sentiment",
-                  notes: str = "") -> dict:
+                  notes: str = "", expected_runs: int | None = None) -> dict:
     """Write <prefix>.json (config, per-seed rows, summary), <prefix>.md and <prefix>.png."""
     output_dir.mkdir(parents=True, exist_ok=True)
     payload = dict(command=command, config=dataclasses.asdict(config), runs=rows, summary=table,
+                   expected_runs=expected_runs or len(rows),
                    methods={name: dataclasses.asdict(m) for name, m in METHODS.items()},
                    jax_version=jax.__version__, devices=str(jax.devices()))
     (output_dir / f"{prefix}.json").write_text(json.dumps(payload, indent=2))
@@ -391,16 +392,32 @@ def run_experiment(config: Config, method_names, seeds, *, module=None, encoder_
     return rows, summarise(rows)
 
 
+def rewrite_report(json_path: Path, output_dir: Path, prefix: str) -> None:
+    """Regenerate the summary, markdown and plot from the per-seed rows of a results JSON."""
+    payload = json.loads(json_path.read_text())
+    rows = payload["runs"]
+    config = Config(**payload["config"])
+    expected = payload.get("expected_runs") or len(payload["methods"]) * 3  # older files: 3 seeds
+    status = "" if len(rows) >= expected else f"PARTIAL: {len(rows)} of {expected} runs finished."
+    write_results(rows, summarise(rows), config, payload["command"], output_dir, prefix, notes=status,
+                  expected_runs=expected)
+    print(markdown_table(summarise(rows)))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     parser.add_argument("--prefix", default="sentiment")
+    parser.add_argument("--report", default=None, metavar="JSON",
+                        help="only rewrite <prefix>.md/.png from an earlier run's JSON (e.g. a partial run)")
     for field in dataclasses.fields(Config):
         kind = float if "rate" in field.name or "fraction" in field.name else int
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
     args = parser.parse_args(argv)
+    if args.report:
+        return rewrite_report(Path(args.report), Path(args.output_dir), args.prefix)
     config = Config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Config)})
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
@@ -412,7 +429,8 @@ def main(argv=None):
         done = len(rows) == len(methods) * len(seeds)
         status = (f"Complete: {len(rows)} runs in {minutes:.1f} min." if done else
                   f"PARTIAL: {len(rows)} of {len(methods) * len(seeds)} runs after {minutes:.1f} min (the run is still going or was stopped).")
-        write_results(rows, summarise(rows), config, command, Path(args.output_dir), args.prefix, notes=status)
+        write_results(rows, summarise(rows), config, command, Path(args.output_dir), args.prefix, notes=status,
+                      expected_runs=len(methods) * len(seeds))
 
     rows, table = run_experiment(config, methods, seeds, log=lambda s: print(s, flush=True),
                                  on_result=write_partial, keep_going=True)

@@ -87,7 +87,7 @@ def test_adapter_file_holds_only_m_gates_and_pattern(tmp_path):
         assert keys == expected
         for n in nodes:
             assert np.array_equal(f.get_tensor(f"{n.meta.path}::m"), np.asarray(n.m))
-    payload = sum(3 * n.m.size * 4 + (0 if n.gate is None else n.gate.size * 4) for n in nodes)
+    payload = sum(n.m.size * (4 + 2 + 2) + (0 if n.gate is None else n.gate.size * 4) for n in nodes)  # m f32, Ω u16
     header_budget = 16 * 1024
     assert os.path.getsize(path) < payload + header_budget  # no factors, no base weights
     header = read_adapter(path).header

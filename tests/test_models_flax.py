@@ -6,6 +6,7 @@ the loss, and every frozen leaf stays bit-identical.
 
 from __future__ import annotations
 
+import functools
 import re
 
 import flax.linen as nn
@@ -21,6 +22,8 @@ import svft_jax.models as svft_models
 from svft_jax._paths import path_to_str
 
 BATCH, TOKENS, HIDDEN, HEADS, STEPS, LR = 4, 5, 16, 2, 5, 1e-2
+# One compile per tree structure; eager merge would compile every small op per shape.
+merge = jax.jit(svft_jax.merge)
 
 
 # ----------------------------------------------------------------------------- models
@@ -77,7 +80,7 @@ class NNXNet(nnx.Module):
 # ----------------------------------------------------------------------------- harness
 def _linen_case(module, x_shape, adapt_kwargs=None):
     x = np.random.default_rng(0).standard_normal(x_shape).astype(np.float32)
-    params = module.init(jax.random.key(0), x)["params"]
+    params = jax.jit(module.init)(jax.random.key(0), x)["params"]
     forward = jax.jit(lambda p, x: module.apply({"params": p}, x))
     return params, forward, x, dict(adapt_kwargs or {})
 
@@ -85,10 +88,15 @@ def _linen_case(module, x_shape, adapt_kwargs=None):
 def _nnx_case(pure: bool):
     model = NNXNet(nnx.Rngs(0))
     graphdef, state = nnx.split(model)
-    params = state.to_pure_dict() if pure else state
+    params = nnx.to_pure_dict(state) if pure else state
     forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))  # nnx.merge takes a State or a pure dict
     x = np.random.default_rng(0).standard_normal((BATCH, TOKENS, HIDDEN)).astype(np.float32)
     return params, forward, x, {}
+
+
+@functools.cache
+def _case(name):
+    return CASES[name]()
 
 
 CASES = {
@@ -127,7 +135,8 @@ def _train(forward, adapted, x, y, extra):
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
-    params, forward, x, kwargs = CASES[request.param]()
+    params, forward, x, kwargs = _case(request.param)
+    kwargs = dict(kwargs)
     extra = kwargs.pop("extra", None)
     adapted = svft_jax.apply(params, pattern="banded", d=1, svd_backend="numpy", **kwargs)
     reference = np.asarray(forward(params, x))
@@ -160,7 +169,7 @@ def test_default_targets_adapt_every_hidden_kernel(case):
 
 
 def test_merge_at_zero_reproduces_outputs_exactly(case):
-    merged = svft_jax.merge(case["adapted"])
+    merged = merge(case["adapted"])
     for path, leaf in _flat(case["params"]).items():
         assert np.array_equal(_flat(merged)[path], leaf), path
     assert np.array_equal(np.asarray(case["forward"](merged, case["x"])), case["reference"])
@@ -210,7 +219,7 @@ def test_attention_kernels_are_heads_times_head_dim_matrices(qkv_features):
 
 
 def test_scanned_kernels_get_one_svd_per_layer():
-    params, _, x, kwargs = CASES["linen_scan"]()
+    params, _, x, kwargs = _case("linen_scan")
     adapted = svft_jax.apply(params, pattern="plain", svd_backend="numpy", **kwargs)
     blocks, kernels = adapted["blocks"], params["blocks"]
     dense = blocks["up"]["kernel"]  # (layers, 16, 32): shape alone would read it as DenseGeneral

@@ -14,7 +14,6 @@ import re
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -33,6 +32,8 @@ VOCAB, HIDDEN, HEADS, FFN = 99, 32, 4, 37
 TRAIN_LAYERS, TARGET_LAYERS = 1, 3
 # Tiny matrices: LAPACK on the host avoids compiling an XLA SVD per shape.
 SVD = dict(svd_backend="numpy")
+# One compile per tree structure; eager merge would compile every small op per shape.
+merge = jax.jit(svft_jax.merge)
 
 # What default targets must never touch, on any path component.
 NEVER_ADAPTED = re.compile(r"(?i).*(embed|norm|ln_|ln_f|pooler|classifier|head|wte|wpe).*")
@@ -200,10 +201,10 @@ def _train(family, model, adapted, batch):
         trainable, opt_state, loss = step(trainable, opt_state, batch)
         losses.append(float(loss))
         if i == 0:
-            after_one_step = np.asarray(forward(svft_jax.merge(svft_jax.combine(trainable, frozen)), batch))
+            after_one_step = np.asarray(forward(merge(svft_jax.combine(trainable, frozen)), batch))
     # Loss of the final parameters (the loop's losses are those before each update).
     final = svft_jax.combine(trainable, frozen)
-    losses.append(float(family.loss(forward(svft_jax.merge(final), batch), batch)))
+    losses.append(float(family.loss(forward(merge(final), batch), batch)))
     return forward, losses, after_one_step, final
 
 
@@ -214,13 +215,13 @@ def run(request) -> Run:
     batch = family.batch(np.random.default_rng(1))
     adapted = svft_models.adapt(model, pattern="banded", d=2, **SVD)
     forward, losses, after_one_step, final = _train(family, model, adapted, batch)
-    merged = svft_jax.merge(adapted)
+    merged = merge(adapted)
     no_base = svft_models.adapt(model, pattern="banded", d=2, keep_base=False, **SVD)
     return Run(
         family, model, batch, adapted,
         reference=np.asarray(forward(model.params, batch)),
         at_zero=np.asarray(forward(merged, batch)),
-        at_zero_no_base=np.asarray(forward(svft_jax.merge(no_base), batch)),
+        at_zero_no_base=np.asarray(forward(merge(no_base), batch)),
         merged_at_zero=merged, losses=losses, after_one_step=after_one_step, final=final,
     )
 
@@ -334,6 +335,15 @@ def test_gpt2_conv1d_kernels_are_read_as_stored_out_by_in_matrices():
     rebuilt = np.asarray(node.u) * np.asarray(node.s) @ np.asarray(node.v).T
     np.testing.assert_allclose(rebuilt, kernel, atol=1e-5)
     assert svft_models.default_overrides(model) and svft_models.default_overrides("bert") == {}
+
+
+def test_gpt2_user_overrides_keep_the_conv1d_layout():
+    model = FAMILIES["gpt2"].build()
+    adapted = svft_models.adapt(model, pattern="banded", d=1, overrides={r".*attn/c_attn/kernel": {"pattern": "plain"}}, **SVD)
+    block = adapted["transformer"]["h"]["0"]
+    fused, mlp = block["attn"]["c_attn"]["kernel"], block["mlp"]["c_fc"]["kernel"]
+    assert fused.meta.pattern == "plain" and fused.meta.layout.d1 == 3 * HIDDEN  # the user's option, our layout
+    assert mlp.meta.pattern == "banded" and mlp.meta.layout.d1 == 4 * HIDDEN  # c_fc kernel is (4·hidden, hidden)
 
 
 def test_gqa_key_value_projections_keep_their_narrow_shape():
@@ -467,4 +477,4 @@ def test_real_minilm_loads_offline_embeds_sensibly_and_svft_starts_at_the_base_m
     adapted = svft_models.adapt(model, params, pattern="banded", d=2)
     nodes = [x for x in jax.tree_util.tree_leaves(adapted, is_leaf=svft_jax.is_node) if svft_jax.is_node(x)]
     assert len(nodes) == 6 * 6  # 6 layers × (q, k, v, o, intermediate, output)
-    assert np.array_equal(np.asarray(forward(svft_jax.merge(adapted))), hidden)
+    assert np.array_equal(np.asarray(forward(merge(adapted))), hidden)

@@ -175,7 +175,7 @@ def run_summary(adapted, extra: str | None, results: dict, config) -> dict:
     count = lambda tree: int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))  # noqa: E731
     return {
         "trainable_parameters": count(trainable),
-        "total_parameters": count(svft_jax.merge(adapted)),
+        "total_parameters": count(jax.eval_shape(svft_jax.merge, adapted)),  # shapes only: no second copy of a 7B model
         "steps": int(results.get("steps", config.steps)),
         "best_step": results.get("best_step"),
         "train_time_s": results.get("train_time_s"),

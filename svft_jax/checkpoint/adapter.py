@@ -3,7 +3,7 @@
 File format (one safetensors file, written atomically):
   tensors   "<target path>::m"      (*stack, |Ω|) float32
             "<target path>::gate"   (*stack,) float32, init="reference" only
-            "<target path>::rows"   (|Ω|,) or (*stack, |Ω|) int32, the saved Ω
+            "<target path>::rows"   (|Ω|,) or (*stack, |Ω|) uint16 (int32 if r > 65535), the saved Ω
             "<target path>::cols"   same
             "extra::<leaf path>"    fully-trainable extra leaves (e.g. a new classifier head)
   metadata  "svft_jax": JSON {format: "svft-jax-adapter", version, targets: [per-target config
@@ -79,8 +79,10 @@ def save_adapter(path, adapted, *, extra: str | None = None, base_params=None,
         tensors[f"{target}::m"] = _host(node.m).astype(np.float32)
         if node.gate is not None:
             tensors[f"{target}::gate"] = _host(node.gate).astype(np.float32)
-        tensors[f"{target}::rows"] = node.meta.rows.array
-        tensors[f"{target}::cols"] = node.meta.cols.array
+        # Indices are < r, so uint16 nearly always fits: Ω would otherwise be 2/3 of the file.
+        index_dtype = np.uint16 if node.meta.rank <= np.iinfo(np.uint16).max else np.int32
+        tensors[f"{target}::rows"] = node.meta.rows.array.astype(index_dtype)
+        tensors[f"{target}::cols"] = node.meta.cols.array.astype(index_dtype)
     extras = [p for p, x in leaves.items() if not is_node(x) and x is not None and matches(extra_re, p)]
     if extra is not None and not extras:
         raise ValueError(f"extra={extra!r} matched no leaf outside the SVFT nodes; paths are '/'-joined, e.g. {list(leaves)[:4]}.")

@@ -61,10 +61,25 @@ def _mm(x, w, precision, preferred_element_type):
 
 
 def base_matmul(base, layout, x, precision=None, preferred_element_type=None):
-    """x W0ᵀ with W0 = layout.to_matrix(base): (..., d2) -> (..., d1). For a Dense kernel
-    (in, out) `to_matrix` is a transpose that XLA folds into the dot: no copy of W0."""
-    w0 = layout.to_matrix(base)  # (d1, d2)
-    return _mm(x, jnp.swapaxes(w0, -1, -2), precision, preferred_element_type)
+    """x W0ᵀ straight from the kernel: (..., d2) -> (..., d1).
+
+    x's last axis is unflattened into the kernel's input axes and contracted with them in one
+    dot_general, as the model's own layer does, so W0 is never transposed or copied.
+    """
+    in_shape = tuple(layout.shape[a] for a in layout.in_axes)
+    lead = x.shape[:-1]
+    x = x.reshape(*lead, *in_shape)
+    contract_x = tuple(range(len(lead), x.ndim))
+    kernel = jnp.asarray(base, x.dtype)
+    accumulate = preferred_element_type or (jnp.float32 if x.dtype == jnp.bfloat16 else None)
+    y = jax.lax.dot_general(x, kernel, ((contract_x, tuple(layout.in_axes)), ((), ())),
+                            precision=precision, preferred_element_type=accumulate)
+    # y's trailing axes are the kernel's free axes in increasing order; W's d1 follows out_axes.
+    free = sorted(layout.out_axes)
+    order = [len(lead) + free.index(a) for a in layout.out_axes]
+    if order != sorted(order):
+        y = jnp.transpose(y, (*range(len(lead)), *order))
+    return y.reshape(*lead, layout.d1)
 
 
 def svft_matmul(node: SVFTNode, x, *, precision=None, preferred_element_type=None):
