@@ -41,6 +41,7 @@ import svft_jax  # noqa: E402
 from experiments._bench_common import machine_description, markdown_table  # noqa: E402
 from svft_jax import baselines  # noqa: E402
 from svft_jax.strategies import wrap  # noqa: E402
+from svft_jax.transform.factorize import svd_cache  # noqa: E402
 from svft_jax.training import losses  # noqa: E402
 
 
@@ -116,6 +117,7 @@ def make_step(model, method: Method, adapted, loss_of, extra):
         wrapped = wrap(model, method.strategy, params_argname="params")
         run = lambda tree, ids: wrapped(ids, params=tree).logits  # noqa: E731
     tx = optax.adamw(1e-4)
+    trainable = jax.tree.map(jnp.array, trainable)  # own copy: the step donates it
 
     def step(trainable, frozen, opt_state, batch):
         def loss(t):
@@ -143,8 +145,10 @@ def main() -> None:
     params = model.params
 
     states, memory, counts, compile_s = {}, {}, {}, {}
+    factors: dict = {}  # SVDs shared by every SVFT method (svft_jax's factor-cache hook)
     for method in methods(args.methods):
-        adapted = method.build(params)
+        with svd_cache(factors):
+            adapted = method.build(params)
         step, trainable, frozen, opt_state = make_step(model, method, adapted, loss_of, extra)
         t0 = time.perf_counter()
         compiled = step.lower(trainable, frozen, opt_state, batch).compile()

@@ -31,7 +31,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     start = time.perf_counter()
     # A short schedule needs a livelier head than the full run's (2e-3 over 120 steps).
-    config = sentiment.Config(steps=args.steps, batch_size=16, max_length=32, head_learning_rate=5e-3,
+    config = sentiment.Config(steps=args.steps, batch_size=16, max_length=32, head_learning_rate=1e-2,
                               eval_limit=args.eval_limit, eval_batch_size=128)
     module, encoder_params = sentiment.load_encoder()
     print(f"all-MiniLM-L6-v2 loaded: {svft_jax.count_parameters(encoder_params)['total']:,} parameters")

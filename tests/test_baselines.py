@@ -250,3 +250,6 @@ def test_bad_arguments_fail_early_with_the_parameter_named(rng):
         dora.apply(zero_row)
     with pytest.raises(TypeError, match="seed"):
         dora.apply(params, seed=1.5)
+    broken = {**params, "dense_out": {"kernel": params["dense_out"]["kernel"].at[0, 0].set(jnp.nan)}}
+    with pytest.raises(ValueError, match="dense_out/kernel.*NaN"):
+        vera.apply(broken)

@@ -229,3 +229,28 @@ def test_scanned_kernels_get_one_svd_per_layer():
     stored = np.asarray(kernels["MultiHeadDotProductAttention_0"]["query"]["kernel"])
     assert query.meta.layout.stack_shape == (2,)
     np.testing.assert_allclose(_factor_product(query), np.swapaxes(stored.reshape(2, HIDDEN, HIDDEN), 1, 2), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["linen_attention", "nnx_state"])
+def test_optimizer_zeroes_full_tree_gradients_of_frozen_leaves(name):
+    # Differentiate EVERYTHING (W0 and biases get real gradients; U and V too once M ≠ 0);
+    # only the optimiser's labels keep the frozen leaves where they are.
+    params, forward, x, kwargs = _case(name)
+    kwargs = dict(kwargs)
+    extra = kwargs.pop("extra", None)
+    adapted = svft_jax.apply(params, pattern="banded", d=1, svd_backend="numpy", **kwargs)
+    y = np.random.default_rng(2).standard_normal(np.shape(forward(params, x))).astype(np.float32)
+    grads = jax.grad(lambda tree: jnp.mean((forward(svft_jax.merge(tree), x) - y) ** 2))(adapted)
+    assert all(np.any(np.asarray(node.base) != 0) for node in _nodes(grads).values())
+
+    tx = svft_jax.optimizer(optax.adam(LR), extra=extra)
+    updates, _ = tx.update(grads, tx.init(adapted), adapted)
+    stepped = _flat(optax.apply_updates(adapted, updates))
+    for path, leaf in _flat(adapted).items():
+        if svft_jax.is_node(leaf):
+            for field in ("u", "s", "v", "base"):
+                assert np.array_equal(getattr(stepped[path], field), getattr(leaf, field)), (path, field)
+            assert not np.array_equal(stepped[path].m, leaf.m), path
+        else:
+            moved = not np.array_equal(stepped[path], leaf)
+            assert moved == bool(extra and re.fullmatch(extra, path)), path

@@ -64,6 +64,8 @@ def plan_targets(params, targets: str | None, exclude: str | None, layouts: Mapp
             raise TypeError(f"{where} was chosen as a target but is a {type(leaf).__name__}, not an array.")
         if not jnp.issubdtype(leaf.dtype, jnp.floating) or leaf.ndim < 2:
             raise ValueError(f"{where} has shape {tuple(leaf.shape)} and dtype {leaf.dtype}; only floating kernels with ≥ 2 axes can be adapted. Narrow `targets` or add it to `exclude`.")
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            raise ValueError(f"{where} contains NaN or Inf; fix the checkpoint before adapting it.")
         declared = next((v for r, v in compiled if matches(r, path)), None)
         try:
             layout = resolve_layout(leaf.shape, jnp.dtype(leaf.dtype).name, declared)
