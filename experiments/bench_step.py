@@ -41,8 +41,8 @@ import svft_jax  # noqa: E402
 from experiments._bench_common import machine_description, markdown_table  # noqa: E402
 from svft_jax import baselines  # noqa: E402
 from svft_jax.strategies import wrap  # noqa: E402
-from svft_jax.transform.factorize import svd_cache  # noqa: E402
 from svft_jax.training import losses  # noqa: E402
+from svft_jax.transform.factorize import svd_cache  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -164,7 +164,7 @@ def main() -> None:
         del adapted
 
     for _ in range(args.repeats):
-        for name, state in states.items():
+        for state in states.values():
             compiled, trainable, frozen, opt_state, times = state
             t0 = time.perf_counter()
             trainable, opt_state, loss = compiled(trainable, frozen, opt_state, batch)

@@ -314,12 +314,12 @@ def plot(table: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"svft": ("tab:red", "o"), "lora": ("tab:blue", "s"), "dora": ("tab:purple", "D"),
               "vera": ("tab:green", "^"), "full": ("black", "*"), "head": ("tab:gray", "v")}
-    for row in table:
+    for index, row in enumerate(sorted(table, key=lambda r: r["trainable"])):
         color, marker = styles[METHODS[row["method"]].kind] if row["method"] in METHODS else ("k", "x")
         ax.errorbar(row["trainable"], 100 * row["test_accuracy_mean"], yerr=100 * row["test_accuracy_sd"],
                     fmt=marker, color=color, capsize=3, markersize=8)
         ax.annotate(row["method"], (row["trainable"], 100 * row["test_accuracy_mean"]),
-                    textcoords="offset points", xytext=(5, 4), fontsize=8)
+                    textcoords="offset points", xytext=(5, 4 if index % 2 else -11), fontsize=8)  # neighbours alternate sides
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale; head included)")
     ax.set_ylabel("test accuracy (%)")

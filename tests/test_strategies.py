@@ -13,6 +13,7 @@ import pytest
 import svft_jax
 from svft_jax.strategies import choose_strategy, step_flops, wrap
 
+
 def _loss_and_grads(fn, adapted):
     """jit(value_and_grad) of sum(out²) w.r.t. the trainable half of `adapted`."""
     trainable, frozen = svft_jax.split(adapted)
@@ -60,7 +61,7 @@ def hf_case(request):
     return model, adapted, ids, truth
 
 
-@pytest.mark.parametrize("strategy", ["factored", "auto", "reference"])
+@pytest.mark.parametrize("strategy", ["factored", "auto"])
 def test_hf_strategy_matches_merged_loss_and_grads(hf_case, strategy):
     model, adapted, ids, truth = hf_case
     run = wrap(model, strategy, params_argname="params")
@@ -194,7 +195,7 @@ def test_baseline_nodes_factored_match_merged(flax_case):
         adapted = jax.tree.map(lambda n: _perturb(n), adapted, is_leaf=svft_jax.is_node)
         truth = _loss_and_grads(lambda a: apply_fn(svft_jax.merge(a), x), adapted)
         run = wrap(apply_fn, "factored")
-        _assert_same(_loss_and_grads(lambda a: run(a, x), adapted), truth)
+        _assert_same(_loss_and_grads(lambda a, run=run: run(a, x), adapted), truth)
         assert set().union(*map(set, run.last_plan.values())) == {"factored"}, name
 
 

@@ -11,7 +11,12 @@ behind "auto" is `step_flops`/`choose_strategy`.
 from svft_jax.strategies.cost import choose_strategy, step_flops
 from svft_jax.strategies.factored import factored_for, register_factored, svft_matmul
 from svft_jax.strategies.interpreter import KernelProxy, KernelUse
-from svft_jax.strategies.registry import available_strategies, get_strategy, reference_kernel, register_strategy
+from svft_jax.strategies.registry import (
+    available_strategies,
+    get_strategy,
+    reference_kernel,
+    register_strategy,
+)
 from svft_jax.strategies.wrap import wrap
 
 __all__ = [
