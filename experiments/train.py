@@ -4,7 +4,7 @@ An experiment builds a `Task` (adapted params, a loss, data) and calls `run(task
 the driver adds the optimiser (AdamW on M with warmup + linear/cosine decay, a separate
 learning rate for a new head), gradient accumulation, data parallelism over all devices
 (`jax.sharding`, multi-process aware), periodic evaluation, best-checkpoint selection, a
-tqdm bar and JSON/CSV metric logs. See `.helper_notes/train_driver_api.md` for the contract.
+tqdm bar and JSON/CSV metric logs. See `experiments/README.md` for the contract.
 
     python experiments/train.py --config.steps=30 --config.output_dir=/tmp/svft_demo
 
