@@ -358,13 +358,16 @@ def write_results(rows, table, config: Config, command: str, output_dir: Path, p
 
 
 def run_experiment(config: Config, method_names, seeds, *, module=None, encoder_params=None,
-                   sources=None, tokenizer=None, log=print, on_result=None, keep_going=False):
+                   sources=None, tokenizer=None, log=print, on_result=None, keep_going=False,
+                   finished_rows=()):
     """Every method × seed, seed-major (all methods with the first seed, then the next seed),
     so a run stopped early still covers every method. Returns (per-seed rows, summary table).
 
     Args:
       on_result: called with the rows so far after each (method, seed), e.g. to write files.
       keep_going: log a failing (method, seed) and go on instead of raising.
+      finished_rows: rows of an earlier, interrupted run with the same config; their
+        (method, seed) pairs are not run again.
     """
     unknown = [name for name in method_names if name not in METHODS]
     if unknown:
@@ -374,9 +377,12 @@ def run_experiment(config: Config, method_names, seeds, *, module=None, encoder_
     sources = sources or rotten_tomatoes.data_sources()
     tokenizer = tokenizer or rotten_tomatoes.load_tokenizer()
     compiled: dict[str, CompiledMethod] = {}
-    rows = []
+    rows = list(finished_rows)
+    done = {(row["method"], row["seed"]) for row in rows}
     for seed in seeds:
         for name in method_names:
+            if (name, seed) in done:
+                continue
             if name not in compiled:
                 compiled[name] = compile_method(METHODS[name], module, config)
             log(f"== {name} seed={seed}")
@@ -412,6 +418,8 @@ def main(argv=None):
     parser.add_argument("--prefix", default="sentiment")
     parser.add_argument("--report", default=None, metavar="JSON",
                         help="only rewrite <prefix>.md/.png from an earlier run's JSON (e.g. a partial run)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the finished (method, seed) runs of <output-dir>/<prefix>.json (same config) and run the rest")
     for field in dataclasses.fields(Config):
         kind = float if "rate" in field.name or "fraction" in field.name else int
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=field.default)
@@ -422,6 +430,14 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     methods = [m for m in args.methods.split(",") if m]
     command = " ".join([".venv/bin/python", "experiments/sentiment.py", *(argv if argv is not None else sys.argv[1:])])
+    finished = []
+    if args.resume:
+        earlier = json.loads((Path(args.output_dir) / f"{args.prefix}.json").read_text())
+        if earlier["config"] != dataclasses.asdict(config):
+            raise ValueError(f"--resume: {args.prefix}.json was made with another config {earlier['config']}; rerun without --resume.")
+        finished = [row for row in earlier["runs"] if row["method"] in methods and row["seed"] in seeds]
+        command = earlier["command"] + "  (interrupted, then completed with --resume)"
+        print(f"resuming: {len(finished)} runs already finished", flush=True)
     start = time.perf_counter()
 
     def write_partial(rows):
@@ -433,7 +449,7 @@ def main(argv=None):
                       expected_runs=len(methods) * len(seeds))
 
     rows, table = run_experiment(config, methods, seeds, log=lambda s: print(s, flush=True),
-                                 on_result=write_partial, keep_going=True)
+                                 on_result=write_partial, keep_going=True, finished_rows=finished)
     elapsed = time.perf_counter() - start
     print(markdown_table(table))
     print(f"total {elapsed / 60:.1f} min; wrote {args.output_dir}/{args.prefix}.{{json,md,png}}")

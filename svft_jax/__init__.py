@@ -4,6 +4,11 @@
     train, frozen = svft_jax.split(adapted)
     loss = lambda train: model_loss(svft_jax.merge(svft_jax.combine(train, frozen)))
     tx = svft_jax.optimizer(optax.adamw(1e-3), adapted)
+
+Subpackages: patterns (Ω), transform (the node, apply/merge), strategies (execution: wrap),
+training (steps, losses, schedules, optimizer), distributed (meshes, sharding, pmap),
+checkpoint (Orbax checkpoints, adapters, merged export), models (Hugging Face loaders and
+targets), baselines (LoRA, DoRA, VeRA).
 """
 
 from svft_jax.patterns import (
@@ -32,8 +37,22 @@ from svft_jax.transform import (
     weight_matrix,
 )
 from svft_jax.transform import apply as apply  # noqa: PLC0414  (the package's main verb)
+from svft_jax.strategies import wrap
 
 __version__ = "0.1.0"
+
+# Subpackages with heavier imports (orbax, transformers) load on first attribute access, so
+# `import svft_jax` stays fast while `svft_jax.checkpoint.save_adapter(...)` just works.
+_LAZY_SUBPACKAGES = ("baselines", "checkpoint", "distributed", "models", "patterns", "strategies", "training", "transform")
+
+
+def __getattr__(name):
+    if name in _LAZY_SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"svft_jax.{name}")
+    raise AttributeError(f"module 'svft_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "KernelLayout",
@@ -58,4 +77,5 @@ __all__ = [
     "summary",
     "trainable_mask",
     "weight_matrix",
+    "wrap",
 ]
