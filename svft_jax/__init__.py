@@ -19,6 +19,7 @@ from svft_jax.patterns import (
     get_pattern,
     register_pattern,
 )
+from svft_jax.strategies import wrap
 from svft_jax.training import optimizer
 from svft_jax.transform import (
     KernelLayout,
@@ -37,7 +38,6 @@ from svft_jax.transform import (
     weight_matrix,
 )
 from svft_jax.transform import apply as apply  # noqa: PLC0414  (the package's main verb)
-from svft_jax.strategies import wrap
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,7 @@ from svft_jax.transform.factorize import (
     svd_factors,
 )
 from svft_jax.transform.layout import KernelLayout, resolve_layout
-from svft_jax.transform.node import SVFTMeta, SVFTNode, StaticIndices, is_node
+from svft_jax.transform.node import StaticIndices, SVFTMeta, SVFTNode, is_node
 
 INITS = ("zeros", "reference")
 
