@@ -314,12 +314,19 @@ def plot(table: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     styles = {"svft": ("tab:red", "o"), "lora": ("tab:blue", "s"), "dora": ("tab:purple", "D"),
               "vera": ("tab:green", "^"), "full": ("black", "*"), "head": ("tab:gray", "v")}
-    for index, row in enumerate(sorted(table, key=lambda r: r["trainable"])):
-        color, marker = styles[METHODS[row["method"]].kind] if row["method"] in METHODS else ("k", "x")
-        ax.errorbar(row["trainable"], 100 * row["test_accuracy_mean"], yerr=100 * row["test_accuracy_sd"],
-                    fmt=marker, color=color, capsize=3, markersize=8)
-        ax.annotate(row["method"], (row["trainable"], 100 * row["test_accuracy_mean"]),
-                    textcoords="offset points", xytext=(5, 4 if index % 2 else -11), fontsize=8)  # neighbours alternate sides
+    groups: dict[int, list[dict]] = {}  # methods with the same budget share an x position
+    for row in table:
+        groups.setdefault(row["trainable"], []).append(row)
+    for trainable, rows in sorted(groups.items()):
+        rows = sorted(rows, key=lambda r: -r["test_accuracy_mean"])
+        top = 100 * rows[0]["test_accuracy_mean"]
+        for rank, row in enumerate(rows):
+            color, marker = styles[METHODS[row["method"]].kind] if row["method"] in METHODS else ("k", "x")
+            ax.errorbar(trainable, 100 * row["test_accuracy_mean"], yerr=100 * row["test_accuracy_sd"],
+                        fmt=marker, color=color, capsize=3, markersize=8)
+            # labels of one budget are stacked beside the group's best point, best first
+            ax.annotate(row["method"], (trainable, top), textcoords="offset points",
+                        xytext=(8, 4 - 11 * rank), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (log scale; head included)")
     ax.set_ylabel("test accuracy (%)")
