@@ -31,8 +31,6 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-import svft_jax
-
 if __package__ in (None, ""):  # run as a file (python experiments/paper/x.py): make the repo root importable
     import pathlib
 
@@ -212,22 +210,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             pairs += [(prompt, RESPONSE_TEMPLATE.format(answer=answer)) for prompt, answer in items]
     evaluation = {name: formatted(data.limit(load(TASKS[name].tfds_name, TASKS[name].eval_split), args.max_eval_per_task), TASKS[name]) for name in names}
 
-    model, params, tokenizer = lm.load_causal_lm(args.model, args.dtype)
-    if args.factor_dtype and method.family == "svft":
-        method = type(method)(method.name, method.family, {**method.kwargs, "factor_dtype": args.factor_dtype})
-    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
-    config = common.train_config(
-        COMMONSENSE, method, epochs=args.epochs or COMMONSENSE.epochs, num_train_examples=len(pairs), overrides=overrides,
-        output_dir=args.output_dir, seed=args.seed,
-    )
-    sft = lm.make_sft_task(model, adapted, pairs, tokenizer=tokenizer, max_length=args.max_length, batch_size=config.batch_size, seed=args.seed, name="commonsense")
-    results = common.driver().run(sft, config)
-
-    params = svft_jax.merge(results["adapted"])
-    generate = functools.partial(
-        lm.greedy_generate, model, params, tokenizer=tokenizer, batch_size=args.eval_batch_size,
-        max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
-    )
+    results, config, generate = lm.fine_tune(args, method, COMMONSENSE, pairs, overrides, name="commonsense")
     metrics = {"model": args.model, "method": method.name, "train_examples": len(pairs), "tasks": {}}
     for name, items in evaluation.items():
         outputs = generate([prompt for prompt, _ in items])

@@ -134,3 +134,32 @@ def _compiled_generate(model, pad_id: int, eos_id: int | None, max_new_tokens: i
         ).sequences[:, ids.shape[1] :]
 
     return run
+
+
+def fine_tune(args, method, recipe, pairs, overrides, name: str):
+    """Shared by the math and commonsense scripts: load the causal LM, adapt it with `method`,
+    run supervised fine-tuning on `pairs` with the driver, and return a greedy generator.
+
+    Args:
+      args: the script's parsed CLI (model, dtype, factor_dtype, targets, seed, epochs,
+        max_length, output_dir, eval_batch_size, max_prompt_length, max_new_tokens).
+      method: a `MethodSpec`; recipe: the table's `TableConfig`; pairs: (prompt, response) list;
+      overrides: driver config overrides; name: the driver task's name.
+    Returns:
+      (results of the driver's `run`, its `TrainConfig`, generate(prompts) -> list of strings).
+    """
+    model, params, tokenizer = load_causal_lm(args.model, args.dtype)
+    if args.factor_dtype and method.family == "svft":
+        method = type(method)(method.name, method.family, {**method.kwargs, "factor_dtype": args.factor_dtype})
+    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
+    config = common.train_config(
+        recipe, method, epochs=args.epochs or recipe.epochs, num_train_examples=len(pairs), overrides=overrides,
+        output_dir=args.output_dir, seed=args.seed,
+    )
+    task = make_sft_task(model, adapted, pairs, tokenizer=tokenizer, max_length=args.max_length, batch_size=config.batch_size, seed=args.seed, name=name)
+    results = common.driver().run(task, config)
+    generate = functools.partial(
+        greedy_generate, model, svft_jax.merge(results["adapted"]), tokenizer=tokenizer, batch_size=args.eval_batch_size,
+        max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
+    )
+    return results, config, generate

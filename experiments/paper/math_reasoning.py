@@ -30,8 +30,6 @@ import re
 import sys
 from collections.abc import Sequence
 
-import svft_jax
-
 if __package__ in (None, ""):  # run as a file (python experiments/paper/x.py): make the repo root importable
     import pathlib
 
@@ -210,22 +208,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     gsm8k_test = data.limit(load("gsm8k", "test"), args.max_eval_examples)
     math_test = read_math_jsonl(args.math_jsonl)[: args.max_eval_examples] if args.math_jsonl else None
 
-    model, params, tokenizer = lm.load_causal_lm(args.model, args.dtype)
-    if args.factor_dtype and method.family == "svft":
-        method = type(method)(method.name, method.family, {**method.kwargs, "factor_dtype": args.factor_dtype})
-    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
-    config = common.train_config(
-        MATH, method, epochs=args.epochs or MATH.epochs, num_train_examples=len(pairs), overrides=overrides,
-        output_dir=args.output_dir, seed=args.seed,
-    )
-    task = lm.make_sft_task(model, adapted, pairs, tokenizer=tokenizer, max_length=args.max_length, batch_size=config.batch_size, seed=args.seed, name="metamath")
-    results = common.driver().run(task, config)
-
-    params = svft_jax.merge(results["adapted"])
-    generate = functools.partial(
-        lm.greedy_generate, model, params, tokenizer=tokenizer, batch_size=args.eval_batch_size,
-        max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
-    )
+    results, config, generate = lm.fine_tune(args, method, MATH, pairs, overrides, name="metamath")
     metrics = {"model": args.model, "method": method.name, "train_examples": len(pairs)}
     questions = [data.as_text(gsm8k_test[i]["question"]) for i in range(len(gsm8k_test))]
     references = [gsm8k_reference(data.as_text(gsm8k_test[i]["answer"])) for i in range(len(gsm8k_test))]
