@@ -16,7 +16,7 @@ full-rank factors stand in for W0 (keep_base=False).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar  # noqa: F401
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -101,8 +101,8 @@ class AdapterNode:
       summary_row(): (path, W shape text, method text, rank text, entries text).
     """
 
-    DATA_FIELDS: tuple[str, ...] = ()
-    TRAINABLE_FIELDS: tuple[str, ...] = ()
+    DATA_FIELDS: ClassVar[tuple[str, ...]] = ()
+    TRAINABLE_FIELDS: ClassVar[tuple[str, ...]] = ()
 
     def merged_kernel(self):  # pragma: no cover - abstract
         raise NotImplementedError
