@@ -2,17 +2,15 @@
 names the parameter path where there is one and says what to do, raised before any SVD runs.
 """
 
-import importlib
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import svft_jax
-
-# The modules, not the functions of the same name that svft_jax.transform re-exports.
-apply_module = importlib.import_module("svft_jax.transform.apply")
-factorize_module = importlib.import_module("svft_jax.transform.factorize")
+from svft_jax.baselines import dora, lora, vera
+from svft_jax.transform import _factorize as factorize_module
 
 QUERY = "encoder/query/kernel"
 
@@ -36,10 +34,8 @@ def no_svd(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("an SVD ran before the bad input was reported")
 
-    monkeypatch.setattr(apply_module, "_factorize", forbidden)
+    monkeypatch.setattr(factorize_module, "factorize", forbidden)
     monkeypatch.setattr(factorize_module, "svd_factors", forbidden)
-    if hasattr(apply_module, "svd_factors"):
-        monkeypatch.setattr(apply_module, "svd_factors", forbidden)
     monkeypatch.setattr(np.linalg, "svd", forbidden)
     monkeypatch.setattr(jnp.linalg, "svd", forbidden)
 
@@ -100,7 +96,36 @@ CASES = [
     ("layout-dict-missing-axes", lambda: svft_jax.apply(_params(), overrides={".*": {"layout": {"in_axes": (0,)}}}), ValueError, [QUERY, "'out_axes'"]),
     ("layout-axes-overlap", lambda: svft_jax.apply(_params(), overrides={".*": {"layout": {"in_axes": (0,), "out_axes": (0,)}}}), ValueError, [QUERY, "exactly once"]),
     ("layout-not-a-dict", lambda: svft_jax.apply(_params(), overrides={".*": {"layout": (1, 0)}}), ValueError, [QUERY, "layout must be one of"]),
+    # Options and rules that do not apply are refused, not dropped (issue 9, item 5).
+    ("plain-with-d", lambda: svft_jax.apply(_params(), d=2), ValueError, ["'plain'", "`d`", "banded"]),
+    ("plain-with-k", lambda: svft_jax.apply(_params(), k=3), ValueError, ["'plain'", "`k`", "'random'"]),
+    ("random-with-d-and-k", lambda: svft_jax.apply(_params(), "random", d=1, k=3), ValueError, ["not both", "d=1", "k=3"]),
+    ("topk-with-d-and-k", lambda: svft_jax.apply(_params(), "topk", d=1, k=3), ValueError, ["not both"]),
+    ("override-matches-nothing", lambda: svft_jax.apply(_params(), overrides={".*value/kernel": {"rank": 2}}), ValueError, ["'.*value/kernel'", "matches none", QUERY]),
+    ("exclude-matches-nothing", lambda: svft_jax.apply(_params(), exclude=".*valu/kernel"), ValueError, ["exclude=", "matches no parameter"]),
+    ("extra-matches-nothing", lambda: svft_jax.apply(_params(), extra="classifer/.*"), ValueError, ["extra='classifer/.*'", "matches no parameter"]),
+    ("extra-matches-only-targets", lambda: svft_jax.apply(_params(), extra=QUERY), ValueError, ["matches only adapted kernels", QUERY]),
+    ("override-pattern-inherits-k", lambda: svft_jax.apply(_params(), "topk", k=3, overrides={".*": {"pattern": "banded", "d": 1}}), ValueError, ["inherit", "k=3", "explicitly"]),
+    ("override-pattern-inherits-d", lambda: svft_jax.apply(_params(), "banded", d=1, overrides={".*": {"pattern": "plain"}}), ValueError, ["inherit", "d=1"]),
+    # Path collisions (item 6): a key with '/' would stand for a nested key.
+    ("path-collision", lambda: svft_jax.apply({"a/b": {"kernel": jnp.ones((3, 3))}, "a": {"b": {"kernel": jnp.ones((3, 3))}}}), ValueError, ["'a/b/kernel'", "share the path", "rename"]),
+    # Non-finite settings (item 7).
+    ("lora-alpha-nan", lambda: lora.apply(_params(), alpha=float("nan")), ValueError, ["`alpha`", "finite"]),
+    ("lora-alpha-inf", lambda: lora.apply(_params(), alpha=float("inf")), ValueError, ["`alpha`", "finite"]),
+    ("dora-alpha-nan", lambda: dora.apply(_params(), alpha=float("nan")), ValueError, ["`alpha`", "finite"]),
+    ("vera-d-initial-nan", lambda: vera.apply(_params(), d_initial=float("nan")), ValueError, ["`d_initial`", "finite"]),
+    ("baseline-layouts-match-nothing", lambda: lora.apply(_params(), layouts={".*c_attn/kernel": "out_in"}), ValueError, ["'.*c_attn/kernel'", "matches none"]),
+    # Mistakes a newcomer makes (item 10).
+    ("model-object-instead-of-params", lambda: svft_jax.apply(_FakeModel()), TypeError, ["model.params", "_FakeModel"]),
+    ("string-instead-of-params", lambda: svft_jax.apply("banded"), TypeError, ["parameter pytree", "'banded'"]),
 ]
+
+
+class _FakeModel:
+    """Looks like a Hugging Face Flax model: has .params and .config."""
+
+    params = {"encoder": {"query": {"kernel": jnp.ones((4, 4))}}}
+    config = None
 
 
 @pytest.mark.parametrize(("call", "error", "fragments"), [pytest.param(*c[1:], id=c[0]) for c in CASES])
@@ -114,10 +139,10 @@ def test_bad_input_raises_before_any_svd_with_path_and_fix(no_svd, call, error, 
 
 def test_applying_twice_is_refused_before_any_svd(monkeypatch):
     adapted = svft_jax.apply(_params(), svd_backend="numpy")
-    monkeypatch.setattr(apply_module, "_factorize", lambda *a, **k: pytest.fail("SVD ran"))
+    monkeypatch.setattr(factorize_module, "factorize", lambda *a, **k: pytest.fail("SVD ran"))
     with pytest.raises(ValueError) as info:
         svft_jax.apply(adapted)
-    assert QUERY in str(info.value) and "already an SVFT node" in str(info.value)
+    assert QUERY in str(info.value) and "already an adapter node" in str(info.value)
     assert "`merge` first" in str(info.value)
 
 
@@ -160,8 +185,9 @@ def test_combine_rejects_halves_with_different_metadata():
 def test_combine_rejects_halves_with_different_structure():
     trainable, frozen = _halves()
     frozen = {**frozen, "extra_layer": {"kernel": jnp.ones((2, 2))}}
-    with pytest.raises(ValueError, match="different structures"):
+    with pytest.raises(ValueError, match="same `split`") as info:
         svft_jax.combine(trainable, frozen)
+    assert "extra_layer/kernel" in str(info.value) and len(str(info.value)) < 400  # one line, not two treedefs
 
 
 def test_combine_rejects_a_leaf_present_in_both_halves():
@@ -175,3 +201,34 @@ def test_combine_rejects_halves_split_with_different_extra():
     _, frozen = svft_jax.split(svft_jax.apply(_params(), svd_backend="numpy"), extra=r".*bias")
     with pytest.raises(ValueError, match="missing from both"):  # the bias would vanish
         svft_jax.combine(trainable, frozen)
+
+
+# --- wrong-half and precision mistakes ---------------------------------------------------------
+
+def test_merge_count_and_summary_refuse_a_split_half_with_the_fix():
+    trainable, frozen = _halves()
+    for half in (trainable, frozen):
+        for call in (svft_jax.merge, svft_jax.count_parameters, lambda t: svft_jax.summary(t, print_fn=None)):
+            with pytest.raises(ValueError, match="combine") as info:
+                call(half)
+            assert "half of svft_jax.split" in str(info.value)
+
+
+def test_bfloat16_factors_without_w0_warn_that_the_base_model_moves():
+    with pytest.warns(svft_jax.PrecisionWarning, match="keep_base"):
+        adapted = svft_jax.apply(_params(), factor_dtype=jnp.bfloat16, keep_base=False, svd_backend="numpy")
+    # The warning is true: W moves by more than float32 rounding at M = 0 ...
+    moved = np.abs(np.asarray(svft_jax.merge(adapted)["encoder"]["query"]["kernel"]) - np.asarray(_params()["encoder"]["query"]["kernel"]))
+    assert moved.max() > 1e-4
+    # ... and with W0 kept (or float32 factors) nothing is said.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", svft_jax.PrecisionWarning)
+        svft_jax.apply(_params(), factor_dtype=jnp.bfloat16, svd_backend="numpy")
+        svft_jax.apply(_params(), keep_base=False, svd_backend="numpy")
+
+
+def test_count_parameters_counts_a_tied_buffer_once():
+    embedding = jnp.ones((10, 4))
+    params = {"wte": {"embedding": embedding}, "lm_head": {"kernel": embedding}, "h": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)}}
+    counts = svft_jax.count_parameters(svft_jax.apply(params, targets="h/kernel", svd_backend="numpy"))
+    assert counts["total"] == 40 + 16  # the tied head is the embedding, not 40 more parameters

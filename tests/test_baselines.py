@@ -164,7 +164,7 @@ def test_gradients_match_finite_differences(adapt, rng):
     # random trainable values so every factor gets a non-zero gradient (B = 0 / b = 0 at init
     # kills some); small, so the loss stays smooth at the finite-difference step
     adapted = jax.tree_util.tree_map(
-        lambda n: _randomise(n, rng, n.TRAINABLE_FIELDS, scale=0.3) if svft_jax.is_node(n) else n, adapted, is_leaf=svft_jax.is_node
+        lambda n: _randomise(n, rng, n.trainable_fields(), scale=0.3) if svft_jax.is_node(n) else n, adapted, is_leaf=svft_jax.is_node
     )
     trainable, frozen = svft_jax.split(adapted)
     x = jnp.asarray(rng.normal(size=(4, D_IN)) * 0.5, jnp.float32)
@@ -227,7 +227,7 @@ def test_factored_execution_matches_merge(method, rng):
     from svft_jax.strategies import wrap
 
     adapted = jax.tree_util.tree_map(
-        lambda n: _randomise(n, rng, n.TRAINABLE_FIELDS) if svft_jax.is_node(n) else n, method(_params(rng)), is_leaf=svft_jax.is_node
+        lambda n: _randomise(n, rng, n.trainable_fields()) if svft_jax.is_node(n) else n, method(_params(rng)), is_leaf=svft_jax.is_node
     )
     x = jnp.asarray(rng.normal(size=(4, D_IN)), jnp.float32)
 

@@ -30,7 +30,7 @@ from svft_jax.checkpoint import (
     save_merged,
     save_merged_safetensors,
 )
-from svft_jax.transform.node import StaticIndices
+from svft_jax.transform.svft import StaticIndices
 
 files_module = importlib.import_module("svft_jax.checkpoint._files")
 records_module = importlib.import_module("svft_jax.checkpoint._records")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 import svft_jax
-from svft_jax.transform import factorize
-from svft_jax.transform.factorize import factor_cache_key, resolve_backend, svd_cache, svd_factors
+from svft_jax.checkpoint import factor_key
+from svft_jax.transform import _factorize as factorize
+from svft_jax.transform._factorize import resolve_backend, svd_factors
 
 
 def _params(rng):
@@ -66,23 +67,21 @@ def test_randomized_apply_keeps_w0_exact_at_m_zero(rng):
         svft_jax.apply(params, svd_backend="lapack")
 
 
-def test_svd_cache_skips_recomputation_and_gives_identical_nodes(rng, monkeypatch):
+def test_factor_store_skips_recomputation_and_gives_identical_nodes(rng, monkeypatch):
     params = _params(rng)
     cache = {}
-    with svd_cache(cache):
-        first = svft_jax.apply(params, "banded", d=1)
+    first = svft_jax.apply(params, "banded", d=1, factors=cache)
     assert len(cache) == 3
-    key = factor_cache_key(params["c"]["kernel"].T, 9, "float32", "numpy")
+    key = factor_key(params["c"]["kernel"].T, 9, "float32", "numpy")
     assert key in cache and cache[key][0].shape == (20, 9)
 
     def fail(*args, **kwargs):
         raise AssertionError("SVD recomputed despite a cache hit")
 
     monkeypatch.setattr(factorize, "_numpy_svd", fail)
-    with svd_cache(cache):
-        second = svft_jax.apply(params, "banded", d=1)
+    second = svft_jax.apply(params, "banded", d=1, factors=cache)
     for got, want in zip(jax.tree.leaves(second), jax.tree.leaves(first), strict=True):
         np.testing.assert_array_equal(got, want)
     changed = dict(params, a={"kernel": params["a"]["kernel"] + 1.0})
-    with pytest.raises(AssertionError, match="recomputed"), svd_cache(cache):
-        svft_jax.apply(changed, "banded", d=1)  # a changed kernel is a cache miss
+    with pytest.raises(AssertionError, match="recomputed"):
+        svft_jax.apply(changed, "banded", d=1, factors=cache)  # a changed kernel is a cache miss

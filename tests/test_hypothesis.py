@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import svft_jax
+from tests import reference
 
 merge = jax.jit(svft_jax.merge)
 
@@ -56,17 +57,7 @@ def _expected_count(pattern, kwargs, r):
 
 
 def _reference_kernel(node):
-    """W0 + U M Vᵀ in float64, built by hand for a Dense-style (*stack, in, out) kernel."""
-    stack, r, n = node.meta.layout.stack_shape, node.meta.rank, node.meta.num_entries
-    m = np.asarray(node.m, np.float64)
-    rows = np.broadcast_to(node.meta.rows.array, (*stack, n))
-    cols = np.broadcast_to(node.meta.cols.array, (*stack, n))
-    dense = np.zeros((*stack, r, r))
-    for layer in np.ndindex(*stack):
-        np.add.at(dense[layer], (rows[layer], cols[layer]), m[layer])
-    u, v = np.asarray(node.u, np.float64), np.asarray(node.v, np.float64)
-    delta_w = u @ dense @ np.swapaxes(v, -1, -2)
-    return np.asarray(node.base, np.float64) + np.swapaxes(delta_w, -1, -2)
+    return reference.kernel(node)
 
 
 @FAST

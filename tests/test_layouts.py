@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import svft_jax
-from svft_jax.transform import resolve_layout
+from svft_jax.transform.layout import resolve_layout
 
 
 def _brute_force_matrix(kernel, stack_ndim, in_axes, out_axes):

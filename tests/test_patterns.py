@@ -257,7 +257,7 @@ def first_column_pattern():
     )
     svft_jax.register_pattern(spec)
     yield spec
-    _registry._PATTERNS.pop(spec.name)
+    _registry.PATTERNS.unregister(spec.name)
 
 
 def test_a_registered_pattern_works_end_to_end(first_column_pattern):

@@ -204,7 +204,7 @@ def _perturb(node):
         return node
     import dataclasses
 
-    changes = {f: getattr(node, f) + 0.05 for f in node.TRAINABLE_FIELDS if getattr(node, f) is not None}
+    changes = {f: getattr(node, f) + 0.05 for f in node.trainable_fields() if getattr(node, f) is not None}
     return dataclasses.replace(node, **changes)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import svft_jax
+from tests import reference
 
 merge = jax.jit(svft_jax.merge)
 
@@ -65,31 +66,12 @@ def _f64(x):
     return np.asarray(jnp.asarray(x, jnp.float32), np.float64)
 
 
-def dense_coefficients(node):
-    """M (*stack, r, r) in float64, scattered by hand from m (· sigmoid(gate)) on rows/cols."""
-    meta = node.meta
-    stack, r = meta.layout.stack_shape, meta.rank
-    coeffs = _f64(node.m)
-    if node.gate is not None:
-        coeffs = coeffs / (1.0 + np.exp(-_f64(node.gate)))[..., None]
-    n = coeffs.shape[-1]
-    rows = np.broadcast_to(meta.rows.array, (*stack, n))
-    cols = np.broadcast_to(meta.cols.array, (*stack, n))
-    dense = np.zeros((*stack, r, r))
-    for layer in np.ndindex(*stack):
-        np.add.at(dense[layer], (rows[layer], cols[layer]), coeffs[layer])
-    return dense
+dense_coefficients = reference.dense_m
 
 
 def reference_w(node, to_w):
     """W0 + U M Vᵀ (or U (diag(s) + M) Vᵀ without a base), float64, (*stack, d1, d2)."""
-    u, v = _f64(node.u), _f64(node.v)
-    core = dense_coefficients(node)
-    if node.base is None:
-        s = _f64(node.s)
-        core = core + s[..., :, None] * np.eye(s.shape[-1])
-        return u @ core @ np.swapaxes(v, -1, -2)
-    return to_w(_f64(node.base)) + u @ core @ np.swapaxes(v, -1, -2)
+    return reference.weight(node, to_matrix=to_w)
 
 
 @functools.cache

@@ -1,30 +1,21 @@
-"""Baselines in SVFT's functional API: LoRA, DoRA and VeRA.
+"""Baselines in SVFT's functional API, each one adapter-protocol method in one file:
 
     adapted = svft_jax.baselines.lora.apply(params, rank=8, alpha=16)
     adapted = svft_jax.baselines.dora.apply(params, rank=1)
     adapted = svft_jax.baselines.vera.apply(params, rank=256)
 
-Each returns the params pytree with target kernels replaced by an `AdapterNode` subclass, so
-`svft_jax.merge`, `split`, `combine`, `trainable_mask`, `optimizer` and `summary` work on
-them unchanged. Targets are chosen by the same rules as `svft_jax.apply`.
+`svft_jax.merge`, `split`, `combine`, `optimizer`, `summary`, `wrap` and the adapter files work
+on them unchanged; targets are chosen by the same rules as `svft_jax.apply`.
 """
 
+from types import MappingProxyType
+
 from svft_jax.baselines import dora, lora, vera
-from svft_jax.baselines.dora import DoRAMeta, DoRANode
-from svft_jax.baselines.lora import LoRAMeta, LoRANode
-from svft_jax.baselines.vera import VeRAMeta, VeRANode
+from svft_jax.baselines.dora import DoRANode
+from svft_jax.baselines.lora import LoRANode
+from svft_jax.baselines.vera import VeRANode
 
-METHODS = {"lora": lora.apply, "dora": dora.apply, "vera": vera.apply}
+#: method name -> apply function (read-only).
+METHODS = MappingProxyType({"lora": lora.apply, "dora": dora.apply, "vera": vera.apply})
 
-__all__ = [
-    "METHODS",
-    "DoRAMeta",
-    "DoRANode",
-    "LoRAMeta",
-    "LoRANode",
-    "VeRAMeta",
-    "VeRANode",
-    "dora",
-    "lora",
-    "vera",
-]
+__all__ = ["METHODS", "DoRANode", "LoRANode", "VeRANode", "dora", "lora", "vera"]

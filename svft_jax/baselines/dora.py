@@ -1,24 +1,22 @@
-"""DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024).
+"""DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", ICML 2024), as an
+adapter-protocol method.
 
-W = m ⊙ V / ‖V‖,  V = W0 + (α / r) B A,
+W = m ⊙ V / ‖V‖,  V = W0 + s B A  (s = α / r, or α / √r with rsLoRA),
 
 with the magnitude m trainable and initialised to ‖W0‖, and the direction updated by LoRA.
 
-Norm axis. The paper writes ‖·‖_c, "the vector-wise norm of a matrix across each column",
-for W ∈ R^{d×k} in its own (in × out) orientation, i.e. one norm per output unit. PEFT (the
-reference code) computes, for a PyTorch Linear weight (out, in), `weight.norm(p=2, dim=1)`:
-the norm over the input dimension for each output unit. Both mean the same thing; here, in
-the paper-of-SVFT orientation W: (d1 = out, d2 = in), it is the norm of each *row* of W
-(over d2), and m has shape (*stack, d1).
-
-Gradient through the norm. Following §4.3 of the DoRA paper and PEFT, ‖V‖ is treated as a
-constant in the backward pass (`jax.lax.stop_gradient`) by default; the forward value is the
-same either way. Pass `detach_norm=False` for the exact gradient of the formula.
+Norm axis: one norm per output unit — PEFT's `weight.norm(p=2, dim=1)` for a PyTorch Linear
+(out, in), i.e. here the norm of each *row* of W: (d1 = out, d2 = in); m: (*stack, d1).
+Norms are computed scale-safely (each row divided by its largest entry first), so weights at
+scale 1e20 do not overflow and at 1e-20 do not underflow to "all zero".
+Gradient through the norm: treated as a constant in the backward pass (DoRA §4.3, PEFT) by
+default; `detach_norm=False` gives the exact gradient.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -27,80 +25,115 @@ import jax.numpy as jnp
 
 from svft_jax.baselines import _common
 from svft_jax.baselines.lora import init_factors
-from svft_jax.transform.layout import KernelLayout
-from svft_jax.transform.node import AdapterNode
+from svft_jax.transform._matmul import base_matmul, mm
+from svft_jax.transform._protocol import (
+    AdapterNode,
+    Plan,
+    adapter_node,
+    frozen_field,
+    trainable_field,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class DoRAMeta:
-    """Static description of one DoRA target (see `LoRAMeta`), plus `detach_norm`."""
+class DoRAPlan(Plan):
+    """One DoRA target: the LoRA direction's rank, α, seed, rsLoRA, and `detach_norm`."""
 
-    path: str
-    layout: KernelLayout
-    rank: int
-    alpha: float
-    detach_norm: bool
+    rank: int = 1
+    alpha: float = 2.0
+    seed: int = 0
+    use_rslora: bool = False
+    detach_norm: bool = True
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-@dataclasses.dataclass(frozen=True)
+DoRAMeta = DoRAPlan  # alias kept for one release
+
+
+def row_scales(matrix):
+    """max_j |W_ij| per row (1 where a row is all zero): (*stack, d1, d2) -> (*stack, d1)."""
+    peak = jnp.max(jnp.abs(matrix), axis=-1)
+    return jnp.where(peak > 0, peak, 1.0)
+
+
+def row_norms(matrix):
+    """‖W_i,:‖₂ per output unit, without overflow or underflow: (*stack, d1, d2) -> (*stack, d1)."""
+    scale = jax.lax.stop_gradient(row_scales(matrix))
+    return scale * jnp.sqrt(jnp.sum(jnp.square(matrix / scale[..., None]), axis=-1))
+
+
+@adapter_node(method="dora")
 class DoRANode(AdapterNode):
     """One DoRA-adapted kernel.
 
-    Children:
-      magnitude: (*stack, d1) trainable, float32; ‖W0‖ per output unit at init.
-      a:         (*stack, r, d2) trainable. b: (*stack, d1, r) trainable (zeros at init).
-      base:      the frozen kernel W0 in its own layout and dtype.
+    Children: magnitude (*stack, d1), a (*stack, r, d2), b (*stack, d1, r) trainable float32
+    (b = 0 at init); base W0 frozen, in its own layout and dtype.
     """
 
-    DATA_FIELDS = ("magnitude", "a", "b", "base")
-    TRAINABLE_FIELDS = ("magnitude", "a", "b")
+    plan_cls = DoRAPlan
 
-    magnitude: Any
-    a: Any
-    b: Any
-    base: Any
-    meta: DoRAMeta
+    magnitude: Any = trainable_field()
+    a: Any = trainable_field()
+    b: Any = trainable_field()
+    base: Any = frozen_field()
+    meta: DoRAPlan = None
 
-    def weight_matrix(self):
+    def weight(self):
         """The adapted W, float32: (*stack, d1, d2)."""
-        layout = self.meta.layout
-        direction = layout.to_matrix(jnp.asarray(self.base, jnp.float32))
-        direction = direction + self.meta.scaling * _common.low_rank_product(self.b, self.a)
+        direction = self.base_matrix() + self.meta.scaling * _common.low_rank_product(self.b, self.a)
         norm = row_norms(direction)
         if self.meta.detach_norm:
             norm = jax.lax.stop_gradient(norm)
         return direction * (jnp.asarray(self.magnitude, jnp.float32) / norm)[..., None]
 
-    def merged_kernel(self):
-        layout = self.meta.layout
-        return layout.from_matrix(self.weight_matrix()).astype(layout.dtype)
+    def delta(self):
+        return self.weight() - self.base_matrix()
+
+    def matmul(self, x, *, precision=None, preferred_element_type=None):
+        """(m / ‖W0 + s B A‖_row) ⊙ (x W0ᵀ + s (x Aᵀ) Bᵀ).
+
+        The row norms come from c_i² (‖w̃_i‖² + 2 s b̃_i·(A w̃_i) + s² b̃_i (A Aᵀ) b̃_iᵀ) with each
+        row scaled by its largest entry c_i (w̃ = w0 / c, b̃ = b / c): W0 Aᵀ costs d1·d2·r, as a
+        merge would, but W is never stored and nothing overflows.
+        """
+        scale = self.meta.scaling
+        w0 = self.base_matrix()  # (d1, d2)
+        c = jax.lax.stop_gradient(row_scales(w0))
+        w0_scaled = w0 / c[:, None]
+        a = jnp.asarray(self.a, jnp.float32)
+        b = jnp.asarray(self.b, jnp.float32) / c[:, None]
+        w0_at = w0_scaled @ a.T  # (d1, r)
+        squared = (jnp.sum(w0_scaled * w0_scaled, axis=-1) + 2 * scale * jnp.sum(b * w0_at, axis=-1)
+                   + scale**2 * jnp.sum((b @ (a @ a.T)) * b, axis=-1))
+        norm = c * jnp.sqrt(jnp.maximum(squared, 0.0))
+        if self.meta.detach_norm:
+            norm = jax.lax.stop_gradient(norm)
+        h = mm(x, jnp.swapaxes(self.a, -1, -2), precision, preferred_element_type)
+        y = base_matmul(self.base, self.layout, x, precision, preferred_element_type)
+        y = y + scale * mm(h.astype(x.dtype), jnp.swapaxes(self.b, -1, -2), precision, preferred_element_type)
+        return y * (jnp.asarray(self.magnitude, jnp.float32) / norm).astype(y.dtype)
 
     @property
-    def num_trainable(self) -> int:
-        layout = self.meta.layout
-        return _common.layers(layout) * (self.meta.rank * (layout.d1 + layout.d2) + layout.d1)
+    def update_rank(self) -> int:
+        return self.meta.rank
 
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        return self.meta.layout.shape
+    def describe(self) -> str:
+        return f"dora(α={self.meta.alpha:g}{', rs' if self.meta.use_rslora else ''})"
 
-    def summary_row(self) -> tuple[str, ...]:
-        layout = self.meta.layout
-        entries = self.meta.rank * (layout.d1 + layout.d2) + layout.d1
-        return (self.meta.path, _common.shape_text(layout), f"dora(α={self.meta.alpha:g})",
-                str(self.meta.rank), str(entries))
-
-
-jax.tree_util.register_dataclass(DoRANode, data_fields=list(DoRANode.DATA_FIELDS), meta_fields=["meta"])
-
-
-def row_norms(matrix):
-    """‖W_i,:‖₂ for each output unit i: (*stack, d1, d2) -> (*stack, d1)."""
-    return jnp.sqrt(jnp.sum(jnp.square(matrix), axis=-1))
+    @classmethod
+    def build(cls, plans, kernels, *, factors=None):
+        nodes = {}
+        for plan in plans:
+            kernel = kernels[plan.path]
+            magnitude = row_norms(plan.layout.to_matrix(jnp.asarray(kernel, jnp.float32)))
+            if not bool(jnp.all(magnitude > 0)):
+                raise ValueError(f"parameter {plan.path!r} has an output unit whose weights are all zero; DoRA's direction W/‖W‖ is undefined there. Exclude it with `exclude`.")
+            a, b = init_factors(plan, plan.rank, plan.seed)
+            nodes[plan.path] = cls(magnitude=magnitude, a=a, b=b, base=kernel, meta=plan)
+        return nodes
 
 
 def apply(
@@ -111,16 +144,18 @@ def apply(
     targets: str | None = None,
     exclude: str | None = None,
     layouts: Mapping[str, Any] | None = None,
+    extra: str | None = None,
     seed: int = 0,
     detach_norm: bool = True,
+    use_rslora: bool = False,
 ):
-    """Replace target kernels by DoRA nodes: W = m ⊙ (W0 + (α/r) B A) / ‖W0 + (α/r) B A‖.
+    """Replace target kernels by DoRA nodes: W = m ⊙ (W0 + s B A) / ‖W0 + s B A‖.
 
     Args:
       params: any parameter pytree.
       rank: r of the LoRA direction update.
       alpha: α (default 2r, PEFT's common choice of α/r = 2).
-      targets, exclude, layouts, seed: as in `svft_jax.baselines.lora.apply`.
+      targets, exclude, layouts, extra, seed, use_rslora: as in `svft_jax.baselines.lora.apply`.
       detach_norm: treat the norm as a constant in the backward pass (DoRA §4.3, PEFT).
     Returns:
       The pytree with each target leaf replaced by a `DoRANode`.
@@ -129,17 +164,9 @@ def apply(
     """
     rank = _common.check_positive_int(rank, "rank")
     seed = _common.check_seed(seed)
-    alpha = 2.0 * rank if alpha is None else alpha
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise TypeError(f"`alpha` must be a number, got {type(alpha).__name__}.")
-    nodes = {}
-    for target in _common.plan_targets(params, targets, exclude, layouts):
-        w0 = target.layout.to_matrix(jnp.asarray(target.kernel, jnp.float32))
-        magnitude = row_norms(w0)
-        if not bool(jnp.all(magnitude > 0)):
-            raise ValueError(f"parameter {target.path!r} has an output unit whose weights are all zero; DoRA's direction W/‖W‖ is undefined there. Exclude it with `exclude`.")
-        a, b = init_factors(target, rank, seed)
-        meta = DoRAMeta(path=target.path, layout=target.layout, rank=rank, alpha=float(alpha),
-                        detach_norm=bool(detach_norm))
-        nodes[target.path] = DoRANode(magnitude=magnitude, a=a, b=b, base=target.kernel, meta=meta)
-    return _common.replace_targets(params, nodes)
+    alpha = _common.check_finite_number(2.0 * rank if alpha is None else alpha, "alpha")
+    return _common.apply_method(
+        params, DoRANode,
+        lambda t: DoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed,
+                           use_rslora=bool(use_rslora), detach_norm=bool(detach_norm)),
+        targets=targets, exclude=exclude, layouts=layouts, extra=extra)

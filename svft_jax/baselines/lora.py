@@ -1,13 +1,15 @@
-"""LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022).
+"""LoRA (Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", ICLR 2022), as an
+adapter-protocol method: its plan, node, init, factored matmul and `apply`.
 
-W = W0 + (α / r) B A with A: (r, d2) and B: (d1, r) trainable, W0 frozen. A starts from
-PyTorch's Linear default (kaiming-uniform, as in PEFT) and B = 0, so the adapted model starts
-exactly as the base model.
+W = W0 + s B A with A: (r, d2), B: (d1, r) trainable, W0 frozen, s = α / r (or α / √r with
+rsLoRA, Kalajdzievski 2023, PEFT's `use_rslora`). A starts from PyTorch's Linear default
+(kaiming-uniform, b = 1/√d2, as PEFT) and B = 0, so the adapted model starts as the base model.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -15,80 +17,77 @@ import jax
 import jax.numpy as jnp
 
 from svft_jax.baselines import _common
-from svft_jax.transform.layout import KernelLayout
-from svft_jax.transform.node import AdapterNode
+from svft_jax.transform._matmul import base_matmul, mm
+from svft_jax.transform._protocol import (
+    AdapterNode,
+    Plan,
+    adapter_node,
+    frozen_field,
+    trainable_field,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class LoRAMeta:
-    """Static (hashable) description of one LoRA target.
+class LoRAPlan(Plan):
+    """One LoRA target: rank r, α, the seed of A, and rsLoRA scaling."""
 
-    Attributes:
-      path: '/'-joined parameter path. layout: how the kernel maps to W (*stack, d1, d2).
-      rank: r. alpha: α; the update is scaled by α / r.
-    """
-
-    path: str
-    layout: KernelLayout
-    rank: int
-    alpha: float
+    rank: int = 8
+    alpha: float = 16.0
+    seed: int = 0
+    use_rslora: bool = False
 
     @property
     def scaling(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
 
 
-@dataclasses.dataclass(frozen=True)
+LoRAMeta = LoRAPlan  # the plan is the node's whole static description (alias kept for one release)
+
+
+def init_factors(plan, rank: int, seed: int):
+    """(a, b): A kaiming-uniform (*stack, r, d2), B zeros (*stack, d1, r), both float32."""
+    layout = plan.layout
+    stack = layout.stack_shape
+    key = jax.random.fold_in(jax.random.key(seed), plan.key_id)
+    a = _common.kaiming_uniform(key, (*stack, rank, layout.d2), fan_in=layout.d2)
+    return a, jnp.zeros((*stack, layout.d1, rank), jnp.float32)
+
+
+@adapter_node(method="lora")
 class LoRANode(AdapterNode):
-    """One LoRA-adapted kernel.
+    """One LoRA-adapted kernel: a (*stack, r, d2), b (*stack, d1, r) trainable float32; base W0."""
 
-    Children:
-      a:    (*stack, r, d2) trainable, float32.
-      b:    (*stack, d1, r) trainable, float32 (zeros at init).
-      base: the frozen kernel W0 in its own layout and dtype.
-    """
+    plan_cls = LoRAPlan
 
-    DATA_FIELDS = ("a", "b", "base")
-    TRAINABLE_FIELDS = ("a", "b")
+    a: Any = trainable_field()
+    b: Any = trainable_field()
+    base: Any = frozen_field()
+    meta: LoRAPlan = None
 
-    a: Any
-    b: Any
-    base: Any
-    meta: LoRAMeta
-
-    def delta_matrix(self):
-        """ΔW = (α / r) B A, float32: (*stack, d1, d2)."""
+    def delta(self):
+        """ΔW = s B A, float32: (*stack, d1, d2)."""
         return self.meta.scaling * _common.low_rank_product(self.b, self.a)
 
-    def merged_kernel(self):
-        return _common.add_delta(self.base, self.meta.layout, self.delta_matrix())
+    def matmul(self, x, *, precision=None, preferred_element_type=None):
+        """x W0ᵀ + s (x Aᵀ) Bᵀ."""
+        h = mm(x, jnp.swapaxes(self.a, -1, -2), precision, preferred_element_type)
+        delta = mm(h.astype(x.dtype), jnp.swapaxes(self.b, -1, -2), precision, preferred_element_type)
+        return base_matmul(self.base, self.layout, x, precision, preferred_element_type) + self.meta.scaling * delta
 
     @property
-    def num_trainable(self) -> int:
-        layout = self.meta.layout
-        return _common.layers(layout) * self.meta.rank * (layout.d1 + layout.d2)
+    def update_rank(self) -> int:
+        return self.meta.rank
 
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        return self.meta.layout.shape
+    def describe(self) -> str:
+        return f"lora(α={self.meta.alpha:g}{', rs' if self.meta.use_rslora else ''})"
 
-    def summary_row(self) -> tuple[str, ...]:
-        layout = self.meta.layout
-        return (self.meta.path, _common.shape_text(layout), f"lora(α={self.meta.alpha:g})",
-                str(self.meta.rank), str(self.meta.rank * (layout.d1 + layout.d2)))
-
-
-jax.tree_util.register_dataclass(LoRANode, data_fields=list(LoRANode.DATA_FIELDS), meta_fields=["meta"])
-
-
-def init_factors(target: _common.Target, rank: int, seed: int):
-    """(a, b): A kaiming-uniform (*stack, r, d2), B zeros (*stack, d1, r), both float32."""
-    layout = target.layout
-    stack = layout.stack_shape
-    key = jax.random.fold_in(jax.random.key(seed), target.key_id)
-    a = _common.kaiming_uniform(key, (*stack, rank, layout.d2), fan_in=layout.d2)
-    b = jnp.zeros((*stack, layout.d1, rank), jnp.float32)
-    return a, b
+    @classmethod
+    def build(cls, plans, kernels, *, factors=None):
+        nodes = {}
+        for plan in plans:
+            a, b = init_factors(plan, plan.rank, plan.seed)
+            nodes[plan.path] = cls(a=a, b=b, base=kernels[plan.path], meta=plan)
+        return nodes
 
 
 def apply(
@@ -99,28 +98,28 @@ def apply(
     targets: str | None = None,
     exclude: str | None = None,
     layouts: Mapping[str, Any] | None = None,
+    extra: str | None = None,
     seed: int = 0,
+    use_rslora: bool = False,
 ):
     """Replace target kernels by LoRA nodes: W = W0 + (α / r) B A.
 
     Args:
-      params: any parameter pytree (Flax linen, NNX pure dict, HF `model.params`).
+      params: any parameter pytree (Flax linen, NNX, HF `model.params`).
       rank: r, the rank of the update.
-      alpha: α; the update is scaled by α / r (PEFT's default convention).
+      alpha: α; the update is scaled by α / r (PEFT's default convention), α / √r with rsLoRA.
       targets, exclude: regexes as in `svft_jax.apply` (None: the same default targets).
-      layouts: {regex: layout} for kernels whose axes cannot be inferred (see
-        `svft_jax.transform.layout.NAMED_LAYOUTS`).
+      layouts: {regex: layout} for kernels whose axes cannot be inferred.
+      extra: regex of leaves trained in full (a new head), marked `Trainable` in the result.
       seed: seeds A (combined with a checksum of each path, so targets differ).
+      use_rslora: scale by α / √r (rank-stabilised LoRA) instead of α / r.
     Returns:
       The pytree with each target leaf replaced by a `LoRANode`.
     """
     rank = _common.check_positive_int(rank, "rank")
     seed = _common.check_seed(seed)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool):
-        raise TypeError(f"`alpha` must be a number, got {type(alpha).__name__}.")
-    nodes = {}
-    for target in _common.plan_targets(params, targets, exclude, layouts):
-        a, b = init_factors(target, rank, seed)
-        meta = LoRAMeta(path=target.path, layout=target.layout, rank=rank, alpha=float(alpha))
-        nodes[target.path] = LoRANode(a=a, b=b, base=target.kernel, meta=meta)
-    return _common.replace_targets(params, nodes)
+    alpha = _common.check_finite_number(alpha, "alpha")
+    return _common.apply_method(
+        params, LoRANode,
+        lambda t: LoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed, use_rslora=bool(use_rslora)),
+        targets=targets, exclude=exclude, layouts=layouts, extra=extra)

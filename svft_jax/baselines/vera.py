@@ -1,20 +1,22 @@
-"""VeRA (Kopiczko et al., "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024).
+"""VeRA (Kopiczko et al., "VeRA: Vector-based Random Matrix Adaptation", ICLR 2024), as an
+adapter-protocol method.
 
 W = W0 + Λ_b B Λ_d A,
 
-with A: (r, d2) and B: (d1, r) frozen random matrices shared by every target of the same
-(d1, d2) shape (drawn once from `seed`), and only the scaling vectors d: (r,) and b: (d1,)
-trained. As in the paper and PEFT: A, B kaiming-uniform, b = 0 (so the model starts as W0),
-d = `d_initial` (0.1).
+with A: (r, d2) and B: (d1, r) frozen random matrices and only the scaling vectors d: (r,) and
+b: (d1,) trained; b = 0 (so the model starts as W0), d = `d_initial` (0.1).
 
-PEFT draws one A/B pair for the largest shape and slices it; drawing one pair per shape, as
-here, gives the same distribution of updates (every entry is still i.i.d. uniform with the
-right fan-in) and keeps each shape's matrices independent of which other shapes the model has.
+Initialisation as PEFT (and the paper's Kaiming init): ONE pair is drawn for the largest target
+shape, A_full: (r, max d2) and B_full: (max d1, r), each U(±√(6/fan_in)) (kaiming-uniform with
+a = 0; fan_in = max d2 for A, r for B), and every target uses the slices A_full[:, :d2],
+B_full[:d1, :]. The largest shape is recorded in each node's plan, so a reload draws the same
+matrices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,72 +24,94 @@ import jax
 import jax.numpy as jnp
 
 from svft_jax.baselines import _common
-from svft_jax.transform.layout import KernelLayout
-from svft_jax.transform.node import AdapterNode
+from svft_jax.transform._matmul import base_matmul, mm
+from svft_jax.transform._protocol import (
+    AdapterNode,
+    Plan,
+    adapter_node,
+    frozen_field,
+    trainable_field,
+)
 
 
 @dataclasses.dataclass(frozen=True)
-class VeRAMeta:
-    """Static description of one VeRA target: path, layout, rank r."""
+class VeRAPlan(Plan):
+    """One VeRA target: rank r, d's initial value, the seed and the (d1, d2) of the shared pair."""
 
-    path: str
-    layout: KernelLayout
-    rank: int
+    rank: int = 256
+    d_initial: float = 0.1
+    seed: int = 0
+    shared_d1: int = 0
+    shared_d2: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
+VeRAMeta = VeRAPlan  # alias kept for one release
+
+
+def shared_matrices(d1: int, d2: int, rank: int, seed: int):
+    """The frozen (A: (r, d2), B: (d1, r)) pair of the largest shape; a pure function of its args."""
+    key_a, key_b = jax.random.split(jax.random.key(seed))
+    return (_common.kaiming_uniform(key_a, (rank, d2), fan_in=d2, gain=math.sqrt(2.0)),
+            _common.kaiming_uniform(key_b, (d1, rank), fan_in=rank, gain=math.sqrt(2.0)))
+
+
+@adapter_node(method="vera")
 class VeRANode(AdapterNode):
     """One VeRA-adapted kernel.
 
-    Children:
-      shared_a: (r, d2) frozen, shared by all targets of this shape (and all stacked layers).
-      shared_b: (d1, r) frozen, shared likewise.
-      scale_d:  (*stack, r) trainable, float32.
-      scale_b:  (*stack, d1) trainable, float32 (zeros at init).
-      base:     the frozen kernel W0 in its own layout and dtype.
+    Children: shared_a (r, d2), shared_b (d1, r) frozen (slices of the shared pair, one buffer
+    per target shape); scale_d (*stack, r) and scale_b (*stack, d1) trainable float32; base W0.
     """
 
-    DATA_FIELDS = ("shared_a", "shared_b", "scale_d", "scale_b", "base")
-    TRAINABLE_FIELDS = ("scale_d", "scale_b")
+    plan_cls = VeRAPlan
 
-    shared_a: Any
-    shared_b: Any
-    scale_d: Any
-    scale_b: Any
-    base: Any
-    meta: VeRAMeta
+    shared_a: Any = frozen_field()
+    shared_b: Any = frozen_field()
+    scale_d: Any = trainable_field()
+    scale_b: Any = trainable_field()
+    base: Any = frozen_field()
+    meta: VeRAPlan = None
 
-    def delta_matrix(self):
+    def delta(self):
         """ΔW = Λ_b B Λ_d A, float32: (*stack, d1, d2)."""
         scaled_b = jnp.asarray(self.shared_b, jnp.float32) * jnp.asarray(self.scale_d, jnp.float32)[..., None, :]
         return jnp.asarray(self.scale_b, jnp.float32)[..., None] * _common.low_rank_product(scaled_b, self.shared_a)
 
-    def merged_kernel(self):
-        return _common.add_delta(self.base, self.meta.layout, self.delta_matrix())
+    def matmul(self, x, *, precision=None, preferred_element_type=None):
+        """x W0ᵀ + ((x Aᵀ) ⊙ d) Bᵀ ⊙ b."""
+        h = mm(x, jnp.swapaxes(self.shared_a, -1, -2), precision, preferred_element_type)
+        h = (h * jnp.asarray(self.scale_d, h.dtype)).astype(x.dtype)
+        delta = mm(h, jnp.swapaxes(self.shared_b, -1, -2), precision, preferred_element_type)
+        delta = delta * jnp.asarray(self.scale_b, delta.dtype)
+        return base_matmul(self.base, self.layout, x, precision, preferred_element_type) + delta
 
     @property
-    def num_trainable(self) -> int:
-        return _common.layers(self.meta.layout) * (self.meta.rank + self.meta.layout.d1)
+    def update_rank(self) -> int:
+        return self.meta.rank
 
-    @property
-    def kernel_shape(self) -> tuple[int, ...]:
-        return self.meta.layout.shape
+    def describe(self) -> str:
+        return "vera"
 
-    def summary_row(self) -> tuple[str, ...]:
-        layout = self.meta.layout
-        return (self.meta.path, _common.shape_text(layout), "vera", str(self.meta.rank),
-                str(self.meta.rank + layout.d1))
-
-
-jax.tree_util.register_dataclass(VeRANode, data_fields=list(VeRANode.DATA_FIELDS), meta_fields=["meta"])
-
-
-def shared_matrices(d1: int, d2: int, rank: int, seed: int):
-    """The frozen (A: (r, d2), B: (d1, r)) pair for one shape; a pure function of its args."""
-    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), d1), d2)
-    key_a, key_b = jax.random.split(key)
-    return (_common.kaiming_uniform(key_a, (rank, d2), fan_in=d2),
-            _common.kaiming_uniform(key_b, (d1, rank), fan_in=rank))
+    @classmethod
+    def build(cls, plans, kernels, *, factors=None):
+        pairs: dict[tuple, tuple] = {}
+        slices: dict[tuple, tuple] = {}
+        nodes = {}
+        for plan in plans:
+            pair_key = (plan.shared_d1, plan.shared_d2, plan.rank, plan.seed)
+            if pair_key not in pairs:
+                pairs[pair_key] = shared_matrices(*pair_key)
+            layout = plan.layout
+            slice_key = (*pair_key, layout.d1, layout.d2)
+            if slice_key not in slices:  # same-shaped targets share one buffer
+                full_a, full_b = pairs[pair_key]
+                slices[slice_key] = (full_a[:, : layout.d2], full_b[: layout.d1, :])
+            a, b = slices[slice_key]
+            stack = layout.stack_shape
+            nodes[plan.path] = cls(
+                shared_a=a, shared_b=b, scale_d=jnp.full((*stack, plan.rank), plan.d_initial, jnp.float32),
+                scale_b=jnp.zeros((*stack, layout.d1), jnp.float32), base=kernels[plan.path], meta=plan)
+        return nodes
 
 
 def apply(
@@ -98,6 +122,7 @@ def apply(
     targets: str | None = None,
     exclude: str | None = None,
     layouts: Mapping[str, Any] | None = None,
+    extra: str | None = None,
     seed: int = 0,
 ):
     """Replace target kernels by VeRA nodes: W = W0 + Λ_b B Λ_d A.
@@ -106,29 +131,18 @@ def apply(
       params: any parameter pytree.
       rank: r of the shared random matrices (the paper uses 256 for RoBERTa-base); it may
         exceed min(d1, d2).
-      d_initial: initial value of every entry of d.
-      targets, exclude, layouts: as in `svft_jax.baselines.lora.apply`.
-      seed: seeds the shared A, B (one pair per (d1, d2) shape).
+      d_initial: initial value of every entry of d (finite).
+      targets, exclude, layouts, extra: as in `svft_jax.baselines.lora.apply`.
+      seed: seeds the shared pair A, B (drawn once at the largest target shape, PEFT's scheme).
     Returns:
       The pytree with each target leaf replaced by a `VeRANode`.
     """
     rank = _common.check_positive_int(rank, "rank")
     seed = _common.check_seed(seed)
-    if not isinstance(d_initial, int | float) or isinstance(d_initial, bool):
-        raise TypeError(f"`d_initial` must be a number, got {type(d_initial).__name__}.")
-    shared: dict[tuple[int, int], tuple] = {}
-    nodes = {}
-    for target in _common.plan_targets(params, targets, exclude, layouts):
-        layout = target.layout
-        shape = (layout.d1, layout.d2)
-        if shape not in shared:
-            shared[shape] = shared_matrices(*shape, rank, seed)
-        a, b = shared[shape]
-        stack = layout.stack_shape
-        nodes[target.path] = VeRANode(
-            shared_a=a, shared_b=b,
-            scale_d=jnp.full((*stack, rank), float(d_initial), jnp.float32),
-            scale_b=jnp.zeros((*stack, layout.d1), jnp.float32),
-            base=target.kernel, meta=VeRAMeta(path=target.path, layout=layout, rank=rank),
-        )
-    return _common.replace_targets(params, nodes)
+    d_initial = _common.check_finite_number(d_initial, "d_initial")
+    found = _common.plan_targets(params, targets, exclude, layouts)  # the largest shape first
+    d1, d2 = max(t.layout.d1 for t in found), max(t.layout.d2 for t in found)
+    return _common.apply_method(
+        params, VeRANode,
+        lambda t: VeRAPlan(path=t.path, layout=t.layout, rank=rank, d_initial=d_initial, seed=seed, shared_d1=d1, shared_d2=d2),
+        targets=targets, exclude=exclude, layouts=layouts, extra=extra)

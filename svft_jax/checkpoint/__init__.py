@@ -1,5 +1,5 @@
-"""Checkpointing: resumable training checkpoints (Orbax), small adapter files, merged
-dense exports (Orbax and safetensors) and a cache of SVD factors.
+"""Checkpointing: resumable training checkpoints (Orbax), small adapter files for any adapter
+method, merged dense exports (Orbax and safetensors) and factor stores on disk.
 
     ckpt = svft_jax.checkpoint.TrainCheckpointer("ckpt", max_to_keep=3, best_metric="accuracy")
     ckpt.save(step, trainable, opt_state, {"accuracy": acc}, rng=rng, data_position=step)
@@ -9,36 +9,33 @@ dense exports (Orbax and safetensors) and a cache of SVD factors.
 """
 
 from svft_jax.checkpoint.adapter import AdapterFile, load_adapter, read_adapter, save_adapter
-from svft_jax.checkpoint.cache import load_factor_cache, save_factor_cache
-from svft_jax.checkpoint.fingerprint import base_fingerprint, kernel_fingerprint, verify_fingerprint
+from svft_jax.checkpoint.cache import FactorFile, factor_store, load_factor_cache, save_factor_cache
+from svft_jax.checkpoint.fingerprint import base_fingerprint, kernel_fingerprint
 from svft_jax.checkpoint.manager import RestoredState, TrainCheckpointer
 from svft_jax.checkpoint.merged import (
-    flatten_params,
     load_merged,
     load_merged_safetensors,
-    merged_params,
     save_merged,
     save_merged_safetensors,
-    unflatten_params,
 )
+from svft_jax.transform._factorize import factor_key
 
 __all__ = [
     "AdapterFile",
+    "FactorFile",
     "RestoredState",
     "TrainCheckpointer",
     "base_fingerprint",
-    "flatten_params",
+    "factor_key",
+    "factor_store",
     "kernel_fingerprint",
     "load_adapter",
     "load_factor_cache",
     "load_merged",
     "load_merged_safetensors",
-    "merged_params",
     "read_adapter",
     "save_adapter",
     "save_factor_cache",
     "save_merged",
     "save_merged_safetensors",
-    "unflatten_params",
-    "verify_fingerprint",
 ]

@@ -1,39 +1,46 @@
-"""Adapter export: M (and gates), the pattern Ω and the config — kilobytes, not the model.
+"""Adapter files: the trained part of an adapted model — kilobytes, not the model — for any
+adapter method (SVFT, LoRA, DoRA, VeRA, a mix, or a new protocol method).
 
-File format (one safetensors file, written atomically):
-  tensors   "<target path>::m"      (*stack, |Ω|) float32
-            "<target path>::gate"   (*stack,) float32, init="reference" only
-            "<target path>::rows"   (|Ω|,) or (*stack, |Ω|) uint16 (int32 if r > 65535), the saved Ω
-            "<target path>::cols"   same
-            "extra::<leaf path>"    fully-trainable extra leaves (e.g. a new classifier head)
-  metadata  "svft_jax": JSON {format: "svft-jax-adapter", version, targets: [per-target config
-            and base fingerprint], extras, svd_dtype}; "svft_jax_sha256": checksum of
-            that JSON and every tensor.
+File format (one safetensors file, written atomically), version 2:
+  tensors   "<target path>::<field>"   each trainable array of the node (SVFT: m, gate;
+                                        LoRA: a, b; DoRA: magnitude, a, b; VeRA: scale_d, scale_b)
+            "<target path>::sketch"    Q ΔW P on seeded probes (*stack, 4, 4) float64: a
+                                        fingerprint of the update the node makes
+            "<target path>::rows|cols" SVFT's Ω as saved (uint16, int32 if r > 65535)
+            "extra::<leaf path>"       leaves trained in full (the tree's `Trainable` markers)
+  metadata  "svft_jax": JSON {format: "svft-jax-adapter", version, targets: [each node's
+            `config()` — method, options, layout, dtypes, SVD back-end and dtype, Ω digest —
+            plus the base kernel's fingerprint], extras}; "svft_jax_sha256": checksum of that
+            JSON and every tensor.
 
-Why safetensors, not an Orbax directory: an adapter is small, so one file is simplest to
-copy, and a file rename is atomic where a directory swap is not; safetensors stores no
-code (unlike pickle), carries a string header for the config, and is what PEFT adapters
-use, so non-JAX tools can inspect it.
+Loading re-creates every node through the method's one constructor with the recorded config
+(the SVD back-end that made the factors included), checks that it reproduces the recorded
+config (Ω included) and, after installing the trained arrays, that its ΔW matches the sketch —
+so an adapter never silently means another update (e.g. on a degenerate spectrum, where two SVD
+routines return different singular vectors).
+
+Why safetensors, not an Orbax directory: an adapter is small, so one file is simplest to copy,
+and a file rename is atomic where a directory swap is not; safetensors stores no code and is
+what PEFT adapters use, so non-JAX tools can inspect it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svft_jax._paths import compile_regex, matches, path_to_str
+from svft_jax._paths import path_to_str
 from svft_jax.checkpoint._files import atomic_write, read_safetensors, safetensors_chunks
-from svft_jax.checkpoint._records import (
-    apply_from_records,
-    decode_header,
-    encode_header,
-    target_record,
-)
+from svft_jax.checkpoint._records import decode_header, encode_header
 from svft_jax.checkpoint.fingerprint import base_fingerprint, leaves_by_path, verify_fingerprint
-from svft_jax.transform.node import SVFTNode, is_node
+from svft_jax.transform._merge import check_whole
+from svft_jax.transform._partition import extra_paths
+from svft_jax.transform._protocol import METHODS, Record, Trainable, is_node, is_special
+from svft_jax.transform.svft import SVFTNode
 
 ADAPTER_FORMAT = "svft-jax-adapter"
 _EXTRA_PREFIX = "extra::"
@@ -43,58 +50,53 @@ def _host(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def save_adapter(path, adapted, *, extra: str | None = None, base_params=None,
-                 svd_dtype: str = "float32", svd_backend: str = "jax", overwrite: bool = False):
-    """Write the trained part of an SVFT model to one small file.
+def save_adapter(path, adapted, *, extra: str | None = None, base_params=None, overwrite: bool = False):
+    """Write the trained part of an adapted model to one small file.
 
     Args:
       path: destination file (e.g. "adapter.safetensors"); parent folders are created.
-      adapted: the adapted tree (`svft_jax.combine(trainable, frozen)` or `apply`'s output).
-      extra: regex of extra fully-trainable leaves to store too (as in `svft_jax.split`),
-        e.g. 'classifier/.*' for a new head.
-      base_params: the original params; needed only if some target used keep_base=False
+      adapted: the whole adapted tree (`apply`'s output, or `svft_jax.combine(trainable, frozen)`),
+        with nodes of any method.
+      extra: for trees without `Trainable` markers only: regex of leaves trained in full to
+        store too (a marked tree stores its marked leaves; a conflicting regex raises).
+      base_params: the original params; needed only if some SVFT target used keep_base=False
         (its W0 is then not in the tree, and the fingerprint needs its exact bytes).
-      svd_dtype, svd_backend: the SVD settings given to `apply` (the nodes do not record
-        them); `load_adapter` repeats them by default, which reproduces the factors bit for
-        bit on the same platform. Another back-end gives the same update to float precision.
       overwrite: replace an existing file (write-then-rename); otherwise FileExistsError.
     Returns:
       The path written, as a `pathlib.Path`.
     Raises:
-      ValueError/TypeError before anything is written for a tree without SVFT nodes, a
-      non-SVFT adapter node, or a bad `extra`; FileExistsError; OSError (disk full, ...).
+      ValueError/TypeError before anything is written: a tree without adapter nodes, one half
+      of `split` (combine first), a bad `extra`; FileExistsError; OSError (disk full, ...).
     """
-    extra_re = compile_regex(extra, "extra")
+    check_whole(adapted, "save_adapter")
     leaves = leaves_by_path(adapted)
     nodes = {p: x for p, x in leaves.items() if is_node(x)}
-    others = [p for p, x in nodes.items() if not isinstance(x, SVFTNode)]
-    if others:
-        raise TypeError(f"save_adapter stores SVFT nodes; {others[0]!r} is a {type(nodes[others[0]]).__name__}. Save baselines with svft_jax.checkpoint.save_merged or orbax.")
     if not nodes:
-        raise ValueError("save_adapter: `adapted` has no SVFT nodes; pass the output of svft_jax.apply (or combine(trainable, frozen)).")
+        raise ValueError("save_adapter: `adapted` has no adapter nodes; pass the output of svft_jax.apply (or a baseline's apply).")
+    extras = sorted(extra_paths(adapted, extra, "save_adapter"))
     prints = base_fingerprint(adapted, base_params)
-    tensors, records = {}, []
+    tensors, configs = {}, []
     for target, node in nodes.items():
-        records.append(target_record(node, prints[target]))
-        tensors[f"{target}::m"] = _host(node.m).astype(np.float32)
-        if node.gate is not None:
-            tensors[f"{target}::gate"] = _host(node.gate).astype(np.float32)
-        # Indices are < r, so uint16 nearly always fits: Ω would otherwise be 2/3 of the file.
-        index_dtype = np.uint16 if node.meta.rank <= np.iinfo(np.uint16).max else np.int32
-        tensors[f"{target}::rows"] = node.meta.rows.array.astype(index_dtype)
-        tensors[f"{target}::cols"] = node.meta.cols.array.astype(index_dtype)
-    extras = [p for p, x in leaves.items() if not is_node(x) and x is not None and matches(extra_re, p)]
-    if extra is not None and not extras:
-        raise ValueError(f"extra={extra!r} matched no leaf outside the SVFT nodes; paths are '/'-joined, e.g. {list(leaves)[:4]}.")
+        record = node.record()
+        configs.append({**record.config, "base": prints[target]})
+        for name, array in record.arrays.items():
+            tensors[f"{target}::{name}"] = array
+        tensors[f"{target}::sketch"] = record.sketch
+        if isinstance(node, SVFTNode):
+            # Indices are < r, so uint16 nearly always fits: Ω would otherwise be 2/3 of the file.
+            index_dtype = np.uint16 if node.meta.rank <= np.iinfo(np.uint16).max else np.int32
+            tensors[f"{target}::rows"] = node.meta.rows.array.astype(index_dtype)
+            tensors[f"{target}::cols"] = node.meta.cols.array.astype(index_dtype)
     for p in extras:
-        tensors[_EXTRA_PREFIX + p] = _host(leaves[p])
-    metadata = encode_header(ADAPTER_FORMAT, {"targets": records, "extras": extras, "svd_dtype": svd_dtype, "svd_backend": svd_backend}, tensors)
+        leaf = leaves[p]
+        tensors[_EXTRA_PREFIX + p] = _host(leaf.value if isinstance(leaf, Trainable) else leaf)
+    metadata = encode_header(ADAPTER_FORMAT, {"targets": configs, "extras": extras}, tensors)
     return atomic_write(path, safetensors_chunks(tensors, metadata), overwrite=overwrite, what="adapter")
 
 
 @dataclasses.dataclass(frozen=True)
 class AdapterFile:
-    """A verified adapter file: its header (`targets` records, `extras`) and tensors."""
+    """A verified adapter file: its header (`targets` configs, `extras`) and tensors."""
 
     header: dict
     tensors: dict
@@ -103,84 +105,73 @@ class AdapterFile:
     def targets(self) -> list[dict]:
         return self.header["targets"]
 
+    def record(self, config: dict) -> Record:
+        """The protocol `Record` of one target of this file."""
+        path = config["path"]
+        node_cls = METHODS.get(config["method"])
+        prefix = f"{path}::"
+        arrays = {name: self.tensors[prefix + name] for name in node_cls.trainable_fields() if prefix + name in self.tensors}
+        plan_config = {k: v for k, v in config.items() if k != "base"}
+        return Record(plan_config, arrays, self.tensors[prefix + "sketch"])
+
 
 def read_adapter(path) -> AdapterFile:
     """Read and verify (format, version, checksum) an adapter file without a base model.
 
     Raises:
-      FileNotFoundError; ValueError for a truncated, corrupted, foreign or newer-version file.
+      FileNotFoundError; ValueError for a truncated, corrupted, foreign or other-version file.
     """
     tensors, metadata = read_safetensors(path, "adapter file")
     header = decode_header(ADAPTER_FORMAT, metadata, tensors, f"adapter file {str(path)!r}")
     return AdapterFile(header, tensors)
 
 
-def _install(adapted, adapter: AdapterFile, where: str):
-    """Replace m/gate (and extras) in `adapted` by the saved values, checking Ω and shapes."""
-    records = {r["path"]: r for r in adapter.targets}
-    tensors = adapter.tensors
-    extras = set(adapter.header["extras"])
+def load_adapter(path, base_params, *, factors=None, svd_backend: str | None = None):
+    """Re-create a trained adapted model from a base model and an adapter file.
 
-    def install(path_keys, leaf):
-        path = path_to_str(path_keys)
-        if is_node(leaf) and path in records:
-            rows, cols = tensors[f"{path}::rows"], tensors[f"{path}::cols"]
-            if not (np.array_equal(rows, leaf.meta.rows.array) and np.array_equal(cols, leaf.meta.cols.array)):
-                raise ValueError(f"{where}: the pattern Ω recomputed for {path!r} differs from the saved one (pattern {leaf.meta.pattern!r}). Top-k patterns depend on the factors, so the base weights or the SVD settings (svd_dtype) differ from training; nothing was loaded.")
-            m = tensors[f"{path}::m"]
-            if m.shape != tuple(leaf.m.shape):
-                raise ValueError(f"{where}: m for {path!r} has shape {m.shape}, the re-created node expects {tuple(leaf.m.shape)}.")
-            gate = tensors.get(f"{path}::gate")
-            if (gate is None) != (leaf.gate is None):
-                raise ValueError(f"{where}: {path!r} gate presence differs between the file and the re-created node (init setting).")
-            return dataclasses.replace(leaf, m=jnp.asarray(m), gate=None if gate is None else jnp.asarray(gate))
-        if path in extras:
-            value = tensors[_EXTRA_PREFIX + path]
-            if tuple(value.shape) != tuple(np.shape(leaf)):
-                raise ValueError(f"{where}: extra leaf {path!r} has shape {value.shape} in the file but {tuple(np.shape(leaf))} in base_params.")
-            return jnp.asarray(value, dtype=getattr(leaf, "dtype", value.dtype))
-        return leaf
-
-    present = leaves_by_path(adapted)
-    missing = [p for p in [*records, *extras] if p not in present]
-    if missing:
-        raise ValueError(f"{where}: base_params have no parameter {missing[0]!r}, which the adapter needs.")
-    return jax.tree_util.tree_map_with_path(install, adapted, is_leaf=is_node)
-
-
-def load_adapter(path, base_params, *, factors=None, svd_backend: str | None = None, svd_dtype: str | None = None):
-    """Re-create a trained SVFT model from a base model and an adapter file.
-
-    Verifies the file (format version, checksum), verifies that `base_params` holds exactly
-    the kernels the adapter was trained on (shape, dtype, SHA-256), re-runs `svft_jax.apply`
-    with the saved per-target config (or takes the factors from a cache), checks that the
-    recomputed pattern Ω equals the saved one, and installs the saved M.
+    Verifies the file (format version, checksum) and that `base_params` holds exactly the
+    kernels the adapter was trained on (shape, dtype, SHA-256); re-creates each node with its
+    recorded configuration — SVD back-end and dtype included — through the method's one
+    constructor (factors from the `factors` store when given); checks the recomputed Ω and the
+    update ΔW (seeded probes) against the file; installs the trained arrays and the extras.
 
     Args:
       path: an adapter file from `save_adapter`.
       base_params: the original (un-adapted) params of the base model.
-      factors: optional factor cache (a path from `save_factor_cache`, or an adapted tree
-        of the same base) to skip the SVDs.
-      svd_backend: override the recorded back-end ("jax" or "numpy"); thanks to canonical
-        singular-vector signs the update is the same to float precision.
-      svd_dtype: override the recorded `svd_dtype` ("float32"/"float64").
+      factors: a factor store (e.g. `svft_jax.checkpoint.load_factor_cache(path)`, or a path to
+        such a file) to skip the SVDs.
+      svd_backend: recompute the factors with another routine ("numpy" or "jax") than the one
+        recorded; the probe check still refuses a target whose update then changes.
     Returns:
-      The adapted tree (SVFT nodes with the trained m), ready for `svft_jax.merge` or
-      `svft_jax.split` to continue training.
+      The adapted tree, `Trainable` markers on the extras, ready for `merge` or `split`.
     Raises:
       ValueError for a different base model, a corrupted/truncated/foreign file, an unknown
-      version, or a pattern mismatch — all before anything is returned.
+      version, a pattern or update that the base does not reproduce — before anything is returned.
     """
     where = f"adapter file {str(path)!r}"
     adapter = read_adapter(path)
-    expected = {r["path"]: r["base"] for r in adapter.targets}
-    verify_fingerprint(expected, base_params, where)
-    if factors is None:
-        adapted = apply_from_records(base_params, adapter.targets,
-                                     svd_backend=svd_backend or adapter.header["svd_backend"],
-                                     svd_dtype=svd_dtype or adapter.header["svd_dtype"])
-    else:
-        from svft_jax.checkpoint.cache import adapted_from_factors
+    verify_fingerprint({c["path"]: c["base"] for c in adapter.targets}, base_params, where)
+    if isinstance(factors, str | bytes | os.PathLike):
+        from svft_jax.checkpoint.cache import load_factor_cache
 
-        adapted = adapted_from_factors(factors, base_params, adapter.targets)
-    return _install(adapted, adapter, where)
+        factors = load_factor_cache(factors)
+    base_leaves = leaves_by_path(base_params)
+    extras = adapter.header["extras"]
+    missing = [p for p in extras if p not in base_leaves]
+    if missing:
+        raise ValueError(f"{where}: base_params have no parameter {missing[0]!r}, which the adapter trained in full.")
+    by_method: dict[str, list[Record]] = {}
+    for config in adapter.targets:
+        record = adapter.record(config)
+        if svd_backend is not None and "svd_backend" in record.config:
+            record = dataclasses.replace(record, config={**record.config, "svd_backend": svd_backend})
+        by_method.setdefault(config["method"], []).append(record)
+    nodes = {}
+    for method, records in by_method.items():
+        nodes.update(METHODS.get(method).from_records(records, base_leaves, factors=factors, where=where))
+    for p in extras:
+        value, leaf = adapter.tensors[_EXTRA_PREFIX + p], base_leaves[p]
+        if tuple(value.shape) != tuple(np.shape(leaf)):
+            raise ValueError(f"{where}: extra leaf {p!r} has shape {value.shape} in the file but {tuple(np.shape(leaf))} in base_params.")
+        nodes[p] = Trainable(jnp.asarray(value, dtype=getattr(leaf, "dtype", value.dtype)))
+    return jax.tree_util.tree_map_with_path(lambda p, x: nodes.get(path_to_str(p), x), base_params, is_leaf=is_special)

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from svft_jax._paths import path_to_str
-from svft_jax.transform.node import SVFTNode, is_node
+from svft_jax.transform._protocol import is_node, is_special
 
 
 def kernel_fingerprint(kernel) -> dict:
@@ -28,28 +28,29 @@ def kernel_fingerprint(kernel) -> dict:
 
 
 def leaves_by_path(tree) -> dict:
-    """{'/'-joined path: leaf} with adapter nodes kept whole."""
-    return {path_to_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)[0]}
+    """{'/'-joined path: leaf} with adapter nodes and `Trainable` markers kept whole."""
+    return {path_to_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_special)[0]}
 
 
 def base_fingerprint(adapted, base_params=None) -> dict[str, dict]:
-    """Fingerprints of the original kernels behind every SVFT node of `adapted`.
+    """Fingerprints of the original kernels behind every adapter node of `adapted`.
 
     Args:
       adapted: a tree from `svft_jax.apply`.
       base_params: the original params. Needed only for nodes made with keep_base=False,
         whose W0 is not stored (U diag(s) Vᵀ only approximates its bytes).
     Returns:
-      {path: fingerprint} for each SVFT node, in tree order.
+      {path: fingerprint} for each adapter node, in tree order.
     Raises:
       ValueError if a node has no base and `base_params` lacks that kernel.
     """
     base_leaves = leaves_by_path(base_params) if base_params is not None else {}
     prints = {}
     for path, node in leaves_by_path(adapted).items():
-        if not isinstance(node, SVFTNode):
+        if not is_node(node):
             continue
-        kernel = node.base if node.base is not None else base_leaves.get(path)
+        kernel = getattr(node, "base", None)
+        kernel = kernel if kernel is not None else base_leaves.get(path)
         if kernel is None:
             raise ValueError(f"target {path!r} was adapted with keep_base=False, so its original kernel is not in the tree; pass base_params=<the original params> so its fingerprint can be computed.")
         if tuple(np.shape(kernel)) != tuple(node.meta.layout.shape):

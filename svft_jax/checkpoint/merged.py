@@ -28,7 +28,7 @@ from svft_jax.checkpoint._files import (
     read_safetensors,
     safetensors_chunks,
 )
-from svft_jax.transform.merge import merge
+from svft_jax.transform import merge
 
 
 def merged_params(adapted):

@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from svft_jax.transform.partition import FROZEN, labels
+from svft_jax.transform._partition import FROZEN, labels
 
 DATA, MODEL = "data", "model"
 

@@ -186,6 +186,8 @@ def adapt(model, params=None, pattern: str = "plain", *, attention_only: bool = 
     """
     from svft_jax.transform import apply
 
+    if isinstance(params, str):
+        raise TypeError(f"adapt(model, params, pattern, ...): the second argument is the parameter pytree, got the string {params!r}; call adapt(model, params, {params!r}) (the params `load_pretrained` returned, or model.params).")
     family = family_of(model)
     if targets is not None and (attention_only or qv_only):
         raise ValueError("adapt: pass either targets= or attention_only/qv_only, not both.")

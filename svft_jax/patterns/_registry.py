@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from svft_jax._registry import Registry
+
 
 @dataclasses.dataclass(frozen=True)
 class PatternOptions:
@@ -59,31 +61,22 @@ class PatternSpec:
     left_product: Callable | None = None
 
 
-_PATTERNS: dict[str, PatternSpec] = {}
+PATTERNS: Registry[PatternSpec] = Registry("pattern", "pattern")
 
 
 def register_pattern(spec: PatternSpec) -> PatternSpec:
     """Add a pattern to the registry (overwriting one of the same name is an error)."""
-    if spec.name in _PATTERNS:
-        raise ValueError(f"A pattern named {spec.name!r} is already registered.")
-    _PATTERNS[spec.name] = spec
-    return spec
+    return PATTERNS.register(spec.name, spec)
 
 
 def get_pattern(name: str) -> PatternSpec:
     """The registered pattern called `name`; ValueError listing the known names otherwise."""
-    if not isinstance(name, str):
-        raise TypeError(f"`pattern` must be a string, got {type(name).__name__}.")
-    try:
-        return _PATTERNS[name]
-    except KeyError:
-        known = ", ".join(sorted(_PATTERNS))
-        raise ValueError(f"Unknown pattern {name!r}; choose one of: {known}.") from None
+    return PATTERNS.get(name)
 
 
 def available_patterns() -> tuple[str, ...]:
     """Names of all registered patterns."""
-    return tuple(sorted(_PATTERNS))
+    return PATTERNS.names()
 
 
 def banded_count(r: int, d: int) -> int:
@@ -103,6 +96,8 @@ def check_count_options(options: PatternOptions) -> None:
     """Validation shared by the count-based patterns (random, top-k)."""
     if options.k is None and options.d is None:
         raise ValueError("pattern needs `k` (number of entries) or `d` (use the banded budget).")
+    if options.k is not None and options.d is not None:
+        raise ValueError(f"pattern takes `k` or `d` (the banded budget), not both: got d={options.d}, k={options.k}; drop one.")
     if options.k is not None:
         if isinstance(options.k, bool) or not isinstance(options.k, int | np.integer):
             raise TypeError(f"`k` must be an int, got {type(options.k).__name__}.")

@@ -18,12 +18,17 @@ def plain_left_product(u, coeffs, rows, cols, options):
     return u * coeffs
 
 
+def _check(options: PatternOptions) -> None:
+    if options.d is not None or options.k is not None:
+        raise ValueError(f"pattern='plain' (the diagonal) takes no `d` or `k`, got d={options.d}, k={options.k}; use pattern='banded' for d, 'random'/'topk' for k.")
+
+
 PLAIN = register_pattern(
     PatternSpec(
         name="plain",
         indices=plain_indices,
         count=lambda r, options: r,
-        check=lambda options: None,
+        check=_check,
         left_product=plain_left_product,
     )
 )

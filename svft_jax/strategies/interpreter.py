@@ -62,7 +62,7 @@ class KernelProxy:
         """The dense adapted kernel (original layout), merged once per call."""
         if "merged" not in self.cache:
             self.cache.setdefault("used", []).append("rebuild")
-            self.cache["merged"] = self.node.merged_kernel()
+            self.cache["merged"] = self.node.materialize()
         return self.materialize(self.cache["merged"])
 
 

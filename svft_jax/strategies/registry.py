@@ -1,9 +1,8 @@
 """Execution strategies: functions `(node, use: KernelUse) -> y`, registered by name.
 
   rebuild    merge W once per call (cached across uses), then the model's own dense dot.
-  factored   x ↦ x W0ᵀ + (x V)(U M)ᵀ via the node type's factored matmul; never forms W.
-             Node types without one, stacked kernels and dots that do not contract W's
-             input axes are rebuilt instead.
+  factored   x ↦ x W0ᵀ + (x V)(U M)ᵀ via the node's protocol `matmul`; never forms W.
+             Stacked kernels and dots that do not contract W's input axes are rebuilt.
   auto       per target and call: `choose_strategy(d1, d2, rank, tokens)` (see `cost.py`).
   reference  what the SVFT authors' layer does: densify M (r × r), rebuild U (Σ + M) Vᵀ
              (or W0 + U M Vᵀ) on every use, no caching. For benchmarks.
@@ -16,32 +15,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 
+from svft_jax._registry import Registry
 from svft_jax.strategies.cost import choose_strategy
-from svft_jax.strategies.factored import factored_for
-from svft_jax.transform.node import SVFTNode
+from svft_jax.transform.svft import SVFTNode
 
-_STRATEGIES: dict[str, Callable] = {}
+STRATEGIES: Registry[Callable] = Registry("strategy", "strategy")
 
 
 def register_strategy(name: str, fn: Callable) -> Callable:
     """Add a strategy `fn(node, use) -> y` under `name` (an existing name is an error)."""
-    if name in _STRATEGIES:
-        raise ValueError(f"A strategy named {name!r} is already registered.")
-    _STRATEGIES[name] = fn
-    return fn
+    return STRATEGIES.register(name, fn)
 
 
 def get_strategy(name: str) -> Callable:
     """The strategy called `name`; ValueError listing the known names otherwise."""
-    if not isinstance(name, str) or name not in _STRATEGIES:
-        raise ValueError(f"Unknown strategy {name!r}; choose one of: {', '.join(available_strategies())}.")
-    return _STRATEGIES[name]
+    return STRATEGIES.get(name)
 
 
 def available_strategies() -> tuple[str, ...]:
-    return tuple(sorted(_STRATEGIES))
+    return STRATEGIES.names()
 
 
 def rebuild(node, use):
@@ -55,48 +48,29 @@ def rebuild_remat(node, use):
     extra merge (d1·d2·r) per step."""
 
     def run(node, x):
-        return use.with_x(x).dense(node.merged_kernel())
+        return use.with_x(x).dense(node.materialize())
 
     use.record("rebuild_remat")
     return jax.checkpoint(run)(node, use.x)
 
 
 def factored(node, use):
-    """Never form W: the node type's factored matmul on x reshaped to (..., d2)."""
-    found = factored_for(node)
-    if found is None or not use.matrix_form:
+    """Never form W: the node's protocol `matmul` on x reshaped to (..., d2)."""
+    if not use.matrix_form:
         return use.dense_merged()
-    matmul, _ = found
     use.record("factored")
-    y = matmul(node, use.input_matrix(), precision=use.precision, preferred_element_type=None)
+    y = node.matmul(use.input_matrix(), precision=use.precision, preferred_element_type=None)
     return use.output_from_matrix(y)
 
 
 def auto(node, use):
     """Rebuild or factored for this target, whichever the FLOP model says is cheaper."""
-    found = factored_for(node)
-    if found is None or not use.matrix_form:
+    if not use.matrix_form:
         return use.dense_merged()
-    _, rank = found
     layout = use.layout
     has_base = getattr(node, "base", None) is not None
-    choice = choose_strategy(layout.d1, layout.d2, rank(node), use.tokens, has_base=has_base)
+    choice = choose_strategy(layout.d1, layout.d2, node.update_rank, use.tokens, has_base=has_base)
     return factored(node, use) if choice == "factored" else rebuild(node, use)
-
-
-def reference_kernel(node: SVFTNode):
-    """The authors' forward: dense M from its sparse values, W = U (Σ + M) Vᵀ (+ W0 − UΣVᵀ
-    when W0 is kept), in the kernel's layout."""
-    layout = node.meta.layout
-    dense_m = node.dense_coefficients()  # (*stack, r, r)
-    u = jnp.asarray(node.u, jnp.float32)
-    v = jnp.asarray(node.v, jnp.float32)
-    if node.base is None:
-        core = dense_m + jnp.eye(node.meta.rank) * jnp.asarray(node.s, jnp.float32)[..., None, :]
-        w = (u @ core) @ jnp.swapaxes(v, -1, -2)
-    else:
-        w = layout.to_matrix(jnp.asarray(node.base, jnp.float32)) + (u @ dense_m) @ jnp.swapaxes(v, -1, -2)
-    return layout.from_matrix(w).astype(layout.dtype)
 
 
 def reference(node, use):
@@ -104,7 +78,7 @@ def reference(node, use):
     if not isinstance(node, SVFTNode):
         return use.dense_merged()
     use.record("reference")
-    return use.dense(reference_kernel(node))
+    return use.dense(node.reference_kernel())
 
 
 register_strategy("rebuild", rebuild)

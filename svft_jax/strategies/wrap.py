@@ -24,8 +24,8 @@ import jax
 from svft_jax._paths import compile_regex, matches, path_to_str
 from svft_jax.strategies.interpreter import KernelProxy, interpret, is_array
 from svft_jax.strategies.registry import get_strategy
-from svft_jax.transform.merge import merge
-from svft_jax.transform.node import is_node
+from svft_jax.transform._merge import merge, strip_markers
+from svft_jax.transform._protocol import is_node
 
 
 class _Placeholder:
@@ -97,6 +97,7 @@ def wrap(
                 raise TypeError(f"wrapped function expects the adapted tree as positional argument {params_argnum}, but got {len(args)} positional arguments (use params_argname= for keyword params).")
             adapted = args[params_argnum]
 
+        adapted = strip_markers(adapted)  # the model takes arrays where `Trainable` marks a leaf
         flat, treedef = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_node)
         placeholders = {}
         leaves = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from svft_jax.transform.partition import ADAPTER, EXTRA, FROZEN, labels
+from svft_jax.transform._partition import ADAPTER, EXTRA, FROZEN, labels
 
 
 def optimizer(

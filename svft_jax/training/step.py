@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from svft_jax.transform.partition import combine
+from svft_jax.transform import combine
 
 _DONATABLE = {"trainable": 0, "opt_state": 2}
 

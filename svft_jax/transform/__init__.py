@@ -1,34 +1,55 @@
-"""The SVFT transform: apply, merge, split/combine, masks and summaries over pytrees."""
+"""The adapter protocol and the generic transform over pytrees: targets, merge, split/combine,
+masks, summaries; `svft.py` is the SVFT method (its node, math and `apply`).
 
-from svft_jax.transform.apply import apply, select_targets
-from svft_jax.transform.factorize import canonicalize_signs, svd_factors
-from svft_jax.transform.layout import KernelLayout, resolve_layout
-from svft_jax.transform.merge import delta_matrix, left_product, merge, merged_kernel, weight_matrix
-from svft_jax.transform.node import AdapterNode, StaticIndices, SVFTMeta, SVFTNode, is_node
-from svft_jax.transform.partition import combine, labels, split, trainable_mask
-from svft_jax.transform.summary import count_parameters, summary
+Extending: a new method is one file with an `@adapter_node(method=...)` dataclass subclassing
+`AdapterNode` (see `_protocol.py`); everything generic then works on it.
+"""
+
+from svft_jax.transform._merge import delta_matrix, merge, weight_matrix
+from svft_jax.transform._partition import combine, labels, split, trainable_mask
+from svft_jax.transform._protocol import (
+    METHODS,
+    AdapterNode,
+    Plan,
+    Record,
+    Trainable,
+    adapter_node,
+    frozen_field,
+    is_node,
+    trainable_field,
+)
+from svft_jax.transform._summary import count_parameters, summary
+from svft_jax.transform._targets import Target, apply_method, mark_trainable, select_targets
+from svft_jax.transform.layout import KernelLayout
+from svft_jax.transform.svft import PrecisionWarning, SVFTMeta, SVFTNode, SVFTPlan, apply
 
 __all__ = [
+    "METHODS",
     "AdapterNode",
     "KernelLayout",
+    "Plan",
+    "PrecisionWarning",
+    "Record",
     "SVFTMeta",
     "SVFTNode",
-    "StaticIndices",
+    "SVFTPlan",
+    "Target",
+    "Trainable",
+    "adapter_node",
     "apply",
-    "canonicalize_signs",
+    "apply_method",
     "combine",
     "count_parameters",
     "delta_matrix",
+    "frozen_field",
     "is_node",
     "labels",
-    "left_product",
+    "mark_trainable",
     "merge",
-    "merged_kernel",
-    "resolve_layout",
     "select_targets",
     "split",
     "summary",
-    "svd_factors",
+    "trainable_field",
     "trainable_mask",
     "weight_matrix",
 ]

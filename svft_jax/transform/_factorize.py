@@ -18,17 +18,16 @@ Back-ends (`svd_backend=` of `svft_jax.apply`):
                 decaying spectrum); W0 stays frozen beside the factors when rank < min(d1, d2),
                 so M = 0 still reproduces W0 exactly. Falls back to "auto" at full rank.
 
-A factor cache can be installed with `svd_cache(mapping)`: while it is active, `apply` looks
-each target's factors up by a digest of the kernel's bytes, rank, dtype and back-end before
-computing them, and stores what it computes (a checkpoint engineer may back it by a file).
+A factor store is any Mapping from `factor_key(...)` to (u, s, v): `apply(..., factors=store)`
+looks each target up before computing its SVD and writes what it computes into a mutable one;
+`svft_jax.checkpoint.load_factor_cache(path)` is a store backed by a file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +38,6 @@ SVD_BACKENDS = ("auto", "jax", "numpy", "randomized")
 RANDOMIZED_OVERSAMPLES = 10
 RANDOMIZED_POWER_ITERATIONS = 4
 
-_ACTIVE_CACHE: list[MutableMapping] = []
 
 
 def canonicalize_signs(u, v):
@@ -127,30 +125,58 @@ def svd_factors(matrix, rank: int, svd_dtype: str = "float32", backend: str = "a
     return _jax_svd(jnp.asarray(matrix, dtype=svd_dtype), rank)
 
 
-@contextlib.contextmanager
-def svd_cache(cache: MutableMapping):
-    """Within the block, `svft_jax.apply` reads and writes factors in `cache`.
-
-    Args:
-      cache: any mutable mapping from `factor_cache_key(...)` strings to (u, s, v) numpy
-        arrays (a dict, or a file-backed mapping: the values are plain numpy arrays).
-    """
-    _ACTIVE_CACHE.append(cache)
-    try:
-        yield cache
-    finally:
-        _ACTIVE_CACHE.pop()
-
-
-def active_svd_cache() -> MutableMapping | None:
-    """The innermost cache installed with `svd_cache`, or None."""
-    return _ACTIVE_CACHE[-1] if _ACTIVE_CACHE else None
-
-
-def factor_cache_key(matrix, rank: int, svd_dtype: str, backend: str) -> str:
-    """A digest of what determines a target's factors: the matrix bytes, shape and dtype,
-    the rank, the SVD dtype and the (resolved) back-end."""
+def factor_key(matrix, rank: int, svd_dtype: str, backend: str) -> str:
+    """The factor-store key of one target: a digest of what determines its factors — the
+    matrix bytes, shape and dtype, the rank, the SVD dtype and the resolved back-end."""
     array = np.ascontiguousarray(np.asarray(matrix))
     digest = hashlib.sha256(array.tobytes())
     digest.update(repr((array.shape, array.dtype.str, int(rank), svd_dtype, backend)).encode())
     return digest.hexdigest()
+
+
+def factorize(plans, kernels, store: Mapping | None = None, *, batch: int = 16, progress: bool = False):
+    """SVDs of all targets, same-shaped matrices batched together: {path: (u, s, v)}.
+
+    Args:
+      plans: SVFT plans (path, layout, rank, svd_backend, svd_dtype).
+      kernels: {path: original kernel}.
+      store: a factor store (any Mapping from `factor_key` to (u, s, v)); factors found there
+        are not recomputed, and computed ones are written back when it is a MutableMapping.
+      batch: matrices per batched SVD call (LAPACK in a loop on the host, or one XLA call).
+    """
+    factors, keys = {}, {}
+    if store is not None:
+        for plan in plans:
+            matrix = plan.layout.to_matrix(np.asarray(kernels[plan.path]))
+            keys[plan.path] = factor_key(matrix, plan.rank, plan.svd_dtype, plan.svd_backend)
+            if keys[plan.path] in store:
+                factors[plan.path] = tuple(store[keys[plan.path]])
+    groups: dict[tuple, list] = {}
+    for plan in plans:
+        if plan.path in factors:
+            continue
+        key = (plan.layout.d1, plan.layout.d2, plan.rank, jnp.dtype(kernels[plan.path].dtype).name,
+               plan.svd_backend, plan.svd_dtype)
+        groups.setdefault(key, []).append(plan)
+    chunks = [group[i : i + batch] for group in groups.values() for i in range(0, len(group), batch)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="SVFT: SVD", unit="batch")
+    writable = isinstance(store, MutableMapping)
+    for chunk in chunks:
+        first = chunk[0]
+        on_host = first.svd_backend == "numpy" or (first.svd_dtype == "float64" and not jax.config.read("jax_enable_x64"))
+        xp = np if on_host else jnp  # keep host SVDs on the host: no device round trip per matrix
+        d1, d2 = first.layout.d1, first.layout.d2
+        matrices = [plan.layout.to_matrix(xp.asarray(kernels[plan.path])).reshape(-1, d1, d2) for plan in chunk]
+        sizes = [m.shape[0] for m in matrices]
+        u, s, v = svd_factors(xp.concatenate(matrices), first.rank, first.svd_dtype, first.svd_backend, seed=first.key[0])
+        offsets = np.cumsum([0, *sizes])
+        for plan, lo, hi in zip(chunk, offsets[:-1], offsets[1:], strict=True):
+            stack = plan.layout.stack_shape
+            factors[plan.path] = (u[lo:hi].reshape(*stack, d1, plan.rank), s[lo:hi].reshape(*stack, plan.rank),
+                                  v[lo:hi].reshape(*stack, d2, plan.rank))
+            if writable:
+                store[keys[plan.path]] = tuple(np.asarray(x) for x in factors[plan.path])
+    return factors

@@ -1,0 +1,372 @@
+"""The adapter protocol: one base that SVFT, LoRA, DoRA, VeRA (and any new method) implement.
+
+A node stands in for one kernel of the parameter pytree. It is a frozen dataclass registered as
+a pytree whose children are its arrays and whose aux data is `meta`, a hashable *plan* that
+records the node's whole configuration (path, kernel layout, method options, dtypes, SVD
+settings), so `jit` caches on it and files can re-create the node from it.
+
+What a method defines (in its one file, e.g. `svft_jax/transform/svft.py`,
+`svft_jax/baselines/lora.py`):
+
+  array fields        declared once with `trainable_field()` or `frozen_field()` (dataclass field metadata)
+  delta()             ΔW = W − W0, float32 (*stack, d1, d2)
+  matmul(x)           x Wᵀ without forming W (factored execution), x: (..., d2) -> (..., d1)
+  update_rank         the width of the factored update (read by the cost model)
+  describe()          a short method text for `summary`, e.g. "svft-banded(d=2)"
+  build(plans, kernels, factors=None) -> {path: node}   the ONE constructor (apply and files)
+  plan_from_config(config) -> plan                      the inverse of `plan.to_config()`
+
+Everything generic — `merge`, `split`/`combine`, `labels`, `trainable_mask`, `optimizer`,
+`summary`, `count_parameters`, `wrap`, adapter files — is written once against this class.
+A method registers itself with the `adapter_node(method=...)` class decorator.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import math
+import zlib
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svft_jax._registry import Registry
+from svft_jax.transform.layout import KernelLayout
+
+ROLE = "svft_jax.role"
+TRAINABLE, FROZEN = "trainable", "frozen"
+
+#: adapter method name -> node class (filled by `adapter_node`).
+METHODS: Registry[type] = Registry("adapter method", "method")
+
+# Probe sketch of ΔW stored in adapter files: Q ΔW P with seeded Gaussian Q: (p, d1), P: (d2, p).
+SKETCH_SIZE = 4
+
+
+def trainable_field():
+    """Declare a node field as a trainable array (M, LoRA's A and B, ...)."""
+    return dataclasses.field(metadata={ROLE: TRAINABLE})
+
+
+def frozen_field():
+    """Declare a node field as a frozen array (U, s, V, W0, ...)."""
+    return dataclasses.field(metadata={ROLE: FROZEN})
+
+
+def adapter_node(*, method: str):
+    """Class decorator: make `cls` a frozen dataclass, a pytree, and the node of `method`.
+
+    Children are the fields declared with `trainable_field()`/`frozen_field()`; every other field is aux
+    data (it must be hashable: the plan `meta`).
+    """
+
+    def decorate(cls):
+        cls = dataclasses.dataclass(frozen=True)(cls)
+        fields = dataclasses.fields(cls)
+        data = [f.name for f in fields if ROLE in f.metadata]
+        static = [f.name for f in fields if ROLE not in f.metadata]
+        jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=static)
+        cls.method = method
+        METHODS.register(method, cls)
+        return cls
+
+    return decorate
+
+
+def layout_config(layout: KernelLayout) -> dict:
+    return {"shape": list(layout.shape), "dtype": layout.dtype, "stack_ndim": layout.stack_ndim,
+            "in_axes": list(layout.in_axes), "out_axes": list(layout.out_axes)}
+
+
+def layout_from_config(config: Mapping) -> KernelLayout:
+    return KernelLayout(tuple(int(s) for s in config["shape"]), str(config["dtype"]),
+                        int(config["stack_ndim"]), tuple(int(a) for a in config["in_axes"]),
+                        tuple(int(a) for a in config["out_axes"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Base of every method's plan: what one target's node is built from, decided before any
+    array is computed. Subclasses add their options as hashable fields."""
+
+    path: str
+    layout: KernelLayout
+
+    def to_config(self) -> dict:
+        """A JSON-able dict of every field (the layout as a dict)."""
+        config = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            config[field.name] = layout_config(value) if isinstance(value, KernelLayout) else value
+        return config
+
+    @classmethod
+    def from_config(cls, config: Mapping):
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.items() if k in names}
+        values["layout"] = layout_from_config(config["layout"])
+        return cls(**values)
+
+    @property
+    def layers(self) -> int:
+        return math.prod(self.layout.stack_shape)
+
+    @property
+    def key_id(self) -> int:
+        """A platform-independent id of the path, folded into seeded draws."""
+        return zlib.crc32(self.path.encode()) & 0x7FFFFFFF
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One node, serialised: its config (JSON-able, whole), its trainable arrays, and a probe
+    sketch of ΔW that lets a reload check that it re-created the same update."""
+
+    config: dict
+    arrays: dict
+    sketch: np.ndarray
+
+
+class AdapterNode(abc.ABC):
+    """Base of every adapter node. See the module docstring for what a method defines."""
+
+    method: ClassVar[str] = ""
+    meta: Any
+
+    # ---- fields ---------------------------------------------------------------------------
+    @classmethod
+    def data_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if ROLE in f.metadata)
+
+    @classmethod
+    def trainable_fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get(ROLE) == TRAINABLE)
+
+    # ---- what a method defines ------------------------------------------------------------
+    @abc.abstractmethod
+    def delta(self):
+        """ΔW = W − W0 in the paper's orientation, float32: (*stack, d1, d2)."""
+
+    @abc.abstractmethod
+    def matmul(self, x, *, precision=None, preferred_element_type=None):
+        """x Wᵀ for an unstacked node without forming W: x (..., d2) -> (..., d1)."""
+
+    @property
+    @abc.abstractmethod
+    def update_rank(self) -> int:
+        """Width of the factored update (SVFT: r; LoRA/DoRA/VeRA: their rank)."""
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """Short method text for `summary`, e.g. 'lora(α=16)'."""
+
+    @classmethod
+    @abc.abstractmethod
+    def build(cls, plans: list, kernels: Mapping[str, Any], *, factors=None) -> dict:
+        """The one constructor: {path: node} for `plans` over the original `kernels`."""
+
+    #: the method's `Plan` subclass (its `meta`, or what its meta is built from).
+    plan_cls: ClassVar[type] = Plan
+
+    @classmethod
+    def plan_from_config(cls, config: Mapping):
+        """The plan recorded by `config()` (the inverse of `plan.to_config()`)."""
+        return cls.plan_cls.from_config(config)
+
+    # ---- generic --------------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self.meta.path
+
+    @property
+    def layout(self) -> KernelLayout:
+        return self.meta.layout
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        return self.meta.layout.shape
+
+    def base_matrix(self):
+        """W0 as (*stack, d1, d2) float32 (methods that keep the kernel in `base`)."""
+        return self.layout.to_matrix(jnp.asarray(self.base, jnp.float32))
+
+    def weight(self):
+        """The adapted W, float32: (*stack, d1, d2)."""
+        return self.base_matrix() + self.delta()
+
+    def materialize(self):
+        """The adapted kernel in its original layout and dtype."""
+        return self.layout.from_matrix(self.weight()).astype(self.layout.dtype)
+
+    def merged_kernel(self):
+        """Alias of `materialize` (its name before the protocol), kept for one release."""
+        return self.materialize()
+
+    @property
+    def entries_per_layer(self) -> int:
+        """Trainable values per layer of a stacked kernel (`summary`'s "entries")."""
+        return self.num_trainable // max(math.prod(self.layout.stack_shape), 1)
+
+    def notes(self) -> str:
+        """Anything `summary` should flag for this target ('' for nothing)."""
+        return ""
+
+    @property
+    def num_trainable(self) -> int:
+        """Trainable scalars in this node (the sizes of its trainable arrays)."""
+        total = 0
+        for name in self.trainable_fields():
+            value = getattr(self, name)
+            if value is not None and hasattr(value, "shape"):
+                total += math.prod(value.shape)
+        return total
+
+    def config(self) -> dict:
+        """The node's whole configuration, JSON-able: method, path, layout and options."""
+        return {"method": self.method, **self.meta.to_config()}
+
+    def sketch(self) -> np.ndarray:
+        """Q ΔW P per layer, float64 (*stack, p, p): a fingerprint of the update ΔW.
+
+        Q: (p, d1) and P: (d2, p) are Gaussian, seeded by the path and shape, so a reload that
+        re-creates a different ΔW (another SVD's singular vectors on a degenerate spectrum) is
+        detected: each entry of Q D P is N(0, ‖D‖_F²) for a difference D.
+        """
+        layout = self.layout
+        generator = np.random.default_rng([self.meta.key_id, layout.d1, layout.d2])
+        q = generator.standard_normal((SKETCH_SIZE, layout.d1))
+        p = generator.standard_normal((layout.d2, SKETCH_SIZE))
+        delta = np.asarray(jax.device_get(self.delta()), np.float64)
+        return q @ delta @ p
+
+    def record(self) -> Record:
+        """This node's config, trainable arrays (host numpy) and sketch of ΔW."""
+        arrays = {}
+        for name in self.trainable_fields():
+            value = getattr(self, name)
+            if value is not None:
+                arrays[name] = np.asarray(jax.device_get(value))
+        return Record(self.config(), arrays, self.sketch())
+
+    @classmethod
+    def from_records(cls, records, kernels: Mapping[str, Any], *, factors=None, where: str = "record",
+                     ignore: tuple[str, ...] = ()):
+        """Re-create nodes from `records` and the original `kernels` through `build` (batched).
+
+        Args:
+          records: `Record`s of this method.
+          kernels: {path: original kernel}.
+          factors: a factor store for `build` (SVFT).
+          where: names the source in error messages (e.g. the file).
+          ignore: config keys allowed to differ (e.g. "svd_backend" when the caller overrode it).
+        Returns:
+          {path: node} with the recorded trainable arrays installed.
+        Raises:
+          ValueError naming the target and what differs: a config the rebuilt node does not
+          reproduce (e.g. a top-k Ω recomputed differently), a trainable array of another
+          shape, or a rebuilt update that differs from the recorded sketch.
+        """
+        plans = [cls.plan_from_config(r.config) for r in records]
+        nodes = cls.build(plans, kernels, factors=factors)
+        result = {}
+        for record, plan in zip(records, plans, strict=True):
+            node = nodes[plan.path]
+            saved = {k: v for k, v in record.config.items() if k not in ignore}
+            rebuilt = {k: v for k, v in node.config().items() if k not in ignore}
+            differs = config_differences(saved, rebuilt)
+            if differs:
+                raise ValueError(f"{where}: target {plan.path!r} re-created with a different configuration ({differs}); the base weights or SVD settings differ from training. Nothing was loaded.")
+            node = node.with_trainable(record.arrays, where=where)
+            check_sketch(record.sketch, node.sketch(), plan.path, where)
+            result[plan.path] = node
+        return result
+
+    def with_trainable(self, arrays: Mapping[str, Any], *, where: str = "record"):
+        """This node with its trainable arrays replaced by `arrays` (shapes checked)."""
+        expected = {n for n in self.trainable_fields() if getattr(self, n) is not None}
+        if set(arrays) != expected:
+            raise ValueError(f"{where}: target {self.path!r} expects trainable arrays {sorted(expected)}, got {sorted(arrays)}.")
+        values = {}
+        for name, value in arrays.items():
+            current = getattr(self, name)
+            if tuple(np.shape(value)) != tuple(current.shape):
+                raise ValueError(f"{where}: {self.path}/{name} has shape {tuple(np.shape(value))}, the node expects {tuple(current.shape)}.")
+            values[name] = jnp.asarray(value, current.dtype)
+        return dataclasses.replace(self, **values)
+
+
+def config_differences(saved: Mapping, rebuilt: Mapping) -> str:
+    """'key: saved → rebuilt' for each top-level key that differs ('' when equal)."""
+    keys = sorted(set(saved) | set(rebuilt))
+    return "; ".join(f"{k}: {saved.get(k)!r} → {rebuilt.get(k)!r}" for k in keys if saved.get(k) != rebuilt.get(k))
+
+
+SKETCH_RTOL = 1e-3
+
+
+def check_sketch(saved: np.ndarray, rebuilt: np.ndarray, path: str, where: str) -> None:
+    """Refuse a rebuilt update whose sketch differs from the saved one beyond float rounding."""
+    saved = np.asarray(saved, np.float64)
+    rebuilt = np.asarray(rebuilt, np.float64)
+    if saved.shape != rebuilt.shape:
+        raise ValueError(f"{where}: the update sketch of {path!r} has shape {saved.shape}, the re-created node gives {rebuilt.shape}.")
+    axes = (-2, -1)
+    error = np.linalg.norm(saved - rebuilt, axis=axes)
+    scale = np.maximum(np.linalg.norm(saved, axis=axes), np.linalg.norm(rebuilt, axis=axes))
+    bad = error > SKETCH_RTOL * scale + 1e-30
+    if np.any(bad):
+        worst = float(np.max(error / np.maximum(scale, 1e-30)))
+        raise ValueError(
+            f"{where}: target {path!r} re-creates a different update ΔW (relative difference {worst:.3g} on "
+            f"seeded probes). Its singular values are (near-)repeated, so the singular vectors are not unique and "
+            f"this SVD back-end returned others. Load with the back-end that made the adapter (recorded in the "
+            f"file: svd_backend), or ship the factors (svft_jax.checkpoint.save_factor_cache) and pass factors=."
+        )
+
+
+def digest(*arrays) -> str:
+    """SHA-256 of arrays' shapes, dtypes and bytes (e.g. of Ω)."""
+    h = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        h.update(f"{array.dtype.str}{array.shape}".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+# ---- the trainable set, declared once -------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """Marks a leaf trained in full beside the adapters (a new classifier head).
+
+    Created by `apply(..., extra=regex)` or `mark_trainable(tree, regex)`, so the adapted tree
+    itself says what trains: `split`, `optimizer`, `summary`, `count_parameters`,
+    `save_adapter` and `shard_params` read it. `merge` unwraps it.
+    """
+
+    value: Any
+
+
+jax.tree_util.register_dataclass(Trainable, data_fields=["value"], meta_fields=[])
+
+
+def is_node(x) -> bool:
+    """True for any adapter node — SVFT or a baseline (use as `is_leaf=` in tree maps)."""
+    return isinstance(x, AdapterNode)
+
+
+def is_marker(x) -> bool:
+    """True for a `Trainable` marker."""
+    return isinstance(x, Trainable)
+
+
+def is_special(x) -> bool:
+    """Nodes and markers: what generic tree maps treat as one leaf."""
+    return isinstance(x, AdapterNode | Trainable)

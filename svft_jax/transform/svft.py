@@ -1,0 +1,539 @@
+"""SVFT (Lingam et al., "SVFT: Parameter-Efficient Fine-Tuning with Singular Vectors", NeurIPS
+2024, arXiv:2405.19597): the method's one file — its plan, node, math, init, factored matmul,
+the authors' reference kernel, and `apply`.
+
+For a target W0 ∈ R^{d1×d2} (out × in) with thin SVD W0 = U diag(s) Vᵀ and r singular triplets:
+
+    W(M) = W0 + U M Vᵀ,    M ∈ R^{r×r} sparse on a fixed pattern Ω (`svft_jax.patterns`), M = 0 at init
+
+Node children (arrays, seen by jit/grad/vmap/pmap):
+  u:    (*stack, d1, r)   frozen left singular vectors (factor_dtype)
+  s:    (*stack, r)       frozen singular values (factor_dtype)
+  v:    (*stack, d2, r)   frozen right singular vectors (factor_dtype)
+  m:    (*stack, |Ω|)     trainable values of M on Ω (float32)
+  gate: (*stack,) or None trainable gate of init="reference": M = m · sigmoid(gate)
+  base: kernel or None    frozen W0 in the kernel's own layout and dtype
+With keep_base=False (full rank only) U (diag(s) + M) Vᵀ stands in for W0, as in the paper.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svft_jax._paths import compile_regex, matches
+from svft_jax.patterns import PatternOptions, PatternSpec, get_pattern
+from svft_jax.transform import _factorize
+from svft_jax.transform._protocol import (
+    AdapterNode,
+    Plan,
+    adapter_node,
+    digest,
+    frozen_field,
+    trainable_field,
+)
+from svft_jax.transform._targets import (
+    check_extra,
+    check_finite,
+    flatten_by_path,
+    mark_trainable,
+    replace_leaves,
+    resolve_target,
+    select_targets,
+)
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+INITS = ("zeros", "reference")
+OVERRIDE_KEYS = ("pattern", "d", "k", "rank", "seed", "init", "factor_dtype", "layout", "keep_base")
+# Singular values closer than this (relative to the largest) make their singular vectors
+# ill-defined: two SVD routines may return different vectors, so an adapter trained on one
+# can mean another update on the other (float32 SVD error ~1e-7·s₀ over a gap of 1e-4·s₀
+# already moves the vectors by ~1e-3).
+NEAR_REPEATED_GAP = 1e-4
+
+
+class PrecisionWarning(UserWarning):
+    """A setting that changes the model's weights beyond float32 rounding (e.g. bfloat16
+    factors standing in for W0)."""
+
+
+class StaticIndices:
+    """A read-only int32 numpy array that is hashable by value, for pytree aux data."""
+
+    __slots__ = ("array", "_hash")
+
+    def __init__(self, array):
+        array = np.array(array, dtype=np.int32, copy=True)
+        array.setflags(write=False)
+        self.array = array
+        self._hash = hash((array.shape, array.tobytes()))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticIndices) and self._hash == other._hash and np.array_equal(self.array, other.array)
+
+    def __repr__(self) -> str:
+        return f"StaticIndices(shape={self.array.shape})"
+
+
+@dataclasses.dataclass(frozen=True)
+class SVFTPlan(Plan):
+    """Everything one SVFT target is built from, decided before any SVD.
+
+    Attributes (besides path, layout):
+      pattern: registered pattern name; d, k, seed: its options.
+      rank: r, singular triplets kept. init: "zeros" or "reference".
+      factor_dtype: dtype name of u, s, v. keep_base: whether W0 is stored.
+      svd_backend: the resolved SVD routine ("numpy" = LAPACK, "jax" = XLA, "randomized").
+      svd_dtype: "float32" or "float64".
+    """
+
+    pattern: str = "plain"
+    d: int | None = None
+    k: int | None = None
+    seed: int = 0
+    rank: int = 0
+    init: str = "zeros"
+    factor_dtype: str = "float32"
+    keep_base: bool = True
+    svd_backend: str = "numpy"
+    svd_dtype: str = "float32"
+
+    @property
+    def options(self) -> PatternOptions:
+        return PatternOptions(d=self.d, k=self.k, seed=self.seed)
+
+    @property
+    def spec(self) -> PatternSpec:
+        return get_pattern(self.pattern)
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """Identifies the target in seeded draws (random pattern, reference init)."""
+        import zlib
+
+        return (zlib.crc32(self.path.encode()),)
+
+
+@dataclasses.dataclass(frozen=True)
+class SVFTMeta:
+    """Static description of one adapted kernel: its plan, Ω, and what its spectrum showed.
+
+    Attributes:
+      plan: the `SVFTPlan`.
+      rows, cols: Ω as indices into M, shape (|Ω|,) or (*stack, |Ω|) for per-layer patterns.
+      near_repeated: number of adjacent singular-value pairs closer than 1e-4·s₀ (over all
+        layers): where > 0, the factors depend on the SVD routine (see the README rule).
+    """
+
+    plan: SVFTPlan
+    rows: StaticIndices
+    cols: StaticIndices
+    near_repeated: int = 0
+
+    def __getattr__(self, name):  # path, layout, pattern, options, rank, init, ... from the plan
+        if name in ("plan", "rows", "cols", "near_repeated"):
+            raise AttributeError(name)
+        return getattr(self.plan, name)
+
+    @property
+    def num_entries(self) -> int:
+        """|Ω| per layer."""
+        return int(self.rows.array.shape[-1])
+
+    @property
+    def per_layer_indices(self) -> bool:
+        return self.rows.array.ndim > 1
+
+    @property
+    def full_rank(self) -> bool:
+        return self.plan.rank == min(self.plan.layout.d1, self.plan.layout.d2)
+
+    def to_config(self) -> dict:
+        return {**self.plan.to_config(), "omega_sha256": digest(self.rows.array, self.cols.array),
+                "num_entries": self.num_entries}
+
+
+def gather_left_product(u, coeffs, rows, cols, sorted_cols: bool = False):
+    """U M for a general sparse M via gather + segment_sum: column j is Σ_{(i,j)∈Ω} M_ij u_i.
+
+    Args: u: (d1, r); coeffs: (n,) values of M on Ω; rows, cols: (n,) int indices.
+    Returns: (d1, r).
+    """
+    contributions = u[:, rows] * coeffs  # (d1, n)
+    summed = jax.ops.segment_sum(contributions.T, cols, num_segments=u.shape[-1], indices_are_sorted=sorted_cols)
+    return summed.T
+
+
+@adapter_node(method="svft")
+class SVFTNode(AdapterNode):
+    """One SVFT-adapted kernel. See the module docstring for shapes."""
+
+    plan_cls = SVFTPlan
+
+    u: Any = frozen_field()
+    s: Any = frozen_field()
+    v: Any = frozen_field()
+    m: Any = trainable_field()
+    gate: Any = trainable_field()
+    base: Any = frozen_field()
+    meta: SVFTMeta = None
+
+    # ---- M -------------------------------------------------------------------------------
+    def coefficients(self):
+        """The values of M on Ω: m, or m · sigmoid(gate) for init="reference". (*stack, |Ω|)."""
+        if self.gate is None:
+            return self.m
+        return self.m * jax.nn.sigmoid(self.gate)[..., None].astype(self.m.dtype)
+
+    def dense_coefficients(self):
+        """M as a dense (*stack, r, r) float32 array. For tests and inspection, not the hot path."""
+        meta = self.meta
+        r, n, stack = meta.rank, meta.num_entries, meta.layout.stack_shape
+        flat = jnp.asarray(self.coefficients(), jnp.float32).reshape(-1, n)
+        rows = np.broadcast_to(meta.rows.array, (*stack, n)).reshape(flat.shape)
+        cols = np.broadcast_to(meta.cols.array, (*stack, n)).reshape(flat.shape)
+        layers = np.arange(flat.shape[0])[:, None]
+        dense = jnp.zeros((flat.shape[0], r, r), jnp.float32).at[layers, rows, cols].add(flat)
+        return dense.reshape(*stack, r, r)
+
+    def left_product(self, u=None, coeffs=None):
+        """U M for every layer, float32: (*stack, d1, r).
+
+        Uses the pattern's structured product when it has one (plain: a column scale; banded:
+        shifted slices), else gather/segment_sum; layers of a stacked kernel are vmapped.
+        """
+        meta = self.meta
+        spec = meta.spec
+        u = jnp.asarray(self.u if u is None else u, jnp.float32)
+        coeffs = jnp.asarray(self.coefficients() if coeffs is None else coeffs, jnp.float32)
+        stack = meta.layout.stack_shape
+        rows, cols = meta.rows.array, meta.cols.array
+        if spec.left_product is not None:
+            def one_layer(u_layer, c_layer, rows_layer, cols_layer):
+                return spec.left_product(u_layer, c_layer, rows_layer, cols_layer, meta.options)
+        else:
+            sorted_cols = bool(np.all(np.diff(cols, axis=-1) >= 0))
+
+            def one_layer(u_layer, c_layer, rows_layer, cols_layer):
+                return gather_left_product(u_layer, c_layer, rows_layer, cols_layer, sorted_cols)
+        if not stack:
+            return one_layer(u, coeffs, rows, cols)
+        layers = math.prod(stack)
+        u_flat = u.reshape(layers, *u.shape[len(stack):])
+        c_flat = coeffs.reshape(layers, -1)
+        if meta.per_layer_indices:
+            out = jax.vmap(one_layer)(u_flat, c_flat, jnp.asarray(rows.reshape(layers, -1)), jnp.asarray(cols.reshape(layers, -1)))
+        else:
+            out = jax.vmap(lambda a, b: one_layer(a, b, rows, cols))(u_flat, c_flat)
+        return out.reshape(*stack, *out.shape[1:])
+
+    # ---- the protocol --------------------------------------------------------------------
+    def delta(self):
+        """ΔW = U M Vᵀ, float32: (*stack, d1, d2)."""
+        v = jnp.asarray(self.v, jnp.float32)
+        return jnp.matmul(self.left_product(), jnp.swapaxes(v, -1, -2), precision=_HIGHEST)
+
+    def weight(self):
+        """W = W0 + U M Vᵀ, or U (diag(s) + M) Vᵀ without a stored W0. float32 (*stack, d1, d2)."""
+        if self.base is not None:
+            return self.base_matrix() + self.delta()
+        um = self.left_product() + jnp.asarray(self.u, jnp.float32) * jnp.asarray(self.s, jnp.float32)[..., None, :]
+        return jnp.matmul(um, jnp.swapaxes(jnp.asarray(self.v, jnp.float32), -1, -2), precision=_HIGHEST)
+
+    def matmul(self, x, *, precision=None, preferred_element_type=None):
+        """x Wᵀ as x W0ᵀ + (x V)(U M)ᵀ (or (x V)(U (Σ + M))ᵀ without W0), W never formed.
+
+        U M (d1 × r) comes from the pattern's structured left product, so no dense r × r M is
+        formed and the gradient of m is computed on Ω only. x: (..., d2) -> (..., d1).
+        """
+        from svft_jax.transform._matmul import base_matmul, mm
+
+        um = self.left_product()
+        if self.base is None:
+            um = um + jnp.asarray(self.u, jnp.float32) * jnp.asarray(self.s, jnp.float32)[..., None, :]
+        h = mm(x, self.v, precision, preferred_element_type)  # (..., r)
+        y = mm(h.astype(x.dtype), jnp.swapaxes(um, -1, -2), precision, preferred_element_type)
+        if self.base is not None:
+            y = y + base_matmul(self.base, self.layout, x, precision, preferred_element_type)
+        return y
+
+    @property
+    def update_rank(self) -> int:
+        return self.meta.rank
+
+    def describe(self) -> str:
+        meta = self.meta
+        detail = {"banded": f"d={meta.d}", "random": f"seed={meta.seed}"}.get(meta.pattern, "")
+        return f"svft-{meta.pattern}({detail})" if detail else f"svft-{meta.pattern}"
+
+    @property
+    def entries_per_layer(self) -> int:
+        """|Ω| (the reference gate is counted in `num_trainable`, not here)."""
+        return self.meta.num_entries
+
+    def notes(self) -> str:
+        n = self.meta.near_repeated
+        return f"{n} near-repeated σ" if n else ""
+
+    def reference_kernel(self):
+        """The authors' forward: dense M from its sparse values, W = U (Σ + M) Vᵀ (+ W0 − UΣVᵀ
+        when W0 is kept), in the kernel's layout."""
+        layout = self.layout
+        dense_m = self.dense_coefficients()
+        u = jnp.asarray(self.u, jnp.float32)
+        v = jnp.asarray(self.v, jnp.float32)
+        if self.base is None:
+            core = dense_m + jnp.eye(self.meta.rank) * jnp.asarray(self.s, jnp.float32)[..., None, :]
+            w = (u @ core) @ jnp.swapaxes(v, -1, -2)
+        else:
+            w = layout.to_matrix(jnp.asarray(self.base, jnp.float32)) + (u @ dense_m) @ jnp.swapaxes(v, -1, -2)
+        return layout.from_matrix(w).astype(layout.dtype)
+
+    # ---- construction --------------------------------------------------------------------
+    @classmethod
+    def build(cls, plans, kernels, *, factors=None, batch: int = 16, progress: bool = False):
+        """{path: SVFTNode} for `plans`: SVDs (batched by shape; looked up in / stored to the
+        `factors` store), Ω, initial M. The one constructor of `apply`, adapter files and the
+        factor cache."""
+        computed = _factorize.factorize(plans, kernels, factors, batch=batch, progress=progress)
+        nodes = {}
+        for plan in plans:
+            u, s, v = computed[plan.path]
+            rows, cols = _pattern_indices(plan, u, v)
+            m, gate = _initial_values(plan, rows.shape[-1])
+            dtype = jnp.dtype(plan.factor_dtype)
+            meta = SVFTMeta(plan, StaticIndices(rows), StaticIndices(cols), _near_repeated(s))
+            nodes[plan.path] = cls(
+                u=jnp.asarray(u, dtype), s=jnp.asarray(s, dtype), v=jnp.asarray(v, dtype), m=m, gate=gate,
+                base=kernels[plan.path] if plan.keep_base else None, meta=meta,
+            )
+        return nodes
+
+
+def _near_repeated(s) -> int:
+    s = np.asarray(s, np.float64)
+    if s.shape[-1] < 2:
+        return 0
+    top = np.maximum(s[..., :1], np.finfo(np.float64).tiny)
+    gaps = -np.diff(s, axis=-1) / top
+    return int(np.sum(gaps < NEAR_REPEATED_GAP))
+
+
+def _pattern_indices(plan: SVFTPlan, u, v) -> tuple[np.ndarray, np.ndarray]:
+    """Ω for one target: (n,) shared by all layers, or (*stack, n) for per-layer patterns."""
+    spec = plan.spec
+    stack = plan.layout.stack_shape
+    if not stack or not spec.per_layer:
+        args = (np.asarray(u), np.asarray(v)) if spec.needs_factors else (None, None)
+        return spec.indices(plan.rank, *args, plan.options, plan.key)
+    layers = math.prod(stack)
+    u_layers = np.asarray(u).reshape(layers, *np.shape(u)[len(stack):]) if spec.needs_factors else [None] * layers
+    v_layers = np.asarray(v).reshape(layers, *np.shape(v)[len(stack):]) if spec.needs_factors else [None] * layers
+    rows, cols = zip(*(spec.indices(plan.rank, u_layers[i], v_layers[i], plan.options, (*plan.key, i)) for i in range(layers)), strict=True)
+    n = rows[0].shape[0]
+    return np.stack(rows).reshape(*stack, n), np.stack(cols).reshape(*stack, n)
+
+
+def _initial_values(plan: SVFTPlan, n: int):
+    """(m, gate): zeros, or the authors' Kaiming-normal m (std √(2/|Ω|)) with a gate at 0."""
+    shape = (*plan.layout.stack_shape, n)
+    if plan.init == "zeros":
+        return jnp.zeros(shape, jnp.float32), None
+    # Without jax_enable_x64, jax.random.key keeps only the low 32 bits of a seed, so seeds
+    # 2**32 apart would collide; fold the high bits in (a no-op for seeds below 2**32).
+    seed = plan.seed
+    key = jax.random.key(seed & 0xFFFFFFFF)
+    if seed >> 32:
+        key = jax.random.fold_in(key, (seed >> 32) & 0xFFFFFFFF)
+    key = jax.random.fold_in(key, plan.key[0] & 0x7FFFFFFF)
+    m = jax.random.normal(key, shape, jnp.float32) * np.sqrt(2.0 / n)
+    return m, jnp.zeros(plan.layout.stack_shape, jnp.float32)
+
+
+# ---- apply ---------------------------------------------------------------------------------
+
+
+def _check_dtype_arg(value, name: str):
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as err:
+        raise TypeError(f"`{name}` must be a dtype, got {value!r}.") from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"`{name}` must be a floating dtype, got {dtype}.")
+    return dtype
+
+
+def _check_seed(seed) -> int:
+    """`seed` as a non-negative int (numpy's seeded Generator rejects negative seeds, but only
+    after the SVDs would have run)."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
+    if seed < 0:
+        raise ValueError(f"`seed` must be >= 0, got seed={seed}; pass a non-negative int.")
+    return int(seed)
+
+
+def _plan_target(path: str, leaf, config: dict, svd_backend: str, svd_dtype: str) -> SVFTPlan:
+    where = f"parameter {path!r}"
+    target = resolve_target(path, leaf, config.get("layout"))
+    layout = target.layout
+    try:
+        spec = get_pattern(config["pattern"])
+        seed = _check_seed(config["seed"])  # may come from `overrides`
+        options = PatternOptions(d=config["d"], k=config["k"], seed=seed)
+        spec.check(options)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"{where}: {err}") from err
+    full = min(layout.d1, layout.d2)
+    rank = config["rank"]
+    if rank is None:
+        rank = full
+    elif isinstance(rank, bool) or not isinstance(rank, int | np.integer):
+        raise TypeError(f"{where}: `rank` must be an int or None, got {type(rank).__name__}.")
+    elif not 1 <= rank <= full:
+        raise ValueError(f"{where}: rank={rank} is out of range; W is {layout.d1}×{layout.d2}, so rank must be in [1, {full}] (or None for full rank).")
+    rank = int(rank)
+    count = spec.count(rank, options)
+    if count > rank * rank:
+        raise ValueError(f"{where}: k={count} entries do not fit in the {rank}×{rank} grid of M (rank {rank}); use k ≤ {rank * rank} or a larger rank.")
+    init = config["init"]
+    if init not in INITS:
+        raise ValueError(f"`init` must be one of {INITS}, got {init!r} (for {where}).")
+    keep_base = config["keep_base"]
+    if not isinstance(keep_base, bool | np.bool_):
+        raise TypeError(f"{where}: `keep_base` must be a bool, got {keep_base!r}.")
+    if not keep_base and rank < full:
+        raise ValueError(f"{where}: keep_base=False needs full rank (rank={full}); with rank={rank} the residual W0 − U_r Σ_r V_rᵀ must stay frozen, so the base weight is kept.")
+    factor_dtype = _check_dtype_arg(config["factor_dtype"], "factor_dtype")
+    if not keep_base and factor_dtype.itemsize < 4:
+        warnings.warn(
+            f"{where}: factor_dtype={factor_dtype.name} with keep_base=False rounds U, s, V, and U diag(s) Vᵀ "
+            "then differs from W0 by ~0.3% at M = 0 (bfloat16 has 8 mantissa bits). Keep W0 (keep_base=True) "
+            "for an exact base model, or use float32 factors.", PrecisionWarning, stacklevel=4)
+    check_finite(target)
+    backend = svd_backend if svd_backend != "randomized" or rank < full else _factorize.resolve_backend("auto")
+    return SVFTPlan(path=path, layout=layout, pattern=spec.name, d=options.d, k=options.k, seed=seed,
+                    rank=rank, init=init, factor_dtype=factor_dtype.name, keep_base=bool(keep_base),
+                    svd_backend=backend, svd_dtype=svd_dtype)
+
+
+def _compile_overrides(overrides, base_config: dict):
+    if overrides is None:
+        return []
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"`overrides` must be a mapping {{regex: {{option: value}}}}, got {type(overrides).__name__}.")
+    compiled = []
+    for regex, values in overrides.items():
+        if not isinstance(values, Mapping):
+            raise TypeError(f"overrides[{regex!r}] must be a dict of options, got {type(values).__name__}.")
+        unknown = set(values) - set(OVERRIDE_KEYS)
+        if unknown:
+            raise ValueError(f"overrides[{regex!r}] has unknown options {sorted(unknown)}; allowed: {OVERRIDE_KEYS}.")
+        if "pattern" in values and values["pattern"] != base_config["pattern"]:
+            inherited = [f"{key}={base_config[key]!r}" for key in ("d", "k") if key not in values and base_config[key] is not None]
+            if inherited:
+                raise ValueError(f"overrides[{regex!r}] changes pattern to {values['pattern']!r} but would inherit the global {', '.join(inherited)}; set them in the override explicitly (None to drop).")
+        compiled.append((regex, compile_regex(regex, f"overrides key {regex!r}"), dict(values)))
+    return compiled
+
+
+def apply(
+    params,
+    pattern: str = "plain",
+    *,
+    d: int | None = None,
+    k: int | None = None,
+    rank: int | None = None,
+    targets: str | None = None,
+    exclude: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: str | None = None,
+    seed: int = 0,
+    factor_dtype=jnp.float32,
+    init: str = "zeros",
+    svd_dtype: str = "float32",
+    keep_base: bool = True,
+    svd_backend: str = "auto",
+    factors: Mapping | MutableMapping | None = None,
+    svd_batch: int = 16,
+    progress: bool = False,
+):
+    """Replace target kernels by SVFT nodes: W = W0 + U M Vᵀ with M sparse on a pattern Ω.
+
+    SVFT (Lingam et al., NeurIPS 2024, arXiv:2405.19597), §3.
+
+    Args:
+      params: any parameter pytree (Flax linen `params`, NNX state or pure dict, HF `model.params`).
+      pattern: "plain" (diagonal), "banded" (|i − j| ≤ d), "random" (k seeded positions) or
+        "topk" (k largest |u_iᵀ v_j|), or any name added with `register_pattern`.
+      d: band half-width for "banded"; for random/top-k without `k`, the budget of the d-band.
+      k: number of trainable entries per target for random/top-k.
+      rank: singular triplets kept (None: r = min(d1, d2)). With rank < r, W0 stays frozen
+        beside U_r, V_r, so M = 0 still gives W0 exactly.
+      targets: regex matched in full against '/'-joined paths (e.g. '.*(query|value)/kernel');
+        None picks every 2-D (or N-D) 'kernel' outside embeddings, norms, biases and heads.
+      exclude: regex of paths never adapted (must match some parameter).
+      overrides: {regex: {option: value}}; the first regex that matches a target's path
+        overrides `pattern`, `d`, `k`, `rank`, `seed`, `init`, `factor_dtype`, `keep_base` or
+        `layout` for it. Every regex must match a target.
+      extra: regex of leaves trained in full beside the adapters (a new head, e.g.
+        'classifier/.*'); they are marked `Trainable` in the result, so `split`, `optimizer`,
+        `summary` and `save_adapter` need not be told again.
+      seed: seeds the random pattern and init="reference" (with a checksum of each path).
+      factor_dtype: dtype of the stored U, s, V (M is always float32).
+      init: "zeros" (M = 0) or "reference" (the authors' Kaiming-normal m · sigmoid(gate)).
+      svd_dtype: "float32" or "float64".
+      keep_base: store W0 in the node (exact W0 at M = 0, needed by factored execution).
+      svd_backend: "auto" (LAPACK on a CPU host, XLA on an accelerator), "jax", "numpy" or
+        "randomized" (truncated rank only). The resolved back-end is recorded in each node, so
+        an adapter file reloads with the routine that made its factors.
+      factors: a factor store — a Mapping from `svft_jax.checkpoint.factor_key`-style keys to
+        (u, s, v) — read before computing an SVD and, if mutable, written after
+        (`svft_jax.checkpoint.load_factor_cache(path)` gives one backed by a file).
+      svd_batch: how many same-shaped matrices one batched SVD call takes.
+      progress: show a progress bar over SVD batches.
+    Returns:
+      `params` with each target leaf replaced by an `SVFTNode` (and `extra` leaves marked).
+    Raises:
+      ValueError/TypeError naming the parameter path, before any SVD runs.
+    """
+    seed = _check_seed(seed)
+    if svd_dtype not in _factorize.SVD_DTYPES:
+        raise ValueError(f"`svd_dtype` must be one of {_factorize.SVD_DTYPES}, got {svd_dtype!r}; to store the factors in bfloat16 pass factor_dtype=jnp.bfloat16.")
+    backend = _factorize.resolve_backend(svd_backend)
+    if isinstance(svd_batch, bool) or not isinstance(svd_batch, int) or svd_batch < 1:
+        raise ValueError(f"`svd_batch` must be a positive int, got {svd_batch!r}.")
+    _check_dtype_arg(factor_dtype, "factor_dtype")
+    base_config = {"pattern": pattern, "d": d, "k": k, "rank": rank, "seed": seed, "init": init,
+                   "factor_dtype": factor_dtype, "layout": None, "keep_base": keep_base}
+    compiled = _compile_overrides(overrides, base_config)
+    layouts = {text: values["layout"] for text, _, values in compiled if "layout" in values}
+    chosen = select_targets(params, targets, exclude, layouts=layouts)
+    unused = [text for text, regex, _ in compiled if not any(matches(regex, p) for p in chosen)]
+    if unused:
+        raise ValueError(f"overrides key {unused[0]!r} matches none of the {len(chosen)} targets (e.g. {chosen[:3]}); fix the regex or drop it.")
+    leaves = flatten_by_path(params)
+
+    def config_for(path):
+        config = dict(base_config)
+        for _, regex, values in compiled:
+            if matches(regex, path):
+                config.update(values)
+                break
+        return config
+
+    plans = [_plan_target(path, leaves[path], config_for(path), backend, svd_dtype) for path in chosen]
+    check_extra(leaves, extra, chosen)
+    nodes = SVFTNode.build(plans, leaves, factors=factors, batch=svd_batch, progress=progress)
+    return mark_trainable(replace_leaves(params, nodes), extra)
+
