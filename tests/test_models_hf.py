@@ -339,7 +339,7 @@ def test_gpt2_conv1d_kernels_are_read_as_stored_out_by_in_matrices():
 
 def test_gpt2_user_overrides_keep_the_conv1d_layout():
     model = FAMILIES["gpt2"].build()
-    adapted = svft_models.adapt(model, pattern="banded", d=1, overrides={r".*attn/c_attn/kernel": {"pattern": "plain"}}, **SVD)
+    adapted = svft_models.adapt(model, pattern="banded", d=1, overrides={r".*attn/c_attn/kernel": {"pattern": "plain", "d": None}}, **SVD)
     block = adapted["transformer"]["h"]["0"]
     fused, mlp = block["attn"]["c_attn"]["kernel"], block["mlp"]["c_fc"]["kernel"]
     assert fused.meta.pattern == "plain" and fused.meta.layout.d1 == 3 * HIDDEN  # the user's option, our layout

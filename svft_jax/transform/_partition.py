@@ -34,7 +34,9 @@ def extra_paths(tree, extra: str | None, caller: str) -> set[str]:
     if extra_re is None:
         return marked
     plain = {p for p, x in leaves.items() if not is_special(x) and x is not None}
-    matched = {p for p in plain | marked if matches(extra_re, p)}
+    # On one half of `split`, the other half's leaves are None positions: a regex may name them.
+    holes = {path_to_str(p) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0] if x is None}
+    matched = {p for p in plain | marked | holes if matches(extra_re, p)}
     if marked:
         if matched != marked:
             only_regex, only_marked = sorted(matched - marked), sorted(marked - matched)

@@ -95,7 +95,7 @@ def select_targets(params, targets: str | None = None, exclude: str | None = Non
     for name, leaf in leaves.items():
         if is_node(leaf):
             # Another method's target (a mixed tree); naming it as a target is an error.
-            if matches(targets_re, name) or targets_re is None and not any(not is_special(x) for x in leaves.values()):
+            if matches(targets_re, name):
                 raise ValueError(f"parameter {name!r} is already an adapter node; adapt the original params (or `merge` first).")
             continue
         if is_marker(leaf) or matches(exclude_re, name):
@@ -108,6 +108,9 @@ def select_targets(params, targets: str | None = None, exclude: str | None = Non
         elif matches(targets_re, name):
             chosen.append(name)
     if not chosen:
+        nodes = [p for p, x in leaves.items() if is_node(x)]
+        if nodes:
+            raise ValueError(f"parameter {nodes[0]!r} is already an adapter node and no other parameter is a target; adapt the original params (or `merge` first).")
         sample = list(leaves)[:8]
         what = f"targets={targets!r}" if targets is not None else "the default targets (2-D+ 'kernel' leaves outside embeddings, norms and heads)"
         hint = " (the tree is empty: did you pass the model's params?)" if not leaves else ""
