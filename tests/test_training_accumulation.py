@@ -9,6 +9,9 @@ than the tolerance, so the test can fail. Donation is checked on the buffers the
 (`is_deleted`) and on the caller's values.
 """
 
+import copy
+import pickle
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -330,6 +333,9 @@ def test_loss_output_unpacks_as_a_pair_and_survives_jit():
     np.testing.assert_allclose(loss, np.log(2.0), rtol=1e-6)
     np.testing.assert_allclose(output.count, 1.5)
     assert set(metrics) == {"accuracy"}
+    for copied in (copy.deepcopy(output), pickle.loads(pickle.dumps(output))):
+        assert isinstance(copied, LossOutput) and float(copied.count) == 1.5
+        np.testing.assert_allclose(copied[0], loss)
 
 
 # ---------------------------------------------------------------------------- donation
@@ -362,7 +368,7 @@ def test_donating_trainable_keeps_the_callers_params_and_adapted_arrays():
     # ... and passing a consumed one again is refused with the path and the fix.
     with pytest.raises(
         ValueError,
-        match=r"trainable\['head'\]\['kernel'\] was deleted.*pass that call's returned arrays",
+        match=r"trainable\['head'\]\['kernel'\] was deleted.*pass the last call's returned arrays",
     ):
         step(outputs[0], frozen, opt_state, batch, jax.random.key(9))
 
@@ -411,3 +417,24 @@ def test_donating_only_opt_state_by_default_leaves_trainable_outputs_alive():
         leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(s1) if isinstance(leaf, jax.Array)
     )
     del t2, s2
+
+
+def test_donation_guard_keeps_the_placement_of_sharded_arrays():
+    """A committed (mesh-placed) trainable is copied onto the same sharding, so the step still
+    runs next to frozen arrays on the mesh, and the caller's placed arrays stay valid."""
+    params, adapted = classifier()
+    batch = classification_batch()
+    trainable, frozen = svft_jax.split(adapted, extra=HEAD)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    trainable, frozen = jax.device_put((trainable, frozen), replicated)
+    placed_head = trainable["head"]["kernel"]
+    tx = optax.sgd(0.1)
+    step = make_train_step(classification_fn, tx, donate=("trainable", "opt_state"))
+    new_trainable, _, _ = step(trainable, frozen, tx.init(trainable), batch, jax.random.key(0))
+    assert not placed_head.is_deleted() and placed_head.sharding == replicated
+    assert new_trainable["head"]["kernel"].sharding.is_equivalent_to(replicated, 2)
+    reference, _, _ = make_train_step(classification_fn, tx, donate=())(
+        *svft_jax.split(adapted, extra=HEAD), tx.init(trainable), batch, jax.random.key(0)
+    )
+    assert_trees_close(new_trainable, reference)

@@ -48,6 +48,9 @@ class LossOutput(tuple):
         output.count = count
         return output
 
+    def __getnewargs__(self):  # copy, deepcopy and pickle rebuild it through __new__
+        return (self[0], self[1], self.count)
+
     def __repr__(self):
         return f"LossOutput(loss={self[0]!r}, metrics={self[1]!r}, count={self.count!r})"
 

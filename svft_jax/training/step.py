@@ -223,44 +223,62 @@ def train_step_fn(
     return step
 
 
+def _is_concrete_array(x, _fast_types: set = set()) -> bool:  # noqa: B006 (a cache on purpose)
+    """A jax.Array holding buffers (not a tracer, not numpy). Called per leaf per step, so the
+    concrete array type, once seen, is recognised without the slower ABC isinstance."""
+    kind = type(x)
+    if kind in _fast_types:
+        return True
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        _fast_types.add(kind)
+        return True
+    return False
+
+
 class _DonatingTrainStep:
     """The jitted step behind `make_train_step`, guarding what it donates.
 
     XLA deletes a donated input's buffer. The arrays a user passes in first usually share
     buffers with trees they still hold (`split` returns the adapted tree's own M and head
     arrays, which `apply` passed through from `params`; some optimiser states hold the params
-    themselves), so those are copied once before donation. Arrays this step returned are
-    donated as they are: that is the memory saving donation exists for.
+    themselves), so those are copied once before donation. The arrays the previous call
+    returned are donated as they are: that is the memory saving donation exists for.
     """
 
     def __init__(self, jitted, donated_argnums: tuple[int, ...]):
         self._jitted = jitted
         self._donated = donated_argnums
-        # Arrays this step produced, by id; weak, so that the step keeps nothing alive.
-        self._produced: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        # id -> weak reference, for the arrays the last call returned: weak, so that the step
+        # keeps nothing alive; checked by identity, so a reused id never matches.
+        self._produced: dict[int, weakref.ref] = {}
         self.lower = jitted.lower
 
     def _own(self, x) -> bool:
-        return self._produced.get(id(x)) is x
+        ref = self._produced.get(id(x))
+        return ref is not None and ref() is x
 
     def _guard(self, argnum: int, tree, seen: set):
-        """`tree` with every leaf that may be shared elsewhere replaced by a copy."""
-        leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        leaves = [leaf for _, leaf in leaves_with_paths]
+        """`tree` with every array that may be shared elsewhere replaced by a copy."""
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
         to_copy = []
-        for index, (path, leaf) in enumerate(leaves_with_paths):
-            if not isinstance(leaf, jax.Array) or isinstance(leaf, jax.core.Tracer):
+        for index, leaf in enumerate(leaves):
+            if not _is_concrete_array(leaf):
                 continue  # numpy/python leaves are transferred (copied) by jit anyway
+            if self._own(leaf) and id(leaf) not in seen:
+                seen.add(id(leaf))
+                continue
             if leaf.is_deleted():
-                name = _ARG_NAMES[argnum] + jax.tree_util.keystr(path)
+                path = jax.tree_util.tree_flatten_with_path(tree)[0][index][0]
                 raise ValueError(
-                    f"train_step: {name} was deleted, having been donated to an earlier call of "
-                    "this train step; pass that call's returned arrays instead, and copy "
-                    "(np.asarray / jnp.copy) any you want to keep before passing them back."
+                    f"train_step: {_ARG_NAMES[argnum]}{jax.tree_util.keystr(path)} was deleted, "
+                    "having been donated to an earlier call of this train step; pass the last "
+                    "call's returned arrays instead, and copy (np.asarray / jnp.copy) any you "
+                    "want to keep before passing them back."
                 )
-            if not self._own(leaf) or id(leaf) in seen:
-                to_copy.append(index)
             seen.add(id(leaf))
+            to_copy.append(index)
+        if not to_copy:
+            return tree
         # A committed array keeps its placement (sharding); an uncommitted one stays free to
         # move, so the copy mixes with the other arguments exactly as the original would.
         committed = [index for index in to_copy if leaves[index].committed]
@@ -282,9 +300,11 @@ class _DonatingTrainStep:
         for argnum in self._donated:
             args[argnum] = self._guard(argnum, args[argnum], seen)
         trainable, opt_state, metrics = self._jitted(*args)
-        for leaf in jax.tree_util.tree_leaves((trainable, opt_state)):
-            if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):
-                self._produced[id(leaf)] = leaf
+        self._produced = {
+            id(leaf): weakref.ref(leaf)
+            for leaf in jax.tree_util.tree_leaves((trainable, opt_state))
+            if _is_concrete_array(leaf)
+        }
         return trainable, opt_state, metrics
 
 
