@@ -164,7 +164,8 @@ def test_micro_batches_are_strided_and_rng_folded_per_micro_batch():
     tx = optax.sgd(1.0)
     trainable = {"w": jnp.ones(2)}
     step = make_train_step(rng_loss, tx, accumulation_steps=2)
-    _, _, metrics = step(trainable, {"w": None}, tx.init(trainable), {"x": np.zeros((4, 1))}, jax.random.key(7))
+    with pytest.warns(svft_jax.training.AccumulationWeightingWarning, match="without a count"):
+        _, _, metrics = step(trainable, {"w": None}, tx.init(trainable), {"x": np.zeros((4, 1))}, jax.random.key(7))
     expected = np.mean([jax.random.uniform(jax.random.fold_in(jax.random.key(7), i), ()) for i in range(2)])
     np.testing.assert_allclose(metrics["noise"], expected, rtol=1e-6)
 
@@ -194,19 +195,25 @@ def test_bad_inputs_fail_with_clear_errors():
         make_train_step(lambda a, b, r: loss_fn(a, b, r)[0], tx)(trainable, frozen, opt_state, batch, jax.random.key(0))
     with pytest.raises(ValueError, match="accumulation_steps must be a positive int"):
         make_train_step(loss_fn, tx, accumulation_steps=0)
-    with pytest.raises(ValueError, match="donate must be"):
-        make_train_step(loss_fn, tx, donate=("frozen",))
+    for donate in [("frozen",), "trainable", None]:
+        with pytest.raises(ValueError, match="donate must be"):
+            make_train_step(loss_fn, tx, donate=donate)
+    with pytest.raises(ValueError, match="count must be a scalar"):
+        make_train_step(lambda a, b, r: (*loss_fn(a, b, r), jnp.ones(2)), tx)(trainable, frozen, opt_state, batch, jax.random.key(0))
     with pytest.raises(ValueError, match="`trainable` has no arrays"):
         make_train_step(loss_fn, tx)(jax.tree_util.tree_map(lambda _: None, trainable), adapted, opt_state, batch, jax.random.key(0))
 
 
-def test_donated_opt_state_is_consumed_but_trainable_input_survives():
+def test_default_donation_keeps_the_callers_trainable_and_opt_state():
     adapted, batch = tiny_problem()
     tx = svft_jax.optimizer(optax.adam(1e-2), adapted)
     trainable, frozen = svft_jax.split(adapted)
     opt_state = tx.init(trainable)
+    m_before = np.array(adapted["layer1"]["kernel"].m)
     make_train_step(loss_fn, tx)(trainable, frozen, opt_state, batch, jax.random.key(0))
-    assert np.isfinite(np.asarray(adapted["layer1"]["kernel"].m)).all()  # not donated: still readable
+    np.testing.assert_array_equal(adapted["layer1"]["kernel"].m, m_before)  # not donated
+    # The caller's opt_state was donated only through a copy (see test_training_accumulation).
+    assert not any(x.is_deleted() for x in jax.tree_util.tree_leaves(opt_state) if isinstance(x, jax.Array))
 
 
 # ---------------------------------------------------------------------------- losses
@@ -254,6 +261,78 @@ def test_regression_loss_is_mse(rng):
     assert metrics["mse"] == loss
 
 
+def test_classification_loss_divides_by_the_weight_sum_even_below_one(rng):
+    """Fractional example weights summing to 0.5: the mean is Σ w·nll / 0.5 (not / max(Σ w, 1))."""
+    logits = rng.normal(size=(4, 3)).astype(np.float32)
+    labels = np.array([2, 0, 1, 1])
+    weights = np.array([0.25, 0.0, 0.25, 0.0], np.float32)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -log_probs[np.arange(4), labels]
+    output = losses.classification_loss(logits, labels, weights)
+    np.testing.assert_allclose(output[0], (0.25 * nll[0] + 0.25 * nll[2]) / 0.5, rtol=1e-6)
+    np.testing.assert_allclose(output.count, 0.5)
+    empty = losses.classification_loss(logits, labels, np.zeros(4))
+    assert float(empty[0]) == 0.0 and float(empty.count) == 0.0
+
+
+def test_losses_ignore_padding_rows_whatever_they_hold(rng):
+    logits = rng.normal(size=(3, 4)).astype(np.float32)
+    mask = np.array([1, 0, 1])
+    loss, _ = losses.classification_loss(logits, np.array([1, -100, 3]), mask)
+    reference, _ = losses.classification_loss(logits[[0, 2]], np.array([1, 3]))
+    np.testing.assert_allclose(loss, reference, rtol=1e-6)
+
+    def mse(predictions):
+        return losses.regression_loss(predictions, np.array([0.5, np.nan, -1.0]), mask)[0]
+
+    predictions = jnp.asarray([0.0, 2.0, 1.0])
+    value, grad = jax.value_and_grad(mse)(predictions)
+    np.testing.assert_allclose(value, (0.25 + 4.0) / 2, rtol=1e-6)
+    np.testing.assert_allclose(grad, [-0.5, 0.0, 2.0], rtol=1e-6)  # d/dp Σ (p − t)² / 2
+
+
+def test_losses_refuse_wrong_ids_masks_and_dtypes(rng):
+    logits = rng.normal(size=(4, 3)).astype(np.float32)
+    labels = np.array([0, 1, 2, 1])
+    cases = [
+        (lambda: losses.classification_loss(logits, np.array([0, 3, 1, 1])), ValueError, r"labels must lie in \[0, 3\).*\[3\]"),
+        (lambda: losses.classification_loss(logits, np.array([0, -1, 1, 1])), ValueError, r"\[-1\].*mask=0"),
+        (lambda: losses.classification_loss(logits, np.array([-100, 1, 2, 1])), ValueError, "HF's -100"),
+        (lambda: losses.classification_loss(logits, labels, np.ones((4, 1))), ValueError, r"mask must have the labels' shape \(4,\)"),
+        (lambda: losses.classification_loss(logits, labels, np.array([1, -1, 1, 1])), ValueError, "finite and ≥ 0"),
+        (lambda: losses.classification_loss(logits, labels, np.array([1, np.nan, 1, 1])), ValueError, "finite and ≥ 0"),
+        (lambda: losses.classification_loss(logits, labels.astype(np.float32)), TypeError, "integer class/token ids"),
+        (lambda: losses.classification_loss(labels, labels), TypeError, "logits must be floating"),
+        (lambda: losses.causal_lm_loss(logits[:, None], np.zeros((4, 1), int)), ValueError, "T ≥ 2"),
+        (lambda: losses.causal_lm_loss(logits.reshape(2, 2, 3), np.array([[0, 5], [1, 1]])), ValueError, "tokens must lie in"),
+        (lambda: losses.causal_lm_loss(logits.reshape(2, 2, 3), np.ones((2, 2), int), np.ones((2, 3))), ValueError, "mask must have the tokens' shape"),
+        (lambda: losses.regression_loss(logits[:, 0], labels, np.ones((4, 1))), ValueError, "mask must have the targets' shape"),
+    ]
+    for call, error, pattern in cases:
+        with pytest.raises(error, match=pattern):
+            call()
+    # A counted position outside the vocabulary is refused; one under mask 0 is not.
+    tokens = np.array([[0, 5], [1, 1]])
+    losses.causal_lm_loss(logits.reshape(2, 2, 3), tokens, np.array([[1, 0], [1, 1]]))
+
+
+def test_inside_jit_a_bad_label_gives_nan_loss_and_zero_gradient(rng):
+    """Traced values cannot raise: the batch is made visibly NaN, and does not train."""
+    logits = jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)
+
+    @jax.jit
+    def loss_and_grad(logits, labels):
+        return jax.value_and_grad(lambda z: losses.classification_loss(z, labels)[0])(logits)
+
+    good_loss, good_grad = loss_and_grad(logits, jnp.array([0, 1, 2, 1]))
+    assert np.isfinite(good_loss) and np.abs(good_grad).sum() > 0
+    bad_loss, bad_grad = loss_and_grad(logits, jnp.array([0, 1, 7, 1]))
+    assert np.isnan(bad_loss)
+    np.testing.assert_array_equal(bad_grad, np.zeros_like(bad_grad))
+    output = jax.jit(losses.causal_lm_loss)(logits.reshape(2, 2, 3), jnp.array([[0, -1], [1, 1]]))
+    assert np.isnan(output[0]) and np.isnan(output[1]["token_accuracy"]) and float(output.count) == 0.0
+
+
 # ---------------------------------------------------------------------------- schedules
 
 
@@ -293,6 +372,18 @@ def test_schedule_arguments_are_checked():
         schedules.warmup_cosine(1e-3, 0)
     with pytest.raises(ValueError, match="schedule must be one of"):
         schedules.make_schedule("step", 1e-3, 10)
+    for bad in [float("nan"), float("inf"), -1e-3]:
+        with pytest.raises(ValueError, match="peak_lr must be a finite number ≥ 0"):
+            schedules.make_schedule("cosine", bad, 10)
+        with pytest.raises(ValueError, match="end_lr must be a finite number ≥ 0"):
+            schedules.warmup_linear(1e-3, 10, end_lr=bad)
+    with pytest.raises(TypeError, match="peak_lr must be a real number"):
+        schedules.warmup_constant("1e-3", 10)
+    with pytest.raises(ValueError, match="total_steps"):
+        schedules.warmup_linear(1e-3, 10.0)
+    # numpy / jax scalars and numpy ints are fine.
+    np.testing.assert_allclose(schedules.warmup_linear(np.float32(2.0), np.int64(10))(5), 1.0)
+    np.testing.assert_allclose(schedules.warmup_constant(jnp.asarray(0.5), 4)(3), 0.5)
     np.testing.assert_allclose(schedules.make_schedule("constant", 2.0, 10, 4)(2), 1.0)
 
 

@@ -5,10 +5,17 @@ losses and learning-rate schedules.
 """
 
 from svft_jax.training import losses, schedules
-from svft_jax.training.losses import causal_lm_loss, classification_loss, regression_loss
+from svft_jax.training.losses import (
+    LossOutput,
+    causal_lm_loss,
+    classification_loss,
+    regression_loss,
+    weighted_mean,
+)
 from svft_jax.training.optim import optimizer
 from svft_jax.training.schedules import make_schedule, warmup_constant, warmup_cosine, warmup_linear
 from svft_jax.training.step import (
+    AccumulationWeightingWarning,
     make_eval_step,
     make_train_step,
     split_micro_batches,
@@ -16,6 +23,8 @@ from svft_jax.training.step import (
 )
 
 __all__ = [
+    "AccumulationWeightingWarning",
+    "LossOutput",
     "causal_lm_loss",
     "classification_loss",
     "losses",
@@ -30,4 +39,5 @@ __all__ = [
     "warmup_constant",
     "warmup_cosine",
     "warmup_linear",
+    "weighted_mean",
 ]
