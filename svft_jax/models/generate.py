@@ -1,0 +1,244 @@
+"""Batched greedy / sampled decoding of a (SVFT-adapted) Flax causal LM with a KV cache.
+
+    out = svft_jax.models.generate(model, adapted, [[1, 2, 3], [4, 5]], max_new_tokens=32)
+    out.tokens      # (2, 32) int32: generated ids, pad_token_id after each row's stop token
+    out.lengths     # (2,) tokens generated per row, the stop token included
+    texts = svft_jax.models.generate_text(model, adapted, tokenizer, ["The capital of France is"])
+
+One jitted program per (model, batch, prompt length, max_new_tokens, sampling settings): the
+adapter is merged once (`svft_jax.merge`; a plain parameter tree passes through unchanged),
+the left-padded prompts run in one forward that fills the model's cache
+(`init_cache` / `past_key_values`, as transformers' Flax `generate` uses it), then a
+`lax.while_loop` feeds one token per step until every row has emitted a stop token or
+`max_new_tokens` are done. Ragged prompts are left-padded: pad positions are masked out of
+attention and positions count real tokens only (`cumsum(mask) - 1`), so a row's output does
+not depend on the other rows of the batch.
+
+Why not transformers' `model.generate`: it works on merged params, but re-traces its loop on
+every call (params are not an argument of a jitted function), and its defaults come from the
+model's generation config; this loop takes the params as a traced argument, so a training
+loop can call it every evaluation without recompiling.
+
+Works with any transformers Flax causal LM whose cache follows FlaxLlama's protocol
+(Llama, Mistral, Gemma, GPT-J, GPT-Neo, GPT-2 families).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["GenerationOutput", "generate", "generate_text", "left_pad"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOutput:
+    """What `generate` returns (numpy arrays).
+
+    Attributes:
+      tokens: (B, max_new_tokens) int32 generated ids; after a row's stop token, pad_token_id.
+      lengths: (B,) int32 number of generated tokens per row, its stop token included.
+      stopped: (B,) bool, True where the row emitted a stop token.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    stopped: np.ndarray
+
+    def sequences(self) -> list[list[int]]:
+        """Each row's generated ids up to and including its stop token."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad ragged token-id lists: ((B, T) int32 ids, (B, T) int32 attention mask), T = longest prompt."""
+    if isinstance(prompts, (str, bytes)) or not len(prompts):
+        raise ValueError("left_pad: prompts must be a non-empty list of token-id lists (tokenize text first).")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"left_pad: prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
+    width = max(lengths)
+    ids = np.full((len(prompts), width), pad_token_id, np.int32)
+    mask = np.zeros((len(prompts), width), np.int32)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = np.asarray(prompt, np.int32)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+    max_new_tokens: int
+    stop: tuple[int, ...]
+    pad: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+
+
+def _filter_logits(logits, settings: _Settings):
+    """Temperature, then top-k, then top-p (nucleus) on (B, V) float32 logits; dropped entries are -inf."""
+    logits = logits / settings.temperature
+    if settings.top_k is not None:
+        kth = jax.lax.top_k(logits, settings.top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if settings.top_p is not None and settings.top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+        keep = (jnp.cumsum(probs, axis=-1) - probs) < settings.top_p
+        threshold = jnp.take_along_axis(ordered, keep.sum(-1, keepdims=True) - 1, axis=-1)
+        logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    return logits
+
+
+def _choose(logits, rng, settings: _Settings):
+    logits = logits.astype(jnp.float32)
+    if settings.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, _filter_logits(logits, settings), axis=-1).astype(jnp.int32)
+
+
+def _empty_cache(model, batch: int, length: int):
+    # Shapes only: `init_cache` runs a whole random-weight forward pass to find them.
+    shapes = jax.eval_shape(lambda: model.init_cache(batch, length))
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _decode(model, settings: _Settings, params, ids, mask, rng):
+    from svft_jax import merge
+
+    params = merge(params)
+    batch, prompt_len = ids.shape
+    steps = settings.max_new_tokens
+    total = prompt_len + steps
+    full_mask = jnp.concatenate([mask, jnp.ones((batch, steps), mask.dtype)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    out = model(ids, attention_mask=full_mask, position_ids=positions, params=params,
+                past_key_values=_empty_cache(model, batch, total))
+    stop = jnp.asarray(settings.stop or (-1,), jnp.int32)
+    next_position = positions[:, -1:] + 1
+
+    def cond(carry):
+        step, _, _, _, done = carry
+        return (step < steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, tokens, cache, logits, done = carry
+        token = _choose(logits, jax.random.fold_in(rng, step), settings)
+        token = jnp.where(done, settings.pad, token)
+        tokens = tokens.at[:, step].set(token)
+        done = done | jnp.isin(token, stop)
+        out = model(token[:, None], attention_mask=full_mask, position_ids=next_position + step, params=params,
+                    past_key_values=cache)
+        return step + 1, tokens, out.past_key_values, out.logits[:, -1], done
+
+    tokens = jnp.full((batch, steps), settings.pad, jnp.int32)
+    done = jnp.zeros((batch,), bool)
+    _, tokens, _, _, done = jax.lax.while_loop(cond, body, (0, tokens, out.past_key_values, out.logits[:, -1], done))
+    return tokens, done
+
+
+def _stop_ids(stop_token_id, config) -> tuple[int, ...]:
+    if stop_token_id is None:
+        stop_token_id = getattr(config, "eos_token_id", None)
+    if stop_token_id is None:
+        return ()
+    ids = (stop_token_id,) if isinstance(stop_token_id, (int, np.integer)) else tuple(stop_token_id)
+    if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and 0 <= i < config.vocab_size for i in ids):
+        raise ValueError(f"generate: stop_token_id must be token ids in [0, {config.vocab_size}), got {stop_token_id!r}.")
+    return tuple(int(i) for i in ids)
+
+
+def generate(model, params, prompts, *, max_new_tokens: int, attention_mask=None, stop_token_id=None,
+             pad_token_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, rng=None) -> GenerationOutput:
+    """Decode up to `max_new_tokens` tokens after each prompt, greedily or by sampling.
+
+    Args:
+      model: a transformers Flax causal LM (e.g. from `load_pretrained`).
+      params: its parameters, plain or SVFT/LoRA-adapted (merged once per call).
+      prompts: a list of token-id lists (ragged; left-padded here), or a (B, T) int array of
+        left-padded ids with `attention_mask` (B, T) (1 = token, 0 = pad). Right padding is
+        refused: the last prompt position must be a real token.
+      max_new_tokens: decoding steps (≥ 1); T + max_new_tokens ≤ config.max_position_embeddings.
+      stop_token_id: an id or ids that end a row (kept in the output); default the config's
+        `eos_token_id`; `()` disables stopping.
+      pad_token_id: written after a row stops and used for left padding; default the config's
+        `pad_token_id`, else the first stop id, else 0.
+      temperature: 0 for greedy (argmax); > 0 samples from softmax(logits / temperature).
+      top_k: sample among the k most likely tokens only (k ≥ 1).
+      top_p: sample from the smallest set of most likely tokens whose probability reaches p
+        (0 < p ≤ 1); applied after top_k. Tokens tied at the threshold are all kept.
+      rng: a `jax.random` key, required when temperature > 0; step i uses `fold_in(rng, i)`.
+    Returns:
+      A `GenerationOutput` (numpy tokens, lengths, stopped).
+    Raises:
+      ValueError / TypeError: bad prompts, settings, or a context longer than the model's.
+    """
+    config = model.config
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
+    stop = _stop_ids(stop_token_id, config)
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (stop[0] if stop else 0)
+    if not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"generate: temperature must be a number >= 0 (0 = greedy), got {temperature!r}.")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+                              or not 1 <= top_k <= config.vocab_size):
+        raise ValueError(f"generate: top_k must be an int in [1, {config.vocab_size}] or None, got {top_k!r}.")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}.")
+    if temperature == 0 and (top_k is not None or top_p is not None):
+        raise ValueError("generate: top_k / top_p apply to sampling; pass temperature > 0 (or drop them for greedy).")
+    if temperature > 0 and rng is None:
+        raise ValueError("generate: sampling (temperature > 0) needs rng=jax.random.key(seed).")
+
+    if attention_mask is None and not (isinstance(prompts, np.ndarray | jax.Array) and np.ndim(prompts) == 2):
+        ids, mask = left_pad(prompts, pad_token_id)
+    else:
+        ids = np.asarray(prompts, np.int32)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        if ids.ndim != 2 or mask.shape != ids.shape:
+            raise ValueError(f"generate: prompts {ids.shape} and attention_mask {mask.shape} must be the same (B, T).")
+        if not np.all(np.diff(mask, axis=1) >= 0) or not mask[:, -1].all():
+            raise ValueError("generate: attention_mask must be left padding (0s then 1s, last column 1); "
+                             "tokenize with padding_side='left' or pass ragged token-id lists.")
+    if np.any(ids < 0) or np.any(ids >= config.vocab_size):
+        raise ValueError(f"generate: prompt ids must lie in [0, {config.vocab_size}).")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and ids.shape[1] + max_new_tokens > limit:
+        raise ValueError(f"generate: prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
+                         f"config.max_position_embeddings = {limit}.")
+    settings = _Settings(int(max_new_tokens), stop, int(pad_token_id), float(temperature),
+                         None if top_k is None else int(top_k), None if top_p is None else float(top_p))
+    rng = jax.random.key(0) if rng is None else rng
+    tokens, done = _decode(model, settings, params, jnp.asarray(ids), jnp.asarray(mask), rng)
+    tokens, done = np.asarray(tokens), np.asarray(done)
+    is_stop = np.isin(tokens, np.asarray(stop or (-1,)))
+    lengths = np.where(is_stop.any(1), is_stop.argmax(1) + 1, max_new_tokens).astype(np.int32)
+    return GenerationOutput(tokens=tokens, lengths=lengths, stopped=done)
+
+
+def generate_text(model, params, tokenizer, texts: Sequence[str], *, max_new_tokens: int,
+                  skip_special_tokens: bool = True, **kwargs: Any) -> list[str]:
+    """`generate` on tokenized `texts`, decoded to strings (the stop token dropped with the special tokens).
+
+    `kwargs` go to `generate`; `stop_token_id` defaults to the tokenizer's eos, `pad_token_id` to its pad.
+    """
+    if isinstance(texts, str):
+        raise TypeError("generate_text: texts must be a list of strings, not one string.")
+    kwargs.setdefault("stop_token_id", tokenizer.eos_token_id)
+    if tokenizer.pad_token_id is not None:
+        kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    prompts = [tokenizer(text)["input_ids"] for text in texts]
+    out = generate(model, params, prompts, max_new_tokens=max_new_tokens, **kwargs)
+    return [tokenizer.decode(seq, skip_special_tokens=skip_special_tokens) for seq in out.sequences()]
