@@ -5,7 +5,8 @@
     out.lengths     # (2,) tokens generated per row, the stop token included
     texts = svft_jax.models.generate_text(model, adapted, tokenizer, ["The capital of France is"])
 
-One jitted program per (model, batch, prompt length, max_new_tokens, sampling settings): the
+One jitted program per (model, batch, prompt length, max_new_tokens, greedy or sampled,
+number of stop ids); temperature, top-k, top-p, stop and pad ids are traced values. The
 adapter is merged once (`svft_jax.merge`; a plain parameter tree passes through unchanged),
 the left-padded prompts run in one forward that fills the model's cache
 (`init_cache` / `past_key_values`, as transformers' Flax `generate` uses it), then a
@@ -72,37 +73,21 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.nd
     return ids, mask
 
 
-@dataclasses.dataclass(frozen=True)
-class _Settings:
-    max_new_tokens: int
-    stop: tuple[int, ...]
-    pad: int
-    temperature: float
-    top_k: int | None
-    top_p: float | None
+def _filter_logits(logits, temperature, top_k, top_p):
+    """Temperature, then top-k, then top-p (nucleus) on (B, V) float32 logits; dropped entries are -inf.
 
-
-def _filter_logits(logits, settings: _Settings):
-    """Temperature, then top-k, then top-p (nucleus) on (B, V) float32 logits; dropped entries are -inf."""
-    logits = logits / settings.temperature
-    if settings.top_k is not None:
-        kth = jax.lax.top_k(logits, settings.top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if settings.top_p is not None and settings.top_p < 1.0:
-        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
-        probs = jax.nn.softmax(ordered, axis=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
-        keep = (jnp.cumsum(probs, axis=-1) - probs) < settings.top_p
-        threshold = jnp.take_along_axis(ordered, keep.sum(-1, keepdims=True) - 1, axis=-1)
-        logits = jnp.where(logits < threshold, -jnp.inf, logits)
-    return logits
-
-
-def _choose(logits, rng, settings: _Settings):
-    logits = logits.astype(jnp.float32)
-    if settings.temperature == 0.0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, _filter_logits(logits, settings), axis=-1).astype(jnp.int32)
+    `top_k` = V and `top_p` = 1 disable the filters; all three are traced scalars, so changing
+    them does not recompile.
+    """
+    logits = logits / temperature
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    kth = jax.lax.dynamic_index_in_dim(ordered, top_k - 1, axis=-1, keepdims=True)
+    ordered = jnp.where(ordered < kth, -jnp.inf, ordered)
+    probs = jax.nn.softmax(ordered, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the most likely token always stays).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p
+    threshold = jnp.take_along_axis(ordered, keep.sum(-1, keepdims=True) - 1, axis=-1)
+    return jnp.where(logits < jnp.maximum(kth, threshold), -jnp.inf, logits)
 
 
 def _empty_cache(model, batch: int, length: int):
@@ -111,20 +96,25 @@ def _empty_cache(model, batch: int, length: int):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _decode(model, settings: _Settings, params, ids, mask, rng):
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode(model, steps: int, sample: bool, params, ids, mask, stop, pad, temperature, top_k, top_p, rng):
+    """(tokens (B, steps), done (B,)); static: the model, the step count and greedy vs sampled."""
     from svft_jax import merge
 
     params = merge(params)
     batch, prompt_len = ids.shape
-    steps = settings.max_new_tokens
-    total = prompt_len + steps
     full_mask = jnp.concatenate([mask, jnp.ones((batch, steps), mask.dtype)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
     out = model(ids, attention_mask=full_mask, position_ids=positions, params=params,
-                past_key_values=_empty_cache(model, batch, total))
-    stop = jnp.asarray(settings.stop or (-1,), jnp.int32)
+                past_key_values=_empty_cache(model, batch, prompt_len + steps))
     next_position = positions[:, -1:] + 1
+
+    def choose(logits, step):
+        logits = logits.astype(jnp.float32)
+        if not sample:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        filtered = _filter_logits(logits, temperature, top_k, top_p)
+        return jax.random.categorical(jax.random.fold_in(rng, step), filtered, axis=-1).astype(jnp.int32)
 
     def cond(carry):
         step, _, _, _, done = carry
@@ -132,15 +122,14 @@ def _decode(model, settings: _Settings, params, ids, mask, rng):
 
     def body(carry):
         step, tokens, cache, logits, done = carry
-        token = _choose(logits, jax.random.fold_in(rng, step), settings)
-        token = jnp.where(done, settings.pad, token)
+        token = jnp.where(done, pad, choose(logits, step))
         tokens = tokens.at[:, step].set(token)
         done = done | jnp.isin(token, stop)
         out = model(token[:, None], attention_mask=full_mask, position_ids=next_position + step, params=params,
                     past_key_values=cache)
         return step + 1, tokens, out.past_key_values, out.logits[:, -1], done
 
-    tokens = jnp.full((batch, steps), settings.pad, jnp.int32)
+    tokens = jnp.full((batch, steps), pad, jnp.int32)
     done = jnp.zeros((batch,), bool)
     _, tokens, _, _, done = jax.lax.while_loop(cond, body, (0, tokens, out.past_key_values, out.logits[:, -1], done))
     return tokens, done
@@ -218,10 +207,13 @@ def generate(model, params, prompts, *, max_new_tokens: int, attention_mask=None
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"generate: prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                          f"config.max_position_embeddings = {limit}.")
-    settings = _Settings(int(max_new_tokens), stop, int(pad_token_id), float(temperature),
-                         None if top_k is None else int(top_k), None if top_p is None else float(top_p))
     rng = jax.random.key(0) if rng is None else rng
-    tokens, done = _decode(model, settings, params, jnp.asarray(ids), jnp.asarray(mask), rng)
+    # A -1 sentinel keeps the stop array's shape (1,) for "no stop" and one stop id: one compile.
+    stop_array = jnp.asarray(stop or (-1,), jnp.int32)
+    tokens, done = _decode(model, int(max_new_tokens), temperature > 0, params, jnp.asarray(ids), jnp.asarray(mask),
+                           stop_array, jnp.int32(pad_token_id), jnp.float32(max(temperature, 1e-6)),
+                           jnp.int32(config.vocab_size if top_k is None else top_k),
+                           jnp.float32(1.0 if top_p is None else top_p), rng)
     tokens, done = np.asarray(tokens), np.asarray(done)
     is_stop = np.isin(tokens, np.asarray(stop or (-1,)))
     lengths = np.where(is_stop.any(1), is_stop.argmax(1) + 1, max_new_tokens).astype(np.int32)
