@@ -366,12 +366,17 @@ def test_smollm2_knows_paris_and_english(smollm2):
     text = svft_models.generate_text(model, params, tok, ["The capital of France is"], max_new_tokens=6)[0]
     assert "Paris" in text, text
     nll = count = 0
-    for sentence in SENTENCES:
-        ids = np.asarray(tok(sentence)["input_ids"])[None]
-        logits = logits_of(model, params, ids[0])[:-1]
-        logp = logits - logits.max(-1, keepdims=True)
+    ids = [tok(sentence)["input_ids"] for sentence in SENTENCES]
+    assert max(map(len, ids)) <= 32
+    batch = np.zeros((len(ids), 32), np.int32)  # right padding: causal, so rows' real positions are unaffected
+    for row, seq in enumerate(ids):
+        batch[row, : len(seq)] = seq
+    logits = np.asarray(jax.jit(lambda p, x: model(x, params=p).logits)(params, batch), np.float64)
+    for row, seq in enumerate(ids):
+        logp = logits[row, : len(seq) - 1]
+        logp = logp - logp.max(-1, keepdims=True)
         logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
-        nll -= float(np.take_along_axis(logp, ids[0, 1:, None], 1).sum())
-        count += ids.shape[1] - 1
+        nll -= float(np.take_along_axis(logp, np.asarray(seq)[1:, None], 1).sum())
+        count += len(seq) - 1
     perplexity = float(np.exp(nll / count))
     assert perplexity < 40, perplexity
