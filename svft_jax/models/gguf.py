@@ -284,7 +284,8 @@ def load_gguf(path, model_class=None, *, dtype=None, **config_overrides) -> tupl
     """Load a llama-architecture GGUF file as a Flax causal LM and its float32 parameters.
 
     Args:
-      path: the .gguf file (e.g. `smollm2_path()`).
+      path: the .gguf file (e.g. `smollm2_path()`) or a `gguf.GGUFReader` of it (to share one
+        reader with `load_gguf_tokenizer`: parsing the metadata takes seconds).
       model_class: None (a causal LM: `FlaxLlamaForCausalLMTied`, which is transformers'
         FlaxLlamaForCausalLM when the file has its own output head) or `FlaxLlamaModel`
         (class or name) for the bare decoder (no head, no "model" prefix).
