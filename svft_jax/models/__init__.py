@@ -14,7 +14,7 @@ adapted model); every load makes transformers' Flax Llama/Mistral/Gemma honour
 `config.rope_theta` (`honour_rope_theta`).
 """
 
-from svft_jax.models.generate import GenerationOutput, generate, generate_text, left_pad
+from svft_jax.models.generation import GenerationOutput, generate, generate_text, left_pad
 from svft_jax.models.gguf import gguf_config, load_gguf, load_gguf_tokenizer, smollm2_path
 from svft_jax.models.hf import load_pretrained, minilm_path
 from svft_jax.models.layouts import attention_layouts, stacked_layouts
