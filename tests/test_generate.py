@@ -1,0 +1,150 @@
+"""KV-cache decoding (`svft_jax.models.generate`) on a tiny random Llama.
+
+Truths: greedy decoding with the cache equals, token by token, the argmax of a full forward
+pass over the whole sequence so far with no cache; a sampled token always lies in the top-k /
+top-p set of that same no-cache forward; a ragged batch (left-padded) gives each row exactly
+what the prompt alone gives; a stop token ends its row; an SVFT-adapted model decodes like its
+merged parameters (and at M = 0 like the base model).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import LlamaConfig
+
+import svft_jax
+import svft_jax.models as svft_models
+from svft_jax.models import hf
+
+CONFIG = LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, rope_theta=1e5, tie_word_embeddings=True,
+                     eos_token_id=2, pad_token_id=0)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    svft_models.honour_rope_theta()
+    model = hf.FlaxLlamaForCausalLMTied(CONFIG, _do_init=False)
+    rng = np.random.default_rng(0)
+    params = jax.tree_util.tree_map(lambda s: (0.7 * rng.standard_normal(s.shape)).astype(np.float32),
+                                    model.params_shape_tree)
+    forward = jax.jit(lambda p, ids: model(ids, params=p).logits)
+    return model, params, forward
+
+
+WIDTH = 32
+
+
+def no_cache_logits(forward, params, sequence):
+    """(len(sequence), vocab) logits of one sequence by one full forward pass, no cache.
+
+    Row t is the next-token distribution after sequence[:t + 1]. The sequence is right-padded
+    to WIDTH so that one compiled program serves every length: under the causal mask, tokens
+    after t cannot change row t.
+    """
+    ids = np.zeros((1, WIDTH), np.int32)
+    ids[0, : len(sequence)] = sequence
+    return np.asarray(forward(params, jnp.asarray(ids))[0, : len(sequence)])
+
+
+def test_greedy_cache_equals_full_forward_argmax(tiny):
+    model, params, forward = tiny
+    prompt = [5, 9, 11]
+    out = svft_models.generate(model, params, [prompt], max_new_tokens=8, stop_token_id=())
+    sequence = prompt + out.tokens[0].tolist()
+    # Step i's token must be the argmax after the prompt and the i tokens before it.
+    want = no_cache_logits(forward, params, sequence)[len(prompt) - 1: -1].argmax(-1)
+    np.testing.assert_array_equal(out.tokens[0], want)
+    assert out.lengths.tolist() == [8] and not out.stopped[0]
+    assert len(set(out.tokens[0].tolist())) > 1  # not a degenerate constant stream
+
+
+def test_ragged_batch_equals_each_prompt_alone(tiny):
+    model, params, _ = tiny
+    prompts = [[5, 9, 11], [4]]
+    batch = svft_models.generate(model, params, prompts, max_new_tokens=8, stop_token_id=())
+    for row, prompt in enumerate(prompts):
+        alone = svft_models.generate(model, params, [prompt], max_new_tokens=8, stop_token_id=())
+        np.testing.assert_array_equal(batch.tokens[row], alone.tokens[0])
+    # A (B, T) array with a left-padding mask is the same input.
+    ids, mask = svft_models.left_pad(prompts, 0)
+    again = svft_models.generate(model, params, ids, attention_mask=mask, max_new_tokens=8, stop_token_id=())
+    np.testing.assert_array_equal(again.tokens, batch.tokens)
+
+
+def test_stop_token_ends_the_row(tiny):
+    model, params, _ = tiny
+    free = svft_models.generate(model, params, [[5, 9, 11], [12, 13]], max_new_tokens=8, stop_token_id=())
+    stop = int(free.tokens[0, 3])  # row 0 emits this token at step 3 (and maybe earlier)
+    first = int(np.nonzero(free.tokens[0] == stop)[0][0])
+    out = svft_models.generate(model, params, [[5, 9, 11], [12, 13]], max_new_tokens=8, stop_token_id=stop,
+                               pad_token_id=47)
+    assert out.stopped[0] and out.lengths[0] == first + 1
+    np.testing.assert_array_equal(out.tokens[0, : first + 1], free.tokens[0, : first + 1])
+    assert np.all(out.tokens[0, first + 1:] == 47)
+    row1 = free.tokens[1]
+    n1 = int(np.nonzero(row1 == stop)[0][0]) + 1 if (row1 == stop).any() else 8
+    np.testing.assert_array_equal(out.tokens[1, :n1], row1[:n1])
+    assert out.sequences()[0] == free.tokens[0, : first + 1].tolist()
+
+
+def test_sampled_tokens_lie_in_top_k_and_top_p(tiny):
+    model, params, forward = tiny
+    prompt = [5, 9, 11]
+    for kwargs in ({"top_k": 3}, {"top_p": 0.6}):
+        out = svft_models.generate(model, params, [prompt], max_new_tokens=8, stop_token_id=(), temperature=1.5,
+                                   rng=jax.random.key(1), **kwargs)
+        for row in out.tokens:
+            all_logits = no_cache_logits(forward, params, prompt + row.tolist())[len(prompt) - 1: -1] / 1.5
+            for token, logits in zip(row, all_logits, strict=True):
+                order = np.argsort(-logits)
+                if "top_k" in kwargs:
+                    allowed = set(order[:3].tolist())
+                else:
+                    probs = np.exp(logits[order] - logits.max())
+                    probs /= probs.sum()
+                    allowed = set(order[: int(np.searchsorted(np.cumsum(probs), 0.6) + 1)].tolist())
+                assert int(token) in allowed
+    # top_k=1 sampling is greedy; different keys give different samples without it.
+    greedy = svft_models.generate(model, params, [prompt], max_new_tokens=8, stop_token_id=())
+    k1 = svft_models.generate(model, params, [prompt], max_new_tokens=8, stop_token_id=(), temperature=1.0,
+                              top_k=1, rng=jax.random.key(3))
+    np.testing.assert_array_equal(k1.tokens, greedy.tokens)
+    draws = {tuple(svft_models.generate(model, params, [prompt], max_new_tokens=8, stop_token_id=(), temperature=2.0,
+                                        rng=jax.random.key(seed)).tokens[0]) for seed in range(4)}
+    assert len(draws) > 1
+
+
+def test_adapted_model_decodes_like_its_merged_params(tiny):
+    model, params, _ = tiny
+    adapted = svft_jax.apply(params, "banded", d=1, targets=r".*self_attn/(q|v)_proj/kernel")
+    base = svft_models.generate(model, params, [[5, 9, 11]], max_new_tokens=8, stop_token_id=())
+    at_zero = svft_models.generate(model, adapted, [[5, 9, 11]], max_new_tokens=8, stop_token_id=())
+    np.testing.assert_array_equal(at_zero.tokens, base.tokens)
+    trained = jax.tree_util.tree_map(lambda x: x, adapted, is_leaf=svft_jax.is_node)
+    train, frozen = svft_jax.split(trained)
+    train = jax.tree_util.tree_map(lambda m: m + 3.0, train)
+    trained = svft_jax.combine(train, frozen)
+    ours = svft_models.generate(model, trained, [[5, 9, 11]], max_new_tokens=8, stop_token_id=())
+    merged = svft_models.generate(model, svft_jax.merge(trained), [[5, 9, 11]], max_new_tokens=8, stop_token_id=())
+    np.testing.assert_array_equal(ours.tokens, merged.tokens)
+
+
+def test_bad_arguments_raise(tiny):
+    model, params, _ = tiny
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        svft_models.generate(model, params, [[1]], max_new_tokens=0)
+    with pytest.raises(ValueError, match="needs rng"):
+        svft_models.generate(model, params, [[1]], max_new_tokens=2, temperature=1.0)
+    with pytest.raises(ValueError, match="apply to sampling"):
+        svft_models.generate(model, params, [[1]], max_new_tokens=2, top_k=3)
+    with pytest.raises(ValueError, match="left padding"):
+        svft_models.generate(model, params, np.array([[1, 2, 0]]), attention_mask=np.array([[1, 1, 0]]),
+                             max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        svft_models.generate(model, params, [[1] * 60], max_new_tokens=5)
+    with pytest.raises(ValueError, match="empty"):
+        svft_models.generate(model, params, [[1], []], max_new_tokens=2)
+    with pytest.raises(ValueError, match="stop_token_id"):
+        svft_models.generate(model, params, [[1]], max_new_tokens=2, stop_token_id=99)
