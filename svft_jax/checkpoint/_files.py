@@ -12,9 +12,12 @@ little-endian data), so `safetensors.safe_open` and Hugging Face loaders read th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
+import re
+import shutil
 import struct
 import uuid
 from collections.abc import Iterable, Mapping
@@ -73,11 +76,96 @@ def _fsync_directory(directory: Path) -> None:
             os.close(fd)
 
 
+# ----------------------------------------------------------------------------- leftovers
+# Temporary names carry the writer's pid, so a later call can tell a leftover of a killed
+# writer (pid gone: delete it) from the live temporary of a concurrent one (keep it).
+_TMP_TAG = "svft-tmp"
+
+
+def temp_sibling(path: Path, kind: str) -> Path:
+    """A hidden sibling of `path` named `.<name>.<kind>-<pid>-<random>` (ours, by name)."""
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return pid > 0
+
+
+def dead_siblings(path: Path, kinds: Iterable[str]) -> list[Path]:
+    """Our hidden siblings of `path` (from `temp_sibling`) whose writer process is gone.
+
+    Names (and anything Orbax appends, e.g. `.orbax-checkpoint-tmp`) are matched exactly, so
+    nothing a user made is ever selected.
+    """
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.({'|'.join(map(re.escape, kinds))})-(\d+)-[0-9a-f]{{12}}(\..*)?")
+    found = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in path.parent.iterdir():
+            match = pattern.fullmatch(entry.name)
+            if match and not _pid_alive(int(match.group(2))):
+                found.append(entry)
+    return sorted(found)
+
+
+def remove_path(path: Path) -> None:
+    """Delete a file or folder tree; a concurrent delete is not an error."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+# ----------------------------------------------------------------------------- renames
+_AT_FDCWD = -100
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(source: Path, target: Path, flags: int) -> bool:
+    """Linux renameat2(2). False where the system or file system does not support `flags`."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not glibc >= 2.28 / not Linux
+        return False
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if function(_AT_FDCWD, os.fsencode(source), _AT_FDCWD, os.fsencode(target), flags) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(source), None, str(target))
+
+
+def exchange_paths(first: Path, second: Path) -> bool:
+    """Atomically swap two existing paths (renameat2 RENAME_EXCHANGE); False if unsupported.
+
+    At every instant each name points at one complete tree, so a SIGKILL cannot leave
+    either name empty — what two plain renames cannot promise.
+    """
+    return _renameat2(first, second, _RENAME_EXCHANGE)
+
+
+def rename_no_replace(source: Path, target: Path) -> None:
+    """Rename `source` to `target`, failing with FileExistsError if `target` exists."""
+    if _renameat2(source, target, _RENAME_NOREPLACE):
+        return
+    if target.exists() or target.is_symlink():  # no renameat2 here: best-effort check
+        raise FileExistsError(errno.EEXIST, "already exists", str(target))
+    os.rename(source, target)
+
+
 def atomic_write(path, chunks: Iterable[bytes], *, overwrite: bool, what: str) -> Path:
     """Write `chunks` to `path` through a temporary file in the same directory, then rename.
 
-    A reader never sees a partial file, and a failure (disk full, a crash) leaves any
-    existing file at `path` byte-for-byte unchanged.
+    A reader never sees a partial file, and a failure (disk full, a crash, SIGKILL) leaves
+    any existing file at `path` byte-for-byte unchanged. Temporary files left by a killed
+    earlier call for the same `path` are deleted first, so they never accumulate.
 
     Args:
       path: destination file.
@@ -94,8 +182,10 @@ def atomic_write(path, chunks: Iterable[bytes], *, overwrite: bool, what: str) -
     if path.exists() and not overwrite:
         raise FileExistsError(f"{what} {str(path)!r} already exists; pass overwrite=True to replace it (the old file stays intact until the new one is complete).")
     ensure_directory(path.parent, what)
+    for leftover in dead_siblings(path, [_TMP_TAG]):
+        remove_path(leftover)
     # O_EXCL with mode 0o666 (not mkstemp's 0o600): the final file gets the user's umask.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = temp_sibling(path, _TMP_TAG)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as file:
@@ -155,6 +245,26 @@ def safetensors_chunks(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
         data = memoryview(arrays[name].reshape(-1).view(np.uint8))
         for start in range(0, len(data), _CHUNK_BYTES):
             yield data[start : start + _CHUNK_BYTES]
+
+
+def read_safetensors_metadata(path) -> dict[str, str] | None:
+    """The `__metadata__` of a safetensors file, reading only its header; None if `path` is
+    not a readable safetensors file (too short, bad header)."""
+    try:
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                return None
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(os.fstat(file.fileno()).st_size - 8, _MAX_HEADER_BYTES):
+                return None
+            header = json.loads(file.read(header_len))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(header, dict):
+        return None
+    metadata = header.get("__metadata__") or {}
+    return metadata if isinstance(metadata, dict) else None
 
 
 def read_safetensors(path, what: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -1,32 +1,54 @@
 """Training checkpoints: the trainable half, optimiser state, step, RNG and data position.
 
-Built on `orbax.checkpoint.CheckpointManager`. Each step directory holds two items:
+Built on `orbax.checkpoint.CheckpointManager`, through its public options and methods only.
+Each step directory holds two items:
 
   state/  (Orbax StandardSave)  {"trainable": [arrays], "opt_state": [arrays], "rng": key data}
-  meta/   (Orbax JsonSave)      step, data position, metrics, RNG impl, and for every array its
-                                pytree path, shape and dtype (so a mismatch is reported by name)
+  meta/   (Orbax JsonSave)      step, data position, metrics, RNG impl; for every array its
+                                pytree path, shape and dtype; per adapter target its whole
+                                configuration (with a digest of Ω) and, given `frozen=`, the
+                                fingerprint of its base kernel; a SHA-256 of the arrays and a
+                                SHA-256 of the metadata itself
 
 Arrays are saved as flat lists in `jax.tree_util` order rather than as the pytree itself:
-the trainable half contains SVFT nodes whose static metadata (pattern, layout) is not
+the trainable half contains adapter nodes whose static metadata (pattern, layout) is not
 data, and `None` holes; the live `trainable`/`opt_state` templates supply the structure on
-restore (re-run `svft_jax.apply` on the base and `tx.init` to get them).
+restore (re-run `svft_jax.apply` on the base and `tx.init` to get them). A template whose
+configuration, Ω or base differs from the checkpoint's is refused, naming the target and
+the field, so M is never installed on an adapter where it means something else.
 
-Only the small trainable part is stored: U, s, V and W0 are re-derived from the base model.
-Retention keeps the newest `max_to_keep` steps and, with `best_metric`, also the best
-`keep_best` steps by that metric. A step counts as complete only when Orbax's commit
-marker (`commit_success.txt`, written last, just before the atomic rename) is present;
-anything else (a tmp directory left by a kill, a half-copied step) is never restored.
+What the directory promises (each is tested, most under SIGKILL):
+  * A step counts only when complete (Orbax's commit marker, written last before its
+    atomic rename); a half-written or half-deleted step is never restored and is removed
+    when the directory is next opened for writing.
+  * Retention (`max_to_keep`, `best_metric`) ranks a NaN/inf metric worst, so a diverged
+    evaluation never deletes the best step. Deleted steps are first renamed into a trash
+    folder (Orbax's `todelete_subdir`, atomic) and then removed, so a kill during retention
+    leaves nothing that the next open does not clean.
+  * One writer at a time: a second process opening the same folder for writing is refused
+    (an advisory `flock`, released by the kernel even on SIGKILL). `read_only=True` restores
+    without writing anything (a read-only mount, another run's folder).
+  * An edited or damaged step (metadata or arrays) is refused with ValueError; I/O failures
+    while saving (disk full included) raise OSError, and earlier steps stay byte-identical.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
+import hashlib
 import json
 import logging
-import shutil
+import math
+import os
+import re
+import socket
 import threading
 import time
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +59,27 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from svft_jax._paths import path_to_str
-from svft_jax.checkpoint._files import ensure_directory
+from svft_jax.checkpoint._files import ensure_directory, remove_path
+from svft_jax.checkpoint.fingerprint import kernel_fingerprint, leaves_by_path
+from svft_jax.transform.node import is_node
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "svft-jax-train-checkpoint"
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 1  # the directory layout (marker file); steps carry STEP_VERSION
+STEP_VERSION = 2  # 2: per-target config, Ω digest, base fingerprint, checksums
 MARKER_FILE = "svft_jax_checkpoints.json"
-COMMIT_FILE = "commit_success.txt"  # orbax.checkpoint's atomicity_types.COMMIT_SUCCESS_FILE
-_ORBAX_ROOT_FILES = {"_ROOT_METADATA", "_CHECKPOINT_METADATA", "descriptor"}
+LOCK_FILE = ".svft_jax_writer.lock"
+TRASH_DIR = ".svft_jax_deleted"  # Orbax's todelete_subdir: retention renames steps here
+# Orbax's public name for the marker it writes last into a finished step.
+COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
+_OURS = {MARKER_FILE, f"{MARKER_FILE}.tmp", LOCK_FILE, TRASH_DIR}
+_LEGACY_QUARANTINE = re.compile(r"\d+\.incomplete-\d{8}-\d{6}")  # what svft-jax < 0.2 left
+_ORPHAN_JOIN_SECONDS = 2.0
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint could be used, but not everything about it could be verified."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +88,7 @@ class RestoredState:
 
     Attributes:
       step: the saved step.
-      trainable: the trainable half, with the template's structure (SVFT nodes, None holes).
+      trainable: the trainable half, with the template's structure (adapter nodes, None holes).
       opt_state: the optimiser state, with the template's structure (None if not restored).
       rng: the PRNG key (typed key if one was saved typed), or None.
       data_position: the int or JSON dict given to `save`, or None.
@@ -73,12 +107,91 @@ class RestoredState:
         return iter((self.step, self.trainable, self.opt_state))
 
 
+# ----------------------------------------------------------------------------- records
 def _leaves_with_paths(tree) -> list[tuple[str, Any]]:
     return [(path_to_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def _describe(leaves) -> list[dict]:
     return [{"path": p, "shape": [int(s) for s in np.shape(x)], "dtype": str(jnp.result_type(x))} for p, x in leaves]
+
+
+def _jsonable(value):
+    """`value` as plain JSON data (dataclasses, tuples, numpy scalars and index arrays)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "array") and isinstance(value.array, np.ndarray):  # StaticIndices
+        return _jsonable(value.array)
+    if isinstance(value, np.ndarray):
+        return {"shape": list(value.shape), "sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest()}
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _omega_sha256(rows: np.ndarray, cols: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for name, array in (("rows", rows), ("cols", cols)):
+        array = np.ascontiguousarray(array, dtype=np.int64)
+        digest.update(f"{name}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _node_config(node) -> dict:
+    """The node's whole configuration as JSON data (what must match for its M to mean the same).
+
+    Uses `node.config()` where the node provides it (the adapter protocol); otherwise it is
+    built from the node's static metadata: method, every metadata field (pattern, options,
+    rank, layout, init, dtypes, ...) and, for nodes with a pattern, an `omega_sha256` of Ω.
+    """
+    config = getattr(node, "config", None)
+    if callable(config):
+        return json.loads(json.dumps(_jsonable(config())))
+    meta = node.meta
+    out = {"method": type(node).__name__.removesuffix("Node").lower()}
+    for field in dataclasses.fields(meta):
+        if field.name in ("rows", "cols"):
+            continue
+        out[field.name] = _jsonable(getattr(meta, field.name))
+    if hasattr(meta, "rows") and hasattr(meta, "cols"):
+        out["omega_sha256"] = _omega_sha256(meta.rows.array, meta.cols.array)
+    return json.loads(json.dumps(out))
+
+
+def _target_configs(trainable) -> dict[str, dict]:
+    return {path: _node_config(node) for path, node in leaves_by_path(trainable).items() if is_node(node)}
+
+
+def _frozen_fingerprints(frozen) -> dict[str, dict]:
+    """{target path: fingerprint} of what each adapter node's M is relative to.
+
+    The base kernel's shape, dtype and SHA-256 (the format of `kernel_fingerprint`, shared
+    with adapter files); for SVFT nodes made with keep_base=False, whose W0 is not stored,
+    the SHA-256 of the factors U, s, V instead.
+    """
+    prints = {}
+    for path, node in leaves_by_path(frozen).items():
+        if not is_node(node):
+            continue
+        base = getattr(node, "base", None)
+        if base is not None:
+            prints[path] = kernel_fingerprint(base)
+            continue
+        factors = [getattr(node, name, None) for name in ("u", "s", "v")]
+        if any(f is None for f in factors):
+            raise ValueError(f"frozen[{path!r}] holds neither its base kernel nor its factors; pass the frozen half of svft_jax.split(adapted) (or the whole adapted tree) as `frozen=`.")
+        digest = hashlib.sha256()
+        for f in factors:
+            digest.update(np.ascontiguousarray(jax.device_get(f)).tobytes())
+        prints[path] = {"factors_sha256": digest.hexdigest()}
+    if not prints:
+        raise ValueError("`frozen` has no adapter nodes; pass the frozen half of svft_jax.split(adapted) (or the whole adapted tree).")
+    return prints
 
 
 def _json_metrics(metrics) -> dict | None:
@@ -95,11 +208,78 @@ def _json_metrics(metrics) -> dict | None:
     return out
 
 
+def _canonical(meta: dict) -> str:
+    return json.dumps(meta, sort_keys=True, allow_nan=True, separators=(",", ":"))
+
+
+def _meta_checksum(meta: dict) -> str:
+    return hashlib.sha256(_canonical({k: v for k, v in meta.items() if k != "sha256"}).encode()).hexdigest()
+
+
+def _arrays_checksum(state: dict) -> str | None:
+    """SHA-256 over the saved arrays (host bytes, in order); None when some are not on this host."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        for i, leaf in enumerate(jax.tree_util.tree_leaves(state[name])):
+            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                return None  # multi-host shards: Orbax checks its own chunks
+            array = np.ascontiguousarray(jax.device_get(leaf))
+            digest.update(f"{name}/{i}|{array.dtype.str}|{array.shape}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _io_error(err: BaseException, what: str) -> OSError | None:
+    """The OSError that `err` stands for, or None if it is not an I/O failure.
+
+    Orbax passes tensorstore's errors on as ValueError ("RESOURCE_EXHAUSTED: ... No space
+    left on device [os_error_code='28']"); their errno is recovered from the message.
+    """
+    if isinstance(err, OSError):
+        code = err.errno
+    else:
+        text = str(err)
+        found = re.search(r"os_error_code='?(\d+)", text)
+        if found:
+            code = int(found.group(1))
+        elif "No space left on device" in text or "RESOURCE_EXHAUSTED" in text:
+            code = errno.ENOSPC
+        else:
+            return None
+    reason = "the disk is full" if code == errno.ENOSPC else (os.strerror(code) if code else str(err))
+    return OSError(code, f"{what}: {reason}. Earlier steps are untouched; the partial step was removed ({type(err).__name__}: {err}).")
+
+
+# ----------------------------------------------------------------------------- the lock
+def _take_writer_lock(directory: Path) -> int:
+    """An exclusive advisory lock on `directory`, held until the returned fd is closed.
+
+    flock is released by the kernel when the process dies (SIGKILL included), so a crashed
+    run never blocks the next one; the file only records who holds it, for the message.
+    """
+    lock = directory / LOCK_FILE
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with contextlib.suppress(OSError):
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise OSError(errno.EBUSY, f"checkpoint directory {str(directory)!r} is being written by another TrainCheckpointer ({holder}); two writers would interleave and delete each other's steps. Close the other one (or wait for that run to end), use another directory, or pass read_only=True to only restore.") from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
+    return fd
+
+
 class TrainCheckpointer:
-    """Save and resume SVFT training with Orbax.
+    """Save and resume adapter training with Orbax.
 
     Example:
-      ckpt = TrainCheckpointer("runs/sst2/ckpt", max_to_keep=3, best_metric="accuracy")
+      trainable, frozen = svft_jax.split(adapted)
+      ckpt = TrainCheckpointer("runs/sst2/ckpt", max_to_keep=3, best_metric="accuracy", frozen=frozen)
       restored = ckpt.restore_latest(trainable, opt_state)      # None on a fresh run
       if restored is not None:
           start, trainable, opt_state = restored.step + 1, restored.trainable, restored.opt_state
@@ -109,7 +289,8 @@ class TrainCheckpointer:
     """
 
     def __init__(self, directory, *, max_to_keep: int | None = 3, best_metric: str | None = None,
-                 best_mode: str = "max", keep_best: int = 1, async_save: bool = False):
+                 best_mode: str = "max", keep_best: int = 1, async_save: bool = False,
+                 frozen=None, read_only: bool = False):
         """Open (or create) a checkpoint directory.
 
         Args:
@@ -117,12 +298,22 @@ class TrainCheckpointer:
             that was not created by TrainCheckpointer is refused (ValueError).
           max_to_keep: newest complete steps to keep (None keeps all).
           best_metric: name of a metric passed to `save`; the best `keep_best` steps by it are
-            kept in addition to the newest ones, and `best_step()` reports the best.
+            kept in addition to the newest ones, and `best_step()` reports the best. NaN and
+            ±inf values rank worst.
           best_mode: "max" (accuracy) or "min" (loss).
           keep_best: how many best steps to keep (with `best_metric`).
           async_save: write in a background thread (`save` returns early; call
-            `wait_until_finished` or `close`). The default waits, since SVFT's trainable
+            `wait_until_finished` or `close`). The default waits, since the trainable
             state is small.
+          frozen: the frozen half of `svft_jax.split(adapted)` (or the whole adapted tree).
+            Its base kernels are fingerprinted once; every step records the fingerprints,
+            and a restore into a model built on other base weights is refused. Without it
+            only the adapter configuration and Ω are checked.
+          read_only: open an existing directory without writing anything (no lock, no
+            clean-up, `save` refused): for a read-only mount or another run's folder.
+        Raises:
+          ValueError: bad arguments, a foreign folder, or an unwritable one (read_only=False).
+          OSError: another process is writing this directory (errno EBUSY).
         """
         if best_mode not in ("max", "min"):
             raise ValueError(f"`best_mode` must be 'max' or 'min', got {best_mode!r}.")
@@ -132,71 +323,90 @@ class TrainCheckpointer:
             raise ValueError(f"`keep_best` must be a positive int, got {keep_best!r}.")
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
+        self.best_mode = best_mode
+        self.read_only = bool(read_only)
         self._async_save = async_save
-        self._claim_directory()
-        self._quarantine_incomplete_steps()
+        self._base = None if frozen is None else _frozen_fingerprints(frozen)
+        self._lock_fd = None
+        self._manager = None
+        # Only the primary process takes the lock and cleans up: in a multi-host run every
+        # process opens the same folder, and Orbax writes each one's shards into it.
+        self._primary = jax.process_index() == 0
+        if self.read_only:
+            self._check_readable()
+        else:
+            self._claim_directory()
+            self._clean_up()
 
         keep: list = [policies.LatestN(max_to_keep)]
         best_fn = None
         if best_metric is not None:
-            def best_fn(metrics, name=best_metric):
-                return metrics[name]
+            worst = -math.inf if best_mode == "max" else math.inf
+
+            def best_fn(metrics, name=best_metric, worst=worst):
+                # A diverged eval (NaN, inf) must never outrank a real one: NaN compares
+                # false both ways, so sorting with it would pick an arbitrary "best".
+                value = float(metrics[name])
+                return value if math.isfinite(value) else worst
+
             # Steps saved without metrics are ranked by recency only (else BestN keeps them forever).
             keep.append(policies.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=keep_best,
                                        keep_checkpoints_without_metrics=False))
-        options = ocp.CheckpointManagerOptions(
+        self._options = ocp.CheckpointManagerOptions(
             best_fn=best_fn, best_mode=best_mode,
-            preservation_policy=policies.AnyPreservationPolicy(keep),
+            preservation_policy=None if self.read_only else policies.AnyPreservationPolicy(keep),
+            keep_checkpoints_without_metrics=False,
             enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,  # tmp dirs left by a killed save are never complete
-            create=True,
+            cleanup_tmp_directories=not self.read_only,  # tmp dirs left by a killed save are never complete
+            todelete_subdir=None if self.read_only else TRASH_DIR,
+            read_only=self.read_only,
+            create=not self.read_only,
         )
-        self._options = options
         self._manager = self._open_manager()
 
     def _open_manager(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "meta"))
 
-    def _recover_from_failed_save(self, step: int) -> None:
-        """Drop the failed step's Orbax tmp folder and start a fresh manager, so retrying works.
-
-        The tmp folder holds only the partial step being written (Orbax would delete it on
-        the next start anyway); finished steps are not touched.
-        """
-        for cleanup in (self._manager.wait_until_finished, self._manager.close):
-            with contextlib.suppress(Exception):  # the failure may resurface here
-                cleanup()
-        # When one item of a synchronous save fails, Orbax raises at once while the other
-        # items' writer threads are still running; they would re-create files under the tmp
-        # folder while we delete it. Let them finish first.
-        for thread in threading.enumerate():
-            if type(thread).__name__ == "_SignalingThread" and thread is not threading.current_thread():
-                thread.join(timeout=60)
-        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-            shutil.rmtree(partial, ignore_errors=True)
-        self._manager = self._open_manager()
-
     # ----------------------------------------------------------------------------- set-up
+    def _check_readable(self) -> None:
+        if not (self.directory / MARKER_FILE).is_file():
+            raise ValueError(f"read_only=True needs an existing svft-jax checkpoint directory; {str(self.directory)!r} has no {MARKER_FILE}.")
+        self._check_marker()
+
+    def _check_marker(self) -> None:
+        marker = self.directory / MARKER_FILE
+        try:
+            info = json.loads(marker.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{str(marker)!r} is unreadable or corrupted ({err}); is {str(self.directory)!r} an svft-jax checkpoint directory?") from err
+        if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT or info.get("version") != CHECKPOINT_VERSION:
+            found = info if not isinstance(info, dict) else (info.get("format"), info.get("version"))
+            raise ValueError(f"{str(self.directory)!r} holds {found!r} checkpoints; this svft-jax reads {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}.")
+
     def _claim_directory(self) -> None:
-        """Create the folder and our marker, or refuse a folder that holds something else."""
+        """Create the folder, take the writer lock and write our marker, or refuse a folder
+        that holds something else (nothing is written into a folder that is not ours)."""
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"checkpoint directory {str(self.directory)!r} is a file; pass a folder path.")
-        ensure_directory(self.directory, "training checkpoints")
+        try:
+            ensure_directory(self.directory, "training checkpoints")
+        except ValueError as err:
+            raise ValueError(f"{err} To restore from a folder you cannot write, pass read_only=True.") from None
         marker = self.directory / MARKER_FILE
         if marker.exists():
-            try:
-                info = json.loads(marker.read_text())
-            except (OSError, json.JSONDecodeError) as err:
-                raise ValueError(f"{str(marker)!r} is unreadable or corrupted ({err}); is {str(self.directory)!r} an svft-jax checkpoint directory?") from err
-            if info.get("format") != CHECKPOINT_FORMAT or info.get("version") != CHECKPOINT_VERSION:
-                raise ValueError(f"{str(self.directory)!r} holds {info.get('format')!r} version {info.get('version')!r} checkpoints; this svft-jax reads {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}.")
-            return
-        foreign = sorted(p.name for p in self.directory.iterdir() if p.name not in _ORBAX_ROOT_FILES)
-        if foreign:
-            raise ValueError(f"{str(self.directory)!r} is not empty and was not created by svft_jax TrainCheckpointer (no {MARKER_FILE}; found {foreign[:5]}). Pass a new or empty directory so nothing there is deleted by checkpoint retention.")
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}))
-        tmp.replace(marker)
+            self._check_marker()
+        else:
+            foreign = sorted(p.name for p in self.directory.iterdir() if p.name not in _OURS)
+            if foreign:
+                raise ValueError(f"{str(self.directory)!r} is not empty and was not created by svft_jax TrainCheckpointer (no {MARKER_FILE}; found {foreign[:5]}). Pass a new or empty directory so nothing there is deleted by checkpoint retention.")
+        if self._primary:
+            self._lock_fd = _take_writer_lock(self.directory)
+            # weakref.finalize: an unclosed checkpointer still releases the lock when collected.
+            self._release = weakref.finalize(self, os.close, self._lock_fd)
+        if not marker.exists():
+            tmp = self.directory / f"{MARKER_FILE}.tmp"
+            tmp.write_text(json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}))
+            tmp.replace(marker)
 
     def _step_dirs(self) -> dict[int, Path]:
         return {int(p.name): p for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()}
@@ -204,18 +414,30 @@ class TrainCheckpointer:
     def _is_complete(self, step_dir: Path) -> bool:
         return (step_dir / COMMIT_FILE).is_file() and (step_dir / "meta").is_dir() and (step_dir / "state").is_dir()
 
-    def _quarantine_incomplete_steps(self) -> None:
-        """Rename step folders without a commit marker to '<step>.incomplete-<time>'.
-
-        Orbax on a local disk treats any '<step>' folder as finished; a half-copied one
-        would then count towards retention and block saving that step again. Renaming keeps
-        the bytes (nothing is deleted) and hides them from Orbax.
+    def _clean_up(self) -> None:
+        """Remove what a killed run left: trash from retention, half-deleted or half-written
+        steps (no commit marker; they can never be restored) and legacy quarantine folders.
+        Orbax's own tmp folders go through `cleanup_tmp_directories` when the manager opens.
         """
+        if not self._primary:
+            return
+        trash = self.directory / TRASH_DIR
         for step, step_dir in sorted(self._step_dirs().items()):
             if not self._is_complete(step_dir):
-                target = step_dir.with_name(f"{step}.incomplete-{time.strftime('%Y%m%d-%H%M%S')}")
-                logger.warning("checkpoint step %d in %s is incomplete (no %s); moved to %s and ignored.", step, self.directory, COMMIT_FILE, target.name)
-                step_dir.rename(target)
+                logger.warning("checkpoint step %d in %s is incomplete (no %s, left by an interrupted save or deletion); removing it.", step, self.directory, COMMIT_FILE)
+                trash.mkdir(exist_ok=True)
+                # Rename first (atomic): a kill during the delete leaves only trash.
+                step_dir.rename(trash / f"{step}.incomplete-{os.getpid()}-{time.time_ns()}")
+        for legacy in self.directory.iterdir():
+            if _LEGACY_QUARANTINE.fullmatch(legacy.name) and legacy.is_dir():
+                remove_path(legacy)
+        self._empty_trash()
+
+    def _empty_trash(self) -> None:
+        trash = self.directory / TRASH_DIR
+        if self._primary and trash.is_dir():
+            for entry in trash.iterdir():
+                remove_path(entry)
 
     # ----------------------------------------------------------------------------- queries
     def all_steps(self) -> list[int]:
@@ -228,7 +450,10 @@ class TrainCheckpointer:
         return steps[-1] if steps else None
 
     def best_step(self) -> int | None:
-        """The best complete step by `best_metric` (the latest one without a best metric)."""
+        """The best complete step by `best_metric` (the latest one without a best metric).
+
+        Non-finite metric values rank worst.
+        """
         if self.best_metric is None:
             return self.latest_step()
         self._manager.reload()
@@ -245,14 +470,18 @@ class TrainCheckpointer:
           trainable: the trainable half from `svft_jax.split` (M, gates, extra leaves).
           opt_state: the optimiser state (any pytree of arrays), or None.
           metrics: dict of scalars, or None; when given, it must contain `best_metric` (if
-            set). Steps saved without metrics compete for `max_to_keep` only.
+            set). Steps saved without metrics compete for `max_to_keep` only. A non-finite
+            `best_metric` is saved but ranked worst (with a CheckpointWarning).
           rng: a PRNG key (typed `jax.random.key` or raw uint32), or None.
           data_position: where the data stream is (an int or a JSON-able dict), or None.
           force: passed to Orbax (save even if its policy would skip the step).
         Raises:
           ValueError/TypeError for bad arguments (before anything is written); OSError with
-          the directory named for I/O failures (disk full: earlier steps are untouched).
+          the directory named for I/O failures (disk full: errno ENOSPC; earlier steps are
+          untouched and the same step can be saved again).
         """
+        if self.read_only:
+            raise ValueError(f"this TrainCheckpointer for {str(self.directory)!r} was opened with read_only=True; open it with read_only=False to save.")
         if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
             raise TypeError(f"`step` must be a non-negative int, got {step!r}.")
         step = int(step)
@@ -260,20 +489,24 @@ class TrainCheckpointer:
         if latest is not None and step <= latest:
             raise ValueError(f"step {step} is not after the latest saved step {latest} in {str(self.directory)!r}; steps must increase (restore_latest to resume).")
         json_metrics = _json_metrics(metrics)
-        if self.best_metric is not None and json_metrics is not None and self.best_metric not in json_metrics:
-            raise ValueError(f"best_metric={self.best_metric!r} is not in metrics {sorted(json_metrics or {})}; pass it to save() so retention can rank this step.")
+        if self.best_metric is not None and json_metrics is not None:
+            if self.best_metric not in json_metrics:
+                raise ValueError(f"best_metric={self.best_metric!r} is not in metrics {sorted(json_metrics or {})}; pass it to save() so retention can rank this step.")
+            if not math.isfinite(json_metrics[self.best_metric]):
+                warnings.warn(f"step {step}: metrics[{self.best_metric!r}] is {json_metrics[self.best_metric]}; the step is saved but ranked worst, so it never displaces the best step.", CheckpointWarning, stacklevel=2)
         try:
-            json.dumps(data_position)
-        except TypeError as err:
+            json.dumps(data_position, allow_nan=False)
+        except (TypeError, ValueError) as err:
             raise TypeError(f"`data_position` must be an int or a JSON-serialisable dict, got {type(data_position).__name__}: {err}.") from err
 
         trainable_leaves = _leaves_with_paths(trainable)
-        opt_leaves = _leaves_with_paths(opt_state) if opt_state is not None else []
-        state: dict[str, Any] = {}
-        if trainable_leaves:
-            state["trainable"] = [x for _, x in trainable_leaves]
-        else:
+        if not trainable_leaves:
             raise ValueError("`trainable` has no arrays; pass the first half of svft_jax.split(adapted).")
+        targets = _target_configs(trainable)
+        if self._base is not None and set(self._base) != set(targets):
+            raise ValueError(f"`trainable` has adapter targets {sorted(targets)[:4]}, but `frozen` given to TrainCheckpointer has {sorted(self._base)[:4]}; pass the two halves of one svft_jax.split.")
+        opt_leaves = _leaves_with_paths(opt_state) if opt_state is not None else []
+        state: dict[str, Any] = {"trainable": [x for _, x in trainable_leaves]}
         if opt_leaves:
             state["opt_state"] = [x for _, x in opt_leaves]
         rng_info = None
@@ -282,30 +515,74 @@ class TrainCheckpointer:
             state["rng"] = jax.random.key_data(rng) if typed else jnp.asarray(rng)
             rng_info = {"typed": bool(typed), "impl": str(jax.random.key_impl(rng)) if typed else None}
         meta = {
-            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "step": step,
+            "format": CHECKPOINT_FORMAT, "version": STEP_VERSION, "step": step,
             "data_position": data_position, "metrics": json_metrics, "rng": rng_info,
             "trainable": _describe(trainable_leaves), "opt_state": _describe(opt_leaves) if opt_state is not None else None,
+            "targets": targets, "base": self._base, "arrays_sha256": _arrays_checksum(state),
         }
+        meta = json.loads(_canonical(meta))  # exactly what is written, so the checksum matches
+        meta["sha256"] = _meta_checksum(meta)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        threads_before = set(threading.enumerate())
         try:
-            saved = self._manager.save(step, args=args, metrics=json_metrics, force=force)
+            saved = _orbax_save(self._manager, step, args, json_metrics, force)
             if not self._async_save:
                 self._manager.wait_until_finished()
         except Exception as err:
-            self._recover_from_failed_save(step)
-            if isinstance(err, OSError):
-                raise OSError(err.errno, f"could not save checkpoint step {step} to {str(self.directory)!r}: {err.strerror or err}. Earlier steps are untouched; the partial step was removed.") from err
+            self._recover_from_failed_save(threads_before)
+            io_error = _io_error(err, f"could not save checkpoint step {step} to {str(self.directory)!r}")
+            if io_error is not None:
+                raise io_error from err
             raise
+        if not self._async_save:
+            self._empty_trash()
         return bool(saved)
 
+    def _recover_from_failed_save(self, threads_before: set) -> None:
+        """Start a fresh Orbax manager after a failed save, so saving the same step works.
+
+        The fresh manager's `cleanup_tmp_directories` removes the failed step's tmp folder;
+        finished steps are not touched. When one item of a synchronous save fails, Orbax
+        raises at once while the other items' commit threads may still be writing into that
+        folder, and Orbax has no public call that waits for them. So wait (briefly, bounded)
+        for the threads that this save started to end; idle long-lived ones (Orbax's event
+        loop thread, started by the first save) merely use up the bound.
+        """
+        for cleanup in (self._manager.wait_until_finished, self._manager.close):
+            with contextlib.suppress(Exception):  # the failure may resurface here
+                cleanup()
+        deadline = time.monotonic() + _ORPHAN_JOIN_SECONDS
+        for thread in set(threading.enumerate()) - threads_before:
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._manager = self._open_manager()
+
     def wait_until_finished(self) -> None:
-        """Block until an asynchronous save has been committed."""
-        self._manager.wait_until_finished()
+        """Block until an asynchronous save has been committed.
+
+        Raises:
+          OSError for an I/O failure of that save (as `save`).
+        """
+        try:
+            self._manager.wait_until_finished()
+        except Exception as err:
+            io_error = _io_error(err, f"could not save a checkpoint to {str(self.directory)!r}")
+            if io_error is not None:
+                raise io_error from err
+            raise
+        if not self.read_only:
+            self._empty_trash()
 
     def close(self) -> None:
-        """Finish pending saves and release Orbax's resources."""
-        self._manager.wait_until_finished()
-        self._manager.close()
+        """Finish pending saves, release Orbax's resources and the writer lock."""
+        try:
+            if self._manager is not None:
+                self.wait_until_finished()
+                self._manager.close()
+        finally:
+            if self._lock_fd is not None:
+                self._release()  # closes the fd: the kernel drops the flock
+                self._lock_fd = None
 
     def __enter__(self):
         return self
@@ -328,25 +605,22 @@ class TrainCheckpointer:
         """Restore one complete step (e.g. `best_step()`) into the templates' structure.
 
         Raises:
-          ValueError if the step is missing/incomplete, not ours, or was saved from a tree
-          with other paths, shapes or dtypes than the template (different pattern, rank,
-          targets or optimiser).
+          ValueError if the step is missing/incomplete, not ours, edited or damaged
+          (checksums), or was saved for another adapter: other targets, configuration
+          (pattern, options, rank, layout, dtypes), Ω, base weights (with `frozen=`), or
+          other array paths, shapes or dtypes (optimiser) — naming the target and field.
         """
         if template_trainable is None:
-            raise TypeError("restore needs `template_trainable`: the trainable half of svft_jax.split(svft_jax.apply(base_params, <same config>)); the checkpoint stores arrays, not the SVFT structure.")
+            raise TypeError("restore needs `template_trainable`: the trainable half of svft_jax.split(svft_jax.apply(base_params, <same config>)); the checkpoint stores arrays, not the adapter structure.")
         if step not in self.all_steps():
             raise ValueError(f"no complete checkpoint for step {step} in {str(self.directory)!r}; complete steps: {self.all_steps()}.")
         where = f"checkpoint step {step} in {str(self.directory)!r}"
-        try:
-            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as err:  # orbax raises many types for unreadable JSON
-            raise ValueError(f"{where} is unreadable: {err}") from err
-        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{where} was not written by svft_jax TrainCheckpointer.")
-        if meta.get("version") != CHECKPOINT_VERSION:
-            raise ValueError(f"{where} has version {meta.get('version')!r}; this svft-jax reads version {CHECKPOINT_VERSION}.")
+        meta = self._read_meta(step, where)
 
         trainable_leaves = _leaves_with_paths(template_trainable)
+        if meta["version"] >= 2:
+            _check_targets(meta["targets"], _target_configs(template_trainable), where)
+            self._check_base(meta["base"], where)
         _check_same_leaves(meta["trainable"], trainable_leaves, "trainable", where)
         abstract: dict[str, Any] = {"trainable": [_abstract(x) for _, x in trainable_leaves]}
         opt_leaves = None
@@ -366,6 +640,11 @@ class TrainCheckpointer:
             state = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
         except Exception as err:  # truncated tensorstore chunks, missing files, ...
             raise ValueError(f"{where} is damaged and cannot be read ({type(err).__name__}: {err}). Restore an earlier step with restore(step, ...); complete steps: {self.all_steps()}.") from err
+        saved_digest = meta.get("arrays_sha256")
+        if saved_digest is not None:
+            digest = _arrays_checksum(state)
+            if digest is not None and digest != saved_digest:
+                raise ValueError(f"{where} is damaged: its arrays do not match the checksum recorded when it was saved. Restore an earlier step with restore(step, ...); complete steps: {self.all_steps()}.")
 
         trainable = _unflatten_like(template_trainable, state["trainable"])
         opt_state = _unflatten_like(template_opt_state, state.get("opt_state", [])) if template_opt_state is not None else None
@@ -376,6 +655,77 @@ class TrainCheckpointer:
                 rng = jax.random.wrap_key_data(rng, impl=meta["rng"]["impl"])
         return RestoredState(step=int(meta["step"]), trainable=trainable, opt_state=opt_state, rng=rng,
                              data_position=meta["data_position"], metrics=meta["metrics"])
+
+    def _read_meta(self, step: int, where: str) -> dict:
+        """The step's metadata, verified: ours, a known version, unedited, for this step."""
+        try:
+            meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as err:  # orbax raises many types for unreadable JSON
+            raise ValueError(f"{where} is unreadable: {err}") from err
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{where} was not written by svft_jax TrainCheckpointer.")
+        version = meta.get("version")
+        if version not in (1, STEP_VERSION):
+            raise ValueError(f"{where} has version {version!r}; this svft-jax reads versions 1 and {STEP_VERSION}.")
+        if version == 1:
+            warnings.warn(f"{where} was saved by an older svft-jax without checksums or adapter configuration; the template is checked by array shapes only.", CheckpointWarning, stacklevel=3)
+        elif meta.get("sha256") != _meta_checksum(meta):
+            raise ValueError(f"{where} is damaged or was edited: its metadata does not match the checksum recorded when it was saved. Restore another step; complete steps: {self.all_steps()}.")
+        if meta.get("step") != step:
+            raise ValueError(f"{where} records step {meta.get('step')!r}; the folder was renamed or edited. Restore another step; complete steps: {self.all_steps()}.")
+        return meta
+
+    def _check_base(self, saved: dict | None, where: str) -> None:
+        if saved is None:
+            if self._base is not None:
+                warnings.warn(f"{where} was saved without `frozen=`, so its base model cannot be verified.", CheckpointWarning, stacklevel=4)
+            return
+        if self._base is None:
+            raise ValueError(f"{where} records the base weights it was trained on; pass `frozen=` (the frozen half of svft_jax.split(adapted)) to TrainCheckpointer so the restore can check them.")
+        for path, want in saved.items():
+            have = self._base.get(path)
+            if have != want:
+                fields = sorted(k for k in {*want, *(have or {})} if (have or {}).get(k) != want.get(k))
+                raise ValueError(f"{where} was trained on different base weights: target {path!r} differs in {fields} (checkpoint {_short(want)}, this model {_short(have)}). M is only meaningful with the singular vectors of the exact base weights; rebuild the template from the base model used for training.")
+
+
+def _orbax_save(manager: ocp.CheckpointManager, step: int, args, metrics, force: bool):
+    """The one call that writes a step (a seam: tests replace it to inject I/O failures)."""
+    return manager.save(step, args=args, metrics=metrics, force=force)
+
+
+def _short(value) -> str:
+    if not isinstance(value, dict):
+        return repr(value)
+    return "{" + ", ".join(f"{k}: {str(v)[:12] if 'sha256' in k else v}" for k, v in sorted(value.items())) + "}"
+
+
+def _differences(saved, have, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two JSON values differ."""
+    if isinstance(saved, dict) and isinstance(have, dict):
+        out = []
+        for key in sorted({*saved, *have}):
+            out += _differences(saved.get(key), have.get(key), f"{prefix}{key}.")
+        return out
+    return [] if saved == have else [prefix.rstrip(".")]
+
+
+def _check_targets(saved: dict, have: dict, where: str) -> None:
+    only_saved, only_have = sorted(set(saved) - set(have)), sorted(set(have) - set(saved))
+    if only_saved or only_have:
+        raise ValueError(f"{where} was saved for other adapter targets (only in the checkpoint: {only_saved[:3]}; only in the template: {only_have[:3]}). Re-create the template with the targets used for training.")
+    for path in saved:
+        fields = _differences(saved[path], have[path])
+        if fields:
+            details = "; ".join(f"{name}: {_field(saved[path], name)} in the checkpoint, {_field(have[path], name)} in the template" for name in fields[:4])
+            raise ValueError(f"{where} was saved for a differently configured adapter: target {path!r} differs in {fields} ({details}). Re-create the template with the configuration used for training (pattern, d/k, seed, rank, layout, dtypes, base model).")
+
+
+def _field(config: dict, dotted: str):
+    value = config
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return f"{value[:12]}…" if isinstance(value, str) and len(value) == 64 else repr(value)
 
 
 def _rng_data_shape(info: dict) -> tuple[int, ...]:

@@ -8,13 +8,24 @@ Two containers:
     `FlaxPreTrainedModel.save_pretrained(..., safe_serialization=True)` writes, so
     `FlaxXxxModel.from_pretrained(dir)` reads it (put it next to the model's config.json as
     `model.safetensors`). Kernels keep Flax's (in, out) layout.
+
+Nothing the user made is ever deleted, and a SIGKILL at any point leaves either the old or
+the new export at `path`:
+  * `overwrite=True` replaces only a previous export of ours: a folder holding our marker
+    file (`svft_jax_merged_export.json`), or a safetensors file whose header carries our
+    keys. Anything else at `path` is refused.
+  * The new export is written completely into a hidden sibling, then swapped in with one
+    atomic `renameat2(RENAME_EXCHANGE)` (a file: one `os.replace`); the old one is deleted
+    afterwards. Where the file system cannot exchange, two renames are used and a kill
+    between them is repaired by the next call (which warns).
+  * Hidden siblings of a killed call (`.<name>.svft-new-<pid>-…`, `.<name>.svft-old-<pid>-…`)
+    are deleted by the next call for the same `path`, so they never accumulate.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import uuid
+import json
+import warnings
 from pathlib import Path
 
 import jax
@@ -24,11 +35,26 @@ import orbax.checkpoint as ocp
 from svft_jax._paths import key_to_str
 from svft_jax.checkpoint._files import (
     atomic_write,
+    dead_siblings,
     ensure_directory,
+    exchange_paths,
     read_safetensors,
+    read_safetensors_metadata,
+    remove_path,
+    rename_no_replace,
     safetensors_chunks,
+    temp_sibling,
 )
 from svft_jax.transform import merge
+
+MERGED_FORMAT = "svft-jax-merged-export"
+MERGED_MARKER = "svft_jax_merged_export.json"
+_NEW, _OLD = "svft-new", "svft-old"
+
+
+class ExportRecoveryWarning(UserWarning):
+    """A merged export interrupted mid-swap (on a file system without atomic exchange) was
+    put back at its path by the next call."""
 
 
 def merged_params(adapted):
@@ -46,39 +72,89 @@ def merged_params(adapted):
 _jit_merge = jax.jit(merge)
 
 
+def _is_our_export(folder: Path) -> bool:
+    """True if `folder` holds our marker file (written last, so it also means complete)."""
+    try:
+        info = json.loads((folder / MERGED_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and info.get("format") == MERGED_FORMAT
+
+
+def _tidy(path: Path) -> None:
+    """Delete what killed earlier calls for `path` left behind; put an export back at `path`
+    if a kill landed between the two renames of the fallback swap."""
+    leftovers = dead_siblings(path, [_NEW, _OLD])
+    if not path.exists():
+        complete = [p for p in leftovers if p.is_dir() and _is_our_export(p)]
+        # Prefer the new export (its marker is written last, so it is complete) over the old.
+        complete.sort(key=lambda p: (_NEW not in p.name, -p.stat().st_mtime))
+        if complete:
+            rename_no_replace(complete[0], path)
+            warnings.warn(f"merged export {str(path)!r} was missing after an interrupted overwrite; restored it from {complete[0].name}.", ExportRecoveryWarning, stacklevel=3)
+            leftovers.remove(complete[0])
+    for leftover in leftovers:
+        remove_path(leftover)
+
+
 def save_merged(path, adapted, *, overwrite: bool = False) -> Path:
     """Write the merged dense params as an Orbax checkpoint directory.
 
-    Orbax writes into a temporary directory and renames it, so a crash leaves no partial
-    checkpoint at `path`. With overwrite=True the new checkpoint is complete before the old
-    one is moved aside and deleted.
+    The export is written completely (Orbax data, then our marker file) into a hidden
+    sibling folder before it appears at `path`, so a crash or SIGKILL never leaves a partial
+    export there; with overwrite=True the old export stays at `path` until the new one is
+    swapped in atomically (see the module docstring).
 
     Args:
       path: destination directory (must not exist unless overwrite=True).
       adapted: an adapted tree (SVFT or baseline nodes) or plain params.
-      overwrite: replace an existing export.
+      overwrite: replace an existing export written by `save_merged` (a folder with our
+        marker file); any other folder at `path` is refused, never deleted.
     Returns:
       The absolute path written.
+    Raises:
+      FileExistsError: `path` exists and overwrite=False.
+      ValueError: `path` is a file or a folder that is not one of our exports (before any
+        work), or its parent cannot be written.
+      OSError: an I/O failure (disk full, ...); the export at `path`, if any, is unchanged.
     """
     path = Path(path).absolute()
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"merged export {str(path)!r} already exists; pass overwrite=True to replace it.")
+    _tidy(path)
+    if path.exists() or path.is_symlink():
+        if not overwrite:
+            raise FileExistsError(f"merged export {str(path)!r} already exists; pass overwrite=True to replace it.")
+        if path.is_symlink() or not path.is_dir() or not _is_our_export(path):
+            raise ValueError(f"{str(path)!r} is not a merged export written by svft_jax.checkpoint.save_merged (no {MERGED_MARKER} in it), so overwrite=True will not replace it; choose another path, or delete it yourself if you mean to.")
     ensure_directory(path.parent, "the merged export")
     params = merged_params(adapted)
-    staging = path.with_name(f".{path.name}.new-{uuid.uuid4().hex[:8]}") if path.exists() else path
+    staging = temp_sibling(path, _NEW)
     checkpointer = ocp.StandardCheckpointer()
     try:
         checkpointer.save(staging, params)
         checkpointer.wait_until_finished()
+        atomic_write(staging / MERGED_MARKER, [json.dumps({"format": MERGED_FORMAT, "version": 1}).encode()],
+                     overwrite=False, what="merged export marker")
     except OSError as err:
+        remove_path(staging)
         raise OSError(err.errno, f"could not write the merged export to {str(path)!r}: {err.strerror or err}; an existing export is unchanged.") from err
+    except BaseException:
+        remove_path(staging)
+        raise
     finally:
         checkpointer.close()
-    if staging != path:
-        old = path.with_name(f".{path.name}.old-{uuid.uuid4().hex[:8]}")
-        os.rename(path, old)
-        os.rename(staging, path)
-        shutil.rmtree(old)
+    if not path.exists():
+        rename_no_replace(staging, path)
+        return path
+    if exchange_paths(staging, path):
+        old = staging  # after the exchange the staging name holds the old export
+    else:  # no atomic exchange on this file system: two renames, repaired by `_tidy` if killed between
+        old = temp_sibling(path, _OLD)
+        path.rename(old)
+        staging.rename(path)
+    if _is_our_export(old):
+        remove_path(old)
+    else:  # `path` was replaced by someone else after our check: keep their folder
+        warnings.warn(f"{str(path)!r} changed while the merged export was written; the folder that was there is kept at {str(old)!r}.", ExportRecoveryWarning, stacklevel=2)
     return path
 
 
@@ -123,14 +199,22 @@ def save_merged_safetensors(path, adapted, *, sep: str = ".", overwrite: bool = 
       path: destination file (e.g. "model.safetensors").
       adapted: an adapted tree or plain params (nested dicts).
       sep: "." (Hugging Face Flax naming, readable by `from_pretrained`) or "/".
-      overwrite: replace an existing file (write-then-rename).
+      overwrite: replace an existing export of ours (write-then-rename: a SIGKILL leaves
+        the old or the new file); any other file at `path` is refused.
     Returns:
       The path written.
+    Raises:
+      ValueError: overwrite=True but the file at `path` is not one of our exports.
+      FileExistsError, OSError: as `save_merged`.
     """
     if sep not in (".", "/"):
         raise ValueError(f"`sep` must be '.' or '/', got {sep!r}.")
+    path = Path(path)
+    if overwrite and path.is_file() and "svft_jax_sep" not in (read_safetensors_metadata(path) or {}):
+        raise ValueError(f"{str(path)!r} is not a merged export written by svft_jax.checkpoint.save_merged_safetensors, so overwrite=True will not replace it; choose another path, or delete it yourself if you mean to.")
     tensors = flatten_params(merged_params(adapted), sep)
-    # "format": "flax" is what transformers' Flax loader requires in the header.
+    # "format": "flax" is what transformers' Flax loader requires in the header;
+    # "svft_jax_sep" marks the file as ours (overwrite=True replaces only such files).
     metadata = {"format": "flax", "svft_jax_sep": sep}
     return atomic_write(path, safetensors_chunks(tensors, metadata), overwrite=overwrite, what="merged export")
 
