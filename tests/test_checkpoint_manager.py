@@ -82,24 +82,26 @@ def test_sigkill_mid_run_then_resume_is_bit_identical_to_uninterrupted_run(tmp_p
         assert np.array_equal(resumed[name], reference[name]), name
 
 
-def test_step_without_commit_marker_or_tmp_dir_is_never_restored(tmp_path):
+def test_step_without_commit_marker_or_tmp_dir_is_never_restored_and_is_cleaned(tmp_path):
     trainable, tx = _tiny_state()
     opt_state = tx.init(trainable)
     with TrainCheckpointer(tmp_path) as ckpt:
         ckpt.save(1, trainable, opt_state)
         ckpt.save(2, _perturbed(trainable, 1.0), opt_state)
-    # A later step that was half written: copied without orbax's commit marker, and a tmp dir.
+    # A later step that was half written or half deleted: no commit marker; and a tmp dir.
     shutil.copytree(tmp_path / "2", tmp_path / "3")
     (tmp_path / "3" / "commit_success.txt").unlink()
-    shutil.copytree(tmp_path / "2", tmp_path / "4.orbax-checkpoint-tmp-1700000000000000")
+    shutil.copytree(tmp_path / "2", tmp_path / "4.orbax-checkpoint-tmp")
+    (tmp_path / "5.incomplete-20261130-120000").mkdir()  # what earlier versions set aside
 
     ckpt = TrainCheckpointer(tmp_path)
     assert ckpt.all_steps() == [1, 2]
     restored = ckpt.restore_latest(trainable, opt_state)
     assert restored.step == 2
     _assert_trees_equal(restored.trainable, _perturbed(trainable, 1.0))
-    # The incomplete step's bytes are kept aside, not deleted, and step 3 can be saved again.
-    assert [p.name.split(".")[0] for p in tmp_path.glob("3.incomplete-*")] == ["3"]
+    # Opening for writing removed all of it (none of it can ever be restored) ...
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith((".", "_", "svft"))) == ["1", "2"]
+    # ... and step 3 can be saved again.
     ckpt.save(3, _perturbed(trainable, 2.0), opt_state)
     _assert_trees_equal(ckpt.restore_latest(trainable, opt_state).trainable, _perturbed(trainable, 2.0))
     # A marker-less step appearing while a checkpointer is open is ignored too.

@@ -247,7 +247,7 @@ def _io_error(err: BaseException, what: str) -> OSError | None:
         else:
             return None
     reason = "the disk is full" if code == errno.ENOSPC else (os.strerror(code) if code else str(err))
-    return OSError(code, f"{what}: {reason}. Earlier steps are untouched; the partial step was removed ({type(err).__name__}: {err}).")
+    return OSError(code, f"{what}: {reason}. Earlier steps are untouched and the partial step is discarded ({type(err).__name__}: {err}).")
 
 
 # ----------------------------------------------------------------------------- the lock
@@ -415,23 +415,31 @@ class TrainCheckpointer:
         return (step_dir / COMMIT_FILE).is_file() and (step_dir / "meta").is_dir() and (step_dir / "state").is_dir()
 
     def _clean_up(self) -> None:
-        """Remove what a killed run left: trash from retention, half-deleted or half-written
-        steps (no commit marker; they can never be restored) and legacy quarantine folders.
-        Orbax's own tmp folders go through `cleanup_tmp_directories` when the manager opens.
+        """Remove what a killed run left: Orbax tmp folders of unfinished saves, trash from
+        retention, half-deleted or half-written steps (no commit marker; they can never be
+        restored) and legacy quarantine folders.
+
+        Orbax's `cleanup_tmp_directories` does the tmp part too, but in a background future
+        that only its next `save` awaits; doing it here makes the folder clean on open.
         """
         if not self._primary:
             return
-        trash = self.directory / TRASH_DIR
+        for tmp in ocp.path.step.all_temporary_paths(self.directory):
+            self._discard(Path(tmp.get()), "an unfinished save")
         for step, step_dir in sorted(self._step_dirs().items()):
             if not self._is_complete(step_dir):
-                logger.warning("checkpoint step %d in %s is incomplete (no %s, left by an interrupted save or deletion); removing it.", step, self.directory, COMMIT_FILE)
-                trash.mkdir(exist_ok=True)
-                # Rename first (atomic): a kill during the delete leaves only trash.
-                step_dir.rename(trash / f"{step}.incomplete-{os.getpid()}-{time.time_ns()}")
+                self._discard(step_dir, f"incomplete step {step} (no {COMMIT_FILE}: an interrupted save or deletion)")
         for legacy in self.directory.iterdir():
             if _LEGACY_QUARANTINE.fullmatch(legacy.name) and legacy.is_dir():
                 remove_path(legacy)
         self._empty_trash()
+
+    def _discard(self, folder: Path, what: str) -> None:
+        logger.warning("removing %s from %s: %s can never be restored.", folder.name, self.directory, what)
+        trash = self.directory / TRASH_DIR
+        trash.mkdir(exist_ok=True)
+        # Rename first (atomic): a kill during the delete leaves only trash, emptied on next open.
+        folder.rename(trash / f"{folder.name}-{os.getpid()}-{time.time_ns()}")
 
     def _empty_trash(self) -> None:
         trash = self.directory / TRASH_DIR
@@ -541,8 +549,7 @@ class TrainCheckpointer:
     def _recover_from_failed_save(self, threads_before: set) -> None:
         """Start a fresh Orbax manager after a failed save, so saving the same step works.
 
-        The fresh manager's `cleanup_tmp_directories` removes the failed step's tmp folder;
-        finished steps are not touched. When one item of a synchronous save fails, Orbax
+        The failed step's tmp folder is removed (`_clean_up`); finished steps are not touched. When one item of a synchronous save fails, Orbax
         raises at once while the other items' commit threads may still be writing into that
         folder, and Orbax has no public call that waits for them. So wait (briefly, bounded)
         for the threads that this save started to end; idle long-lived ones (Orbax's event
@@ -555,6 +562,7 @@ class TrainCheckpointer:
         for thread in set(threading.enumerate()) - threads_before:
             if thread is not threading.current_thread() and not thread.daemon:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._clean_up()
         self._manager = self._open_manager()
 
     def wait_until_finished(self) -> None:
