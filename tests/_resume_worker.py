@@ -74,7 +74,7 @@ def run(directory, total_steps: int, every: int, step_seconds: float = 0.0):
     trainable, frozen, tx, opt_state = setup()
     rng = jax.random.key(0)
     step_fn = make_step(frozen, tx)
-    ckpt = TrainCheckpointer(directory, max_to_keep=2, best_metric="loss", best_mode="min")
+    ckpt = TrainCheckpointer(directory, max_to_keep=2, best_metric="loss", best_mode="min", frozen=frozen)
     start = 1
     restored = ckpt.restore_latest(trainable, opt_state)
     if restored is not None:

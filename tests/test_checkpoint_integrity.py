@@ -233,3 +233,20 @@ def test_checkpoint_modules_use_no_private_orbax_names(module):
             names.add(node.value)
     orbax_private = sorted(n for n in names if "orbax" in n and "._" in n or n in ("_SignalingThread", "_save_fn", "_src"))
     assert orbax_private == []
+
+
+def test_baseline_checkpoint_is_refused_by_another_alpha_or_method(tmp_path):
+    from svft_jax.baselines import dora, lora
+
+    base = _base()
+    trained, frozen = svft_jax.split(lora.apply(base, rank=2, alpha=4.0, targets="layer/kernel"))
+    with TrainCheckpointer(tmp_path, frozen=frozen) as ckpt:
+        ckpt.save(1, trained)
+        other_alpha, _ = svft_jax.split(lora.apply(base, rank=2, alpha=8.0, targets="layer/kernel"))
+        assert _shapes(other_alpha) == _shapes(trained)
+        with pytest.raises(ValueError, match=r"target 'layer/kernel' differs in \['alpha'\].*alpha: 4.0 in the checkpoint, 8.0"):
+            ckpt.restore_latest(other_alpha)
+        other_method, _ = svft_jax.split(dora.apply(base, rank=2, alpha=4.0, targets="layer/kernel"))
+        with pytest.raises(ValueError, match=r"target 'layer/kernel' differs in \[.*'method'"):
+            ckpt.restore_latest(other_method)
+        assert np.array_equal(ckpt.restore_latest(trained).trainable["layer"]["kernel"].a, trained["layer"]["kernel"].a)
