@@ -119,3 +119,14 @@ def test_adapter_writes_also_clean_a_killed_writers_temporary_file(tmp_path):
     dead_tmp.write_bytes(b"partial")
     save_adapter(target, adapted)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors"]
+
+
+def test_overwrite_without_atomic_exchange_uses_two_renames_and_leaves_nothing(tmp_path, monkeypatch):
+    import importlib
+
+    merged_module = importlib.import_module("svft_jax.checkpoint.merged")
+    monkeypatch.setattr(merged_module, "exchange_paths", lambda a, b: False)  # e.g. NFS
+    path = save_merged(tmp_path / "merged", _params(1.0))
+    save_merged(path, _params(2.0), overwrite=True)
+    assert np.all(load_merged(path)["dense"]["kernel"] == 2.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
