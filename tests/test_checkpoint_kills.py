@@ -137,7 +137,9 @@ def _checkpoint_kill_loop(tmp_path, kills: int, seed: int = 0) -> Counter:
         left = sorted(n for n in names if not n.isdigit() and not n.startswith(("svft_jax_checkpoints", ".svft_jax", "_")))
         trash = directory / ".svft_jax_deleted"
         left += [f"trash/{p.name}" for p in trash.iterdir()] if trash.is_dir() else []
-        tally[f"leftovers after the kill: {len(left)}"] += 1
+        for name in left or ["none"]:  # what the kill left, by kind
+            kind = "orbax tmp" if ".orbax-checkpoint-tmp" in name else "trash" if name.startswith("trash/") else name
+            tally[f"left by the kill: {kind}"] += 1
         with TrainCheckpointer(directory, max_to_keep=1, best_metric="loss", best_mode="min", frozen=frozen) as ckpt:
             steps = ckpt.all_steps()
             on_disk = sorted(p.name for p in directory.iterdir() if not p.name.startswith(("svft_jax_checkpoints", ".svft_jax_writer", "_")))
