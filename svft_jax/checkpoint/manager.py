@@ -61,7 +61,7 @@ from orbax.checkpoint import checkpoint_managers as policies
 from svft_jax._paths import path_to_str
 from svft_jax.checkpoint._files import ensure_directory, remove_path
 from svft_jax.checkpoint.fingerprint import kernel_fingerprint, leaves_by_path
-from svft_jax.transform.node import is_node
+from svft_jax.transform import is_node
 
 logger = logging.getLogger(__name__)
 
@@ -133,34 +133,10 @@ def _jsonable(value):
     return value
 
 
-def _omega_sha256(rows: np.ndarray, cols: np.ndarray) -> str:
-    digest = hashlib.sha256()
-    for name, array in (("rows", rows), ("cols", cols)):
-        array = np.ascontiguousarray(array, dtype=np.int64)
-        digest.update(f"{name}{array.shape}".encode())
-        digest.update(array.tobytes())
-    return digest.hexdigest()
-
-
 def _node_config(node) -> dict:
-    """The node's whole configuration as JSON data (what must match for its M to mean the same).
-
-    Uses `node.config()` where the node provides it (the adapter protocol); otherwise it is
-    built from the node's static metadata: method, every metadata field (pattern, options,
-    rank, layout, init, dtypes, ...) and, for nodes with a pattern, an `omega_sha256` of Ω.
-    """
-    config = getattr(node, "config", None)
-    if callable(config):
-        return json.loads(json.dumps(_jsonable(config())))
-    meta = node.meta
-    out = {"method": type(node).__name__.removesuffix("Node").lower()}
-    for field in dataclasses.fields(meta):
-        if field.name in ("rows", "cols"):
-            continue
-        out[field.name] = _jsonable(getattr(meta, field.name))
-    if hasattr(meta, "rows") and hasattr(meta, "cols"):
-        out["omega_sha256"] = _omega_sha256(meta.rows.array, meta.cols.array)
-    return json.loads(json.dumps(out))
+    """The node's whole configuration (`node.config()`: method, path, layout, options, rank,
+    dtypes, and for SVFT an `omega_sha256` of Ω) as plain JSON data, the form it is saved in."""
+    return json.loads(json.dumps(_jsonable(node.config())))
 
 
 def _target_configs(trainable) -> dict[str, dict]:
