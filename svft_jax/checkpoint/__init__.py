@@ -1,7 +1,7 @@
 """Checkpointing: resumable training checkpoints (Orbax), small adapter files for any adapter
 method, merged dense exports (Orbax and safetensors) and factor stores on disk.
 
-    ckpt = svft_jax.checkpoint.TrainCheckpointer("ckpt", max_to_keep=3, best_metric="accuracy")
+    ckpt = svft_jax.checkpoint.TrainCheckpointer("ckpt", max_to_keep=3, best_metric="accuracy", frozen=frozen)
     ckpt.save(step, trainable, opt_state, {"accuracy": acc}, rng=rng, data_position=step)
     svft_jax.checkpoint.save_adapter("adapter.safetensors", adapted)
     adapted = svft_jax.checkpoint.load_adapter("adapter.safetensors", base_params)
@@ -11,8 +11,9 @@ method, merged dense exports (Orbax and safetensors) and factor stores on disk.
 from svft_jax.checkpoint.adapter import AdapterFile, load_adapter, read_adapter, save_adapter
 from svft_jax.checkpoint.cache import FactorFile, factor_store, load_factor_cache, save_factor_cache
 from svft_jax.checkpoint.fingerprint import base_fingerprint, kernel_fingerprint
-from svft_jax.checkpoint.manager import RestoredState, TrainCheckpointer
+from svft_jax.checkpoint.manager import CheckpointWarning, RestoredState, TrainCheckpointer
 from svft_jax.checkpoint.merged import (
+    ExportRecoveryWarning,
     load_merged,
     load_merged_safetensors,
     save_merged,
@@ -22,6 +23,8 @@ from svft_jax.transform._factorize import factor_key
 
 __all__ = [
     "AdapterFile",
+    "CheckpointWarning",
+    "ExportRecoveryWarning",
     "FactorFile",
     "RestoredState",
     "TrainCheckpointer",
