@@ -4,16 +4,31 @@ The model is traced once with a placeholder for each adapted kernel, then its ja
 evaluated equation by equation (as lorax and qax do). A placeholder's value is a
 `KernelProxy`: transposes and dtype casts of the kernel are recorded on the proxy; a
 `dot_general` that contracts the proxy is handed to the node's strategy (which may never
-form W); any other use of the kernel — a scan over stacked layers, a reshape, a custom
-derivative rule — gets the dense kernel (merged once per call, or by the strategy).
-Everything else is re-bound unchanged, so `jit`, `grad`, `vmap` and sharding see ordinary
-JAX operations.
+form W). Bodies of control flow are followed with proxies inside, re-expressed with JAX's
+public API so `jit`, `grad`, `vmap` and sharding see ordinary operations:
+
+  jit / closed_call        interpreted inline.
+  scan                     a kernel passed as `xs` (stacked layers, e.g. flax `nn.scan`) is
+                           sliced per iteration into a per-layer node (`layer_slicer`); a
+                           kernel closed over, or carried unchanged, keeps its proxy.
+  checkpoint (remat)       `jax.checkpoint` of the interpreted body, nodes as arguments, so the
+                           strategy's intermediates are recomputed in the backward pass.
+  cond, while              `lax.switch` / `lax.while_loop` over interpreted bodies.
+  custom_vjp / custom_jvp  the primal runs the interpreted body (the strategy); derivatives
+                           run the user's rule, which is defined on the dense kernel, on the
+                           merged kernel (recorded as "rebuild" in the plan), and the
+                           kernel's cotangent/tangent is mapped to the node's by JAX.
+
+Every other use of a kernel gets the dense merged kernel and is reported by a
+`FallbackWarning` (or a `FallbackError` under `wrap(..., strict=True)`) naming the target,
+the primitive and the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -22,10 +37,58 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal
 
+from svft_jax.strategies.factored import factored_for
+from svft_jax.transform.layout import KernelLayout
+from svft_jax.transform.node import StaticIndices, SVFTNode, pattern_spec
+
 # Primitives that only relabel the kernel, followed on the proxy without touching data.
 _PASS_THROUGH = ("copy", "copy_p", "optimization_barrier")
 # Call-like primitives whose body we interpret with proxies inside (they only inline jit).
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
+# Strategies whose whole point is the dense kernel: their merges are choices, not fallbacks.
+_DENSE_STRATEGIES = ("rebuild", "rebuild_remat")
+
+
+class FallbackWarning(UserWarning):
+    """A target kernel is used densely (merged) where its strategy could not run.
+
+    The message names the parameter path, the primitive and why. The result is still the
+    merged model's; only speed and memory differ. `wrap(..., strict=True)` raises
+    `FallbackError` instead; the test suite turns this warning into an error.
+    """
+
+
+class FallbackError(ValueError):
+    """Raised instead of `FallbackWarning` by `wrap(..., strict=True)`."""
+
+
+@dataclasses.dataclass
+class CallContext:
+    """State of one interpreted call, shared by every proxy in it (and in its bodies).
+
+    Attributes:
+      strict: raise `FallbackError` instead of warning.
+      plan: {path: [strategy names that ran this target's uses, first-seen order]}.
+    """
+
+    strict: bool = False
+    plan: dict = dataclasses.field(default_factory=dict)
+
+    def record(self, path: str, name: str) -> None:
+        used = self.plan.setdefault(path, [])
+        if name not in used:
+            used.append(name)
+
+    def fallback(self, path: str, strategy: str, primitive: str, why: str) -> None:
+        message = (
+            f"wrap: target {path!r} (strategy {strategy!r}) falls back to the dense merged kernel "
+            f"at primitive {primitive!r}: {why}. The result is the merged model's; only speed and "
+            f"memory differ. Force strategy 'rebuild' for this path with overrides= to silence "
+            f"this, or restructure the model so the kernel meets a dot_general."
+        )
+        if self.strict:
+            raise FallbackError(message)
+        warnings.warn(message, FallbackWarning, stacklevel=2)
 
 
 @dataclasses.dataclass
@@ -38,8 +101,14 @@ class KernelProxy:
       strategy: the strategy function chosen for this target, `(node, use) -> y`.
       permutation: axis i of the current kernel is axis permutation[i] of the original kernel.
       dtype: the current kernel dtype (after convert_element_type).
-      cache: per-call memo shared by every view of this kernel (e.g. the merged kernel, so a
-        rebuild happens once per call even when the kernel is used twice).
+      memo: per-scope memo shared by every view of this kernel (the merged kernel, so a
+        rebuild happens once per call even when the kernel is used twice). A body of control
+        flow gets a fresh memo, so no tracer of one trace leaks into another.
+      strategy_name: the registered name of `strategy` (for the plan and messages).
+      context: the call's `CallContext` (plan, strict mode).
+      pending_layer: True for one layer indexed out of a stacked kernel (`slice` or
+        `dynamic_slice` of size 1 on the stack axis) before its `squeeze`: `node` is already
+        the per-layer node and the current kernel has a leading axis of size 1.
     """
 
     node: Any
@@ -47,23 +116,43 @@ class KernelProxy:
     strategy: Callable
     permutation: tuple[int, ...]
     dtype: Any
-    cache: dict
+    memo: dict = dataclasses.field(default_factory=dict)
+    strategy_name: str = "?"
+    context: CallContext = dataclasses.field(default_factory=CallContext)
+    pending_layer: bool = False
 
     def view(self, **changes) -> KernelProxy:
         return dataclasses.replace(self, **changes)
+
+    def fresh(self, node=None) -> KernelProxy:
+        """This proxy for a new trace scope (a body of control flow): a new memo, and
+        optionally the node as that scope sees it (e.g. a function argument)."""
+        return dataclasses.replace(self, node=self.node if node is None else node, memo={})
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The current kernel's shape (after the recorded transposes)."""
+        original = self.node.meta.layout.shape
+        return (1,) * self.pending_layer + tuple(original[a] for a in self.permutation)
 
     def materialize(self, kernel):
         """The original-layout `kernel` seen through this proxy's transposes and cast."""
         if self.permutation != tuple(range(len(self.permutation))):
             kernel = jnp.transpose(kernel, self.permutation)
-        return kernel.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        return kernel[None] if self.pending_layer else kernel
 
     def merged(self):
-        """The dense adapted kernel (original layout), merged once per call."""
-        if "merged" not in self.cache:
-            self.cache.setdefault("used", []).append("rebuild")
-            self.cache["merged"] = self.node.materialize()
-        return self.materialize(self.cache["merged"])
+        """The dense adapted kernel (current view), merged once per scope."""
+        if "merged" not in self.memo:
+            self.context.record(self.path, "rebuild")
+            self.memo["merged"] = self.node.merged_kernel()
+        return self.materialize(self.memo["merged"])
+
+    def densify(self, primitive: str, why: str):
+        """The merged kernel for a use the interpreter cannot follow, reported as a fallback."""
+        self.context.fallback(self.path, self.strategy_name, primitive, why)
+        return self.merged()
 
 
 @dataclasses.dataclass
@@ -105,18 +194,48 @@ class KernelUse:
     @property
     def matrix_form(self) -> bool:
         """Whether this dot is x ↦ x Wᵀ over exactly W's input axes (so it can be factored)."""
+        return self.not_factorable_because is None
+
+    @property
+    def not_factorable_because(self) -> str | None:
+        """Why this dot cannot run a factored product (None when it can)."""
         x_c, k_c, x_b, k_b = self._dims
-        if x_b or k_b or self.layout.stack_ndim:
-            return False
+        if self.layout.stack_ndim:
+            return (f"the kernel is a stack of {self.layout.stack_shape} matrices used in one "
+                    f"dot_general (not sliced per layer by a scan)")
+        if x_b or k_b:
+            return "the dot_general has batch dimensions"
         original = tuple(self.proxy.permutation[i] for i in k_c)
-        return sorted(original) == sorted(self.layout.in_axes)
+        if sorted(original) != sorted(self.layout.in_axes):
+            return (f"it contracts kernel axes {sorted(original)}, not W's input axes "
+                    f"{sorted(self.layout.in_axes)}")
+        return None
+
+    @property
+    def fallback_reason(self) -> str | None:
+        """Why a non-dense strategy would merge this kernel here (None: it need not)."""
+        name = self.proxy.strategy_name
+        if name in _DENSE_STRATEGIES:
+            return None
+        if name == "reference" and not isinstance(self.proxy.node, SVFTNode):
+            return f"'reference' is defined for SVFT nodes only, not {type(self.proxy.node).__name__}"
+        if factored_for(self.proxy.node) is None:
+            return f"{type(self.proxy.node).__name__} has no factored matmul"
+        return self.not_factorable_because
 
     def dense(self, kernel):
         """The original dot_general with `kernel` (original layout) in place of the proxy."""
         return self.dense_kernel_view(self.proxy.materialize(kernel))
 
     def dense_merged(self):
-        """The original dot with the merged kernel (merged once per call, see KernelProxy)."""
+        """The original dot with the merged kernel (merged once per scope, see KernelProxy).
+
+        Reported as a fallback when the strategy is not a dense one and the dot could not
+        run its factored product (see `fallback_reason`).
+        """
+        reason = self.fallback_reason
+        if reason is not None:
+            self.proxy.context.fallback(self.proxy.path, self.proxy.strategy_name, "dot_general", reason)
         return self.dense_kernel_view(self.proxy.merged())
 
     def dense_kernel_view(self, operand):
@@ -124,8 +243,8 @@ class KernelUse:
         return jax.lax.dot_general_p.bind(*operands, **self.params)
 
     def record(self, name: str) -> None:
-        """Note which strategy actually ran this dot (read back by `wrap(...).last_plan`)."""
-        self.proxy.cache.setdefault("used", []).append(name)
+        """Note which strategy actually ran this dot (read back by `wrap(...).plan`)."""
+        self.proxy.context.record(self.proxy.path, name)
 
     def with_x(self, x) -> KernelUse:
         return dataclasses.replace(self, x=x)
@@ -136,7 +255,8 @@ class KernelUse:
         by_original_axis = {self.proxy.permutation[k]: xc for xc, k in zip(x_c, k_c, strict=True)}
         ordered = [by_original_axis[axis] for axis in self.layout.in_axes]
         free = self.x_free_dims
-        x = jnp.transpose(self.x, (*free, *ordered)) if (*free, *ordered) != tuple(range(self.x.ndim)) else self.x
+        order = (*free, *ordered)
+        x = jnp.transpose(self.x, order) if order != tuple(range(self.x.ndim)) else self.x
         return x.reshape(*(self.x.shape[i] for i in free), self.layout.d2)
 
     def output_from_matrix(self, y):
@@ -160,12 +280,142 @@ class KernelUse:
         return self.params.get("precision")
 
 
+# --------------------------------------------------------------------------- layer slicing
+_LAYER_SLICERS: dict[type, Callable] = {}
+
+
+def register_layer_slicer(node_type: type, slicer: Callable) -> None:
+    """Register `slicer(node) -> (stacked, rebuild) | None` for `node_type`.
+
+    `stacked` is a pytree of arrays that all carry the node's leading stack axis (what a scan
+    slices); `rebuild(sliced)` turns one slice of it into the per-layer node. None means the
+    node cannot be sliced (its uses inside a scan then fall back to the dense kernel).
+    """
+    _LAYER_SLICERS[node_type] = slicer
+
+
+def _drop_leading_axis(layout: KernelLayout) -> KernelLayout:
+    """The layout of one layer of a stacked kernel: axis 0 removed, the others shifted."""
+    return KernelLayout(
+        shape=tuple(layout.shape[1:]), dtype=layout.dtype, stack_ndim=layout.stack_ndim - 1,
+        in_axes=tuple(a - 1 for a in layout.in_axes), out_axes=tuple(a - 1 for a in layout.out_axes),
+    )
+
+
+def svft_layer_slicer(node: SVFTNode):
+    """Split an SVFT node stacked on its leading axis into per-layer pieces.
+
+    u/s/v/m/gate/base are sliced on axis 0 and the layout loses that axis. A pattern with one
+    Ω for all layers keeps its (static) indices. With per-layer Ω (e.g. top-k on a stacked
+    kernel) the static indices of a per-iteration node cannot differ by layer, so every layer
+    is written on the union of the layers' Ω, with m scattered into it (zeros elsewhere; the
+    gradient reaches m through the gather, so it is exact). That costs |Ω ∪| instead of |Ω|
+    per layer in the left product U M; patterns with a structured product (plain, banded)
+    are never per-layer.
+    """
+    meta = node.meta
+    layout = meta.layout
+    if layout.stack_ndim < 1:
+        return None
+    fields = {name: getattr(node, name) for name in SVFTNode.DATA_FIELDS if getattr(node, name) is not None}
+    new_meta = dataclasses.replace(meta, layout=_drop_leading_axis(layout))
+    if meta.per_layer_indices:
+        if layout.stack_ndim != 1 or pattern_spec(node).left_product is not None:
+            return None
+        r = meta.rank
+        pairs = meta.rows.array.astype(np.int64) * r + meta.cols.array  # (L, n)
+        union = np.unique(pairs)  # sorted by (row, col)
+        # Where each union entry sits in each layer's m (-1: not in that layer's Ω).
+        position = np.full((pairs.shape[0], union.size), -1, np.int64)
+        for layer, layer_pairs in enumerate(pairs):
+            where = np.searchsorted(union, layer_pairs)
+            position[layer, where] = np.arange(layer_pairs.size)
+        valid = position >= 0
+        m = jnp.take_along_axis(node.m, jnp.asarray(np.maximum(position, 0), jnp.int32), axis=-1)
+        fields["m"] = jnp.where(jnp.asarray(valid), m, jnp.zeros((), m.dtype))
+        new_meta = dataclasses.replace(
+            new_meta, rows=StaticIndices(union // r), cols=StaticIndices(union % r))
+
+    def rebuild(sliced):
+        return SVFTNode(**{name: sliced.get(name) for name in SVFTNode.DATA_FIELDS}, meta=new_meta)
+
+    return fields, rebuild
+
+
+def _baseline_slicer(unstacked: tuple[str, ...]):
+    """A slicer for a baseline node type: every data field but `unstacked` carries the stack
+    axis (VeRA's shared A and B are one pair for all layers)."""
+
+    def slicer(node):
+        layout = node.meta.layout
+        if layout.stack_ndim < 1:
+            return None
+        fields = {name: getattr(node, name) for name in node.DATA_FIELDS
+                  if name not in unstacked and getattr(node, name) is not None}
+        kept = {name: getattr(node, name) for name in unstacked}
+        new_meta = dataclasses.replace(node.meta, layout=_drop_leading_axis(layout))
+
+        def rebuild(sliced):
+            values = {name: sliced.get(name) for name in node.DATA_FIELDS if name not in unstacked}
+            return type(node)(**values, **kept, meta=new_meta)
+
+        return fields, rebuild
+
+    return slicer
+
+
+def _lazy_register_baselines() -> None:
+    if getattr(_lazy_register_baselines, "done", False):
+        return
+    _lazy_register_baselines.done = True
+    try:
+        from svft_jax.baselines import DoRANode, LoRANode, VeRANode
+    except ImportError:  # pragma: no cover - baselines not installed
+        return
+    register_layer_slicer(LoRANode, _baseline_slicer(()))
+    register_layer_slicer(DoRANode, _baseline_slicer(()))
+    register_layer_slicer(VeRANode, _baseline_slicer(("shared_a", "shared_b")))
+
+
+register_layer_slicer(SVFTNode, svft_layer_slicer)
+
+
+def layer_slicer(node):
+    """(stacked, rebuild) for a node stacked on its leading axis, or None (see
+    `register_layer_slicer`)."""
+    _lazy_register_baselines()
+    for klass in type(node).__mro__:
+        if klass in _LAYER_SLICERS:
+            return _LAYER_SLICERS[klass](node)
+    return None
+
+
+def slice_layer(node, index):
+    """Layer `index` (an int or a traced integer) of a node stacked on its leading axis.
+
+    Returns the per-layer node (its layout without the stack axis), or None when the node
+    type has no slicer. With per-layer Ω and a traced index, the node is written on the union
+    of the layers' Ω (see `svft_layer_slicer`); a Python int takes that layer's own Ω.
+    """
+    if (isinstance(index, int | np.integer) and isinstance(node, SVFTNode)
+            and node.meta.per_layer_indices and node.meta.layout.stack_ndim >= 1):
+        meta = node.meta
+        layer_meta = dataclasses.replace(
+            meta, layout=_drop_leading_axis(meta.layout),
+            rows=StaticIndices(meta.rows.array[index]), cols=StaticIndices(meta.cols.array[index]))
+        values = {name: None if getattr(node, name) is None else getattr(node, name)[index]
+                  for name in SVFTNode.DATA_FIELDS}
+        return SVFTNode(**values, meta=layer_meta)
+    found = layer_slicer(node)
+    if found is None:
+        return None
+    stacked, rebuild = found
+    return rebuild(jax.tree.map(lambda a: a[index], stacked))
+
+
+# --------------------------------------------------------------------------- the interpreter
 def _is_proxy(value) -> bool:
     return isinstance(value, KernelProxy)
-
-
-def _dense_value(value):
-    return value.merged() if _is_proxy(value) else value
 
 
 def _bind(eqn, invals):
@@ -174,11 +424,286 @@ def _bind(eqn, invals):
         return eqn.primitive.bind(*invals, **params)
 
 
+def _dense_outputs(values, primitive: str, why: str) -> list:
+    return [v.densify(primitive, why) if _is_proxy(v) else v for v in values]
+
+
+class _Split:
+    """The values entering a body, split into proxies (their nodes travel as a pytree
+    argument or closure) and ordinary values."""
+
+    def __init__(self, values):
+        self.values = list(values)
+        self.proxy_slots = [i for i, v in enumerate(self.values) if _is_proxy(v)]
+        self.array_slots = [i for i, v in enumerate(self.values) if not _is_proxy(v)]
+
+    @property
+    def nodes(self) -> list:
+        return [self.values[i].node for i in self.proxy_slots]
+
+    @property
+    def arrays(self) -> list:
+        return [self.values[i] for i in self.array_slots]
+
+    def fill(self, nodes, arrays) -> list:
+        """The values as a body sees them: fresh proxies over `nodes`, then `arrays`."""
+        out = list(self.values)
+        for slot, node in zip(self.proxy_slots, nodes, strict=True):
+            out[slot] = self.values[slot].fresh(node)
+        for slot, value in zip(self.array_slots, arrays, strict=True):
+            out[slot] = value
+        return out
+
+    def fill_dense(self, nodes, arrays) -> list:
+        """The values with each proxy replaced by its merged kernel (built from `nodes`)."""
+        out = list(self.values)
+        for slot, node in zip(self.proxy_slots, nodes, strict=True):
+            proxy = self.values[slot]
+            proxy.context.record(proxy.path, "rebuild")
+            out[slot] = proxy.materialize(node.merged_kernel())
+        for slot, value in zip(self.array_slots, arrays, strict=True):
+            out[slot] = value
+        return out
+
+
+def _passes_through(jaxpr, in_index: int, out_index: int) -> bool:
+    """Whether the body returns input `in_index` unchanged as output `out_index`."""
+    return jaxpr.outvars[out_index] is jaxpr.invars[in_index]
+
+
+def _eval_scan(eqn, invals):
+    params = eqn.params
+    n_consts, n_carry = params["num_consts"], params["num_carry"]
+    body: ClosedJaxpr = params["jaxpr"]
+    consts = list(invals[:n_consts])
+    carry = list(invals[n_consts:n_consts + n_carry])
+    xs = list(invals[n_consts + n_carry:])
+
+    # A kernel carried unchanged is a loop constant; one the loop changes is not a kernel.
+    fixed = {}
+    for i, value in enumerate(carry):
+        if _is_proxy(value):
+            if _passes_through(body.jaxpr, n_consts + i, i):
+                fixed[i] = value
+            else:
+                carry[i] = value.densify("scan", "the kernel is changed in the loop carry")
+    # Kernels scanned over their leading stack axis become per-layer nodes.
+    sliced = {}
+    for j, value in enumerate(xs):
+        if not _is_proxy(value):
+            continue
+        layout = value.node.meta.layout
+        if value.permutation[0] != 0 or layout.stack_ndim < 1:
+            xs[j] = value.densify("scan", "the scan slices a kernel axis that is not a stacked-layer axis")
+            continue
+        found = layer_slicer(value.node)
+        if found is None:
+            xs[j] = value.densify("scan", f"{type(value.node).__name__} cannot be sliced per layer "
+                                          f"(register_layer_slicer)")
+            continue
+        sliced[j] = found
+    dynamic_carry = [c for i, c in enumerate(carry) if i not in fixed]
+    scanned = [sliced[j][0] if j in sliced else x for j, x in enumerate(xs)]
+
+    def step(carry_values, x_values):
+        full_carry, it = [], iter(carry_values)
+        for i in range(n_carry):
+            full_carry.append(fixed[i].fresh() if i in fixed else next(it))
+        body_xs = []
+        for j, x in enumerate(x_values):
+            if j in sliced:
+                proxy = xs[j]
+                permutation = tuple(a - 1 for a in proxy.permutation[1:])
+                body_xs.append(proxy.view(node=sliced[j][1](x), permutation=permutation, memo={}))
+            else:
+                body_xs.append(x)
+        body_consts = [c.fresh() if _is_proxy(c) else c for c in consts]
+        outs = interpret(body.jaxpr, body.consts, [*body_consts, *full_carry, *body_xs])
+        carry_out = [o for i, o in enumerate(outs[:n_carry]) if i not in fixed]
+        carry_out = _dense_outputs(carry_out, "scan", "the loop carries a kernel")
+        ys = _dense_outputs(outs[n_carry:], "scan", "the scan stacks a kernel as an output")
+        return carry_out, ys
+
+    carry_out, ys = jax.lax.scan(step, dynamic_carry, scanned, length=params["length"],
+                                 reverse=params["reverse"], unroll=params["unroll"])
+    it = iter(carry_out)
+    full = [fixed[i] if i in fixed else next(it) for i in range(n_carry)]
+    return [*full, *ys]
+
+
+def _eval_while(eqn, invals):
+    params = eqn.params
+    cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
+    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    cond_consts = list(invals[:n_cond])
+    body_consts = list(invals[n_cond:n_cond + n_body])
+    carry = list(invals[n_cond + n_body:])
+    fixed = {}
+    for i, value in enumerate(carry):
+        if _is_proxy(value):
+            if _passes_through(body_jaxpr.jaxpr, n_body + i, i):
+                fixed[i] = value
+            else:
+                carry[i] = value.densify("while", "the kernel is changed in the loop carry")
+    dynamic = [c for i, c in enumerate(carry) if i not in fixed]
+
+    def full(values):
+        it = iter(values)
+        return [fixed[i].fresh() if i in fixed else next(it) for i in range(len(carry))]
+
+    def fresh(values):
+        return [v.fresh() if _is_proxy(v) else v for v in values]
+
+    def cond_fn(values):
+        (out,) = interpret(cond_jaxpr.jaxpr, cond_jaxpr.consts, [*fresh(cond_consts), *full(values)])
+        return out
+
+    def body_fn(values):
+        outs = interpret(body_jaxpr.jaxpr, body_jaxpr.consts, [*fresh(body_consts), *full(values)])
+        outs = [o for i, o in enumerate(outs) if i not in fixed]
+        return _dense_outputs(outs, "while", "the loop carries a kernel")
+
+    out = jax.lax.while_loop(cond_fn, body_fn, dynamic)
+    it = iter(out)
+    return [fixed[i] if i in fixed else next(it) for i in range(len(carry))]
+
+
+def _eval_cond(eqn, invals):
+    index, operands = invals[0], _Split(invals[1:])
+    nodes = operands.nodes
+
+    def branch_fn(branch):
+        def run(arrays):
+            outs = interpret(branch.jaxpr, branch.consts, operands.fill(nodes, arrays))
+            return _dense_outputs(outs, "cond", "a branch returns a kernel")
+        return run
+
+    return list(jax.lax.switch(index, [branch_fn(b) for b in eqn.params["branches"]], operands.arrays))
+
+
+def _eval_remat(eqn, invals):
+    params = eqn.params
+    body = params["jaxpr"]  # an open Jaxpr without constants
+    operands = _Split(invals)
+
+    def run(nodes, arrays):
+        outs = interpret(body, (), operands.fill(nodes, arrays))
+        return _dense_outputs(outs, "checkpoint", "the remat body returns a kernel")
+
+    remat = jax.checkpoint(run, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy"))
+    return list(remat(operands.nodes, operands.arrays))
+
+
+def _eval_custom_vjp(eqn, invals):
+    """Primal: the interpreted body. Backward: the user's rule on the merged kernel (its
+    forward recomputed there, as remat would), the kernel's cotangent pulled back to the node."""
+    body: ClosedJaxpr = eqn.params["call_jaxpr"]
+    operands = _Split(invals)
+
+    def primal(nodes, arrays):
+        outs = interpret(body.jaxpr, body.consts, operands.fill(nodes, arrays))
+        return _dense_outputs(outs, "custom_vjp_call", "the function returns a kernel")
+
+    def dense(nodes, arrays):
+        return list(_bind(eqn, operands.fill_dense(nodes, arrays)))
+
+    function = jax.custom_vjp(primal)
+
+    def forward(nodes, arrays):
+        return primal(nodes, arrays), (nodes, arrays)
+
+    def backward(residuals, cotangents):
+        _, pullback = jax.vjp(dense, *residuals)
+        return pullback(cotangents)
+
+    function.defvjp(forward, backward)
+    return list(function(operands.nodes, operands.arrays))
+
+
+def _eval_custom_jvp(eqn, invals):
+    """Primal: the interpreted body. Tangents: the user's rule on the merged kernel, with the
+    kernel's tangent the merged kernel's JVP in the node."""
+    body: ClosedJaxpr = eqn.params["call_jaxpr"]
+    operands = _Split(invals)
+
+    def primal(nodes, arrays):
+        outs = interpret(body.jaxpr, body.consts, operands.fill(nodes, arrays))
+        return _dense_outputs(outs, "custom_jvp_call", "the function returns a kernel")
+
+    def dense(nodes, arrays):
+        return list(_bind(eqn, operands.fill_dense(nodes, arrays)))
+
+    function = jax.custom_jvp(primal)
+
+    def jvp(primals, tangents):
+        return jax.jvp(dense, primals, tangents)
+
+    function.defjvp(jvp)
+    return list(function(operands.nodes, operands.arrays))
+
+
+_HIGHER_ORDER = {
+    "scan": _eval_scan,
+    "while": _eval_while,
+    "cond": _eval_cond,
+    "remat2": _eval_remat,
+    "checkpoint": _eval_remat,
+    "custom_vjp_call": _eval_custom_vjp,
+    "custom_jvp_call": _eval_custom_jvp,
+}
+
+
+def _layer_index(eqn, invals):
+    """For `slice`/`dynamic_slice` of a stacked kernel that takes one whole layer (size 1 on
+    the leading stack axis, everything else in full): the layer index; else None."""
+    proxy = invals[0]
+    layout = proxy.node.meta.layout
+    if proxy.pending_layer or layout.stack_ndim < 1 or proxy.permutation[0] != 0:
+        return None
+    shape = proxy.shape
+    if eqn.primitive.name == "slice":
+        start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+        strides = eqn.params.get("strides") or (1,) * len(shape)
+        full = all(start[a] == 0 and limit[a] == shape[a] for a in range(1, len(shape)))
+        if limit[0] - start[0] == 1 and full and all(s == 1 for s in strides):
+            return int(start[0])
+        return None
+    sizes = eqn.params["slice_sizes"]
+    # Full-size slices on the other axes force their starts to 0 (dynamic_slice clamps).
+    if sizes[0] == 1 and tuple(sizes[1:]) == tuple(shape[1:]) and all(_is_proxy(v) is False for v in invals[1:]):
+        return jnp.clip(invals[1], 0, shape[0] - 1)
+    return None
+
+
+def _eval_layer_slice(eqn, invals):
+    """One layer of a stacked kernel (an unrolled loop over stacked weights): the per-layer
+    node, pending the `squeeze` of its size-1 axis. None when it is not such a slice."""
+    index = _layer_index(eqn, invals)
+    if index is None:
+        return None
+    proxy = invals[0]
+    layer = slice_layer(proxy.node, index)
+    if layer is None:
+        return None
+    permutation = tuple(a - 1 for a in proxy.permutation[1:])
+    return [proxy.view(node=layer, permutation=permutation, pending_layer=True)]
+
+
 def _eval_eqn(eqn, invals):
     """Evaluate one equation where some inputs may be proxies. Returns a list of outputs."""
     name = eqn.primitive.name
     proxies = [i for i, v in enumerate(invals) if _is_proxy(v)]
+    if proxies and any(invals[i].pending_layer for i in proxies):
+        if name == "squeeze" and tuple(eqn.params["dimensions"]) == (0,):
+            return [invals[0].view(pending_layer=False)]
+        proxies = []  # a layer slice used otherwise: the dense layer (reported below)
+        invals = [v.densify(name, "one layer of a stacked kernel is used without squeezing its "
+                                  "layer axis") if _is_proxy(v) else v for v in invals]
     if proxies:
+        if name in ("slice", "dynamic_slice") and proxies == [0]:
+            out = _eval_layer_slice(eqn, invals)
+            if out is not None:
+                return out
         if name == "transpose":
             proxy = invals[0]
             permutation = tuple(proxy.permutation[i] for i in eqn.params["permutation"])
@@ -191,18 +716,26 @@ def _eval_eqn(eqn, invals):
             index = proxies[0]
             proxy, x = invals[index], invals[1 - index]
             use = KernelUse(proxy, x, kernel_is_lhs=index == 0, params=dict(eqn.params),
-                           out_dtype=eqn.outvars[0].aval.dtype)
+                            out_dtype=eqn.outvars[0].aval.dtype)
             return [proxy.strategy(proxy.node, use)]
         if name in _CALLS and isinstance(eqn.params.get("jaxpr"), ClosedJaxpr):
             inner = eqn.params["jaxpr"]
             return interpret(inner.jaxpr, inner.consts, invals)
-        invals = [_dense_value(v) for v in invals]  # anything else sees the dense kernel
+        if name in _HIGHER_ORDER:
+            return _HIGHER_ORDER[name](eqn, invals)
+        why = ("two adapted kernels meet in one dot_general" if name == "dot_general"
+               else "the interpreter does not follow this primitive with an adapter node")
+        invals = [v.densify(name, why) if _is_proxy(v) else v for v in invals]
     out = _bind(eqn, invals)
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
 def interpret(jaxpr, consts, args) -> list:
-    """Evaluate `jaxpr` on `args`, some of which may be `KernelProxy`s."""
+    """Evaluate `jaxpr` on `args`, some of which may be `KernelProxy`s.
+
+    Returns the outputs; an output may itself be a proxy (a kernel passed through a jit
+    boundary), which the caller densifies (reporting it) or keeps.
+    """
     env: dict = {}
 
     def read(var):
@@ -216,7 +749,12 @@ def interpret(jaxpr, consts, args) -> list:
         outs = _eval_eqn(eqn, [read(v) for v in eqn.invars])
         for var, value in zip(eqn.outvars, outs, strict=True):
             env[var] = value
-    return [_dense_value(read(v)) for v in jaxpr.outvars]
+    return [read(v) for v in jaxpr.outvars]
+
+
+def interpret_top(jaxpr, consts, args) -> list:
+    """`interpret`, with any kernel returned by the function densified (and reported)."""
+    return _dense_outputs(interpret(jaxpr, consts, args), "return", "the function returns the kernel")
 
 
 def is_array(x) -> bool:
