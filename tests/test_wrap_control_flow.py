@@ -127,12 +127,12 @@ def test_slice_layer_equals_slice_of_merged_stack(scan_case, pattern, options):
     adapted = _perturb(svft_jax.apply(params, pattern, init="reference", svd_backend="numpy", overrides=STACKED, **options))
     node = adapted["layers"]["mlp"]["kernel"]
     assert node.meta.per_layer_indices == (pattern == "topk")
-    stack = np.asarray(node.merged_kernel())
+    stack = np.asarray(node.materialize())
     for i in range(3):
         layer = slice_layer(node, i)
         assert layer.meta.layout.shape == (12, 12) and layer.meta.layout.stack_ndim == 0
-        np.testing.assert_allclose(layer.merged_kernel(), stack[i], rtol=1e-5, atol=1e-6)
-        traced = jax.jit(lambda n, i: slice_layer(n, i).merged_kernel())(node, jnp.int32(i))
+        np.testing.assert_allclose(layer.materialize(), stack[i], rtol=1e-5, atol=1e-6)
+        traced = jax.jit(lambda n, i: slice_layer(n, i).materialize())(node, jnp.int32(i))
         np.testing.assert_allclose(traced, stack[i], rtol=1e-5, atol=1e-6)
 
 

@@ -10,16 +10,27 @@ added with `register_strategy`.
 """
 
 from svft_jax.strategies.cost import choose_strategy, step_flops
-from svft_jax.strategies.interpreter import KernelUse
+from svft_jax.strategies.interpreter import (
+    FallbackError,
+    FallbackWarning,
+    KernelUse,
+    register_layer_slicer,
+    slice_layer,
+)
 from svft_jax.strategies.registry import available_strategies, get_strategy, register_strategy
-from svft_jax.strategies.wrap import wrap
+from svft_jax.strategies.wrap import Wrapped, wrap
 
 __all__ = [
+    "FallbackError",
+    "FallbackWarning",
     "KernelUse",
+    "Wrapped",
     "available_strategies",
     "choose_strategy",
     "get_strategy",
+    "register_layer_slicer",
     "register_strategy",
+    "slice_layer",
     "step_flops",
     "wrap",
 ]

@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.extend.core import ClosedJaxpr, Literal
 
-from svft_jax.strategies.factored import factored_for
+from svft_jax.transform._protocol import AdapterNode
 from svft_jax.transform.layout import KernelLayout
-from svft_jax.transform.node import StaticIndices, SVFTNode, pattern_spec
+from svft_jax.transform.svft import StaticIndices, SVFTNode
 
 # Primitives that only relabel the kernel, followed on the proxy without touching data.
 _PASS_THROUGH = ("copy", "copy_p", "optimization_barrier")
@@ -146,7 +146,7 @@ class KernelProxy:
         """The dense adapted kernel (current view), merged once per scope."""
         if "merged" not in self.memo:
             self.context.record(self.path, "rebuild")
-            self.memo["merged"] = self.node.merged_kernel()
+            self.memo["merged"] = self.node.materialize()
         return self.materialize(self.memo["merged"])
 
     def densify(self, primitive: str, why: str):
@@ -219,8 +219,6 @@ class KernelUse:
             return None
         if name == "reference" and not isinstance(self.proxy.node, SVFTNode):
             return f"'reference' is defined for SVFT nodes only, not {type(self.proxy.node).__name__}"
-        if factored_for(self.proxy.node) is None:
-            return f"{type(self.proxy.node).__name__} has no factored matmul"
         return self.not_factorable_because
 
     def dense(self, kernel):
@@ -302,6 +300,13 @@ def _drop_leading_axis(layout: KernelLayout) -> KernelLayout:
     )
 
 
+def _with_layout(meta, layout: KernelLayout):
+    """`meta` (a plan, or SVFT's meta around its plan) with another kernel layout."""
+    if hasattr(meta, "plan") and dataclasses.is_dataclass(meta.plan):
+        return dataclasses.replace(meta, plan=dataclasses.replace(meta.plan, layout=layout))
+    return dataclasses.replace(meta, layout=layout)
+
+
 def svft_layer_slicer(node: SVFTNode):
     """Split an SVFT node stacked on its leading axis into per-layer pieces.
 
@@ -317,10 +322,10 @@ def svft_layer_slicer(node: SVFTNode):
     layout = meta.layout
     if layout.stack_ndim < 1:
         return None
-    fields = {name: getattr(node, name) for name in SVFTNode.DATA_FIELDS if getattr(node, name) is not None}
-    new_meta = dataclasses.replace(meta, layout=_drop_leading_axis(layout))
+    fields = {name: getattr(node, name) for name in node.data_fields() if getattr(node, name) is not None}
+    new_meta = _with_layout(meta, _drop_leading_axis(layout))
     if meta.per_layer_indices:
-        if layout.stack_ndim != 1 or pattern_spec(node).left_product is not None:
+        if layout.stack_ndim != 1 or meta.spec.left_product is not None:
             return None
         r = meta.rank
         pairs = meta.rows.array.astype(np.int64) * r + meta.cols.array  # (L, n)
@@ -337,26 +342,27 @@ def svft_layer_slicer(node: SVFTNode):
             new_meta, rows=StaticIndices(union // r), cols=StaticIndices(union % r))
 
     def rebuild(sliced):
-        return SVFTNode(**{name: sliced.get(name) for name in SVFTNode.DATA_FIELDS}, meta=new_meta)
+        return SVFTNode(**{name: sliced.get(name) for name in node.data_fields()}, meta=new_meta)
 
     return fields, rebuild
 
 
-def _baseline_slicer(unstacked: tuple[str, ...]):
-    """A slicer for a baseline node type: every data field but `unstacked` carries the stack
-    axis (VeRA's shared A and B are one pair for all layers)."""
+def stacked_fields_slicer(unstacked: tuple[str, ...] = ()):
+    """A slicer for a node type whose every data field but `unstacked` carries the stack axis
+    (the default for any `AdapterNode`, e.g. LoRA/DoRA; VeRA's shared A and B are one pair
+    for all layers)."""
 
     def slicer(node):
         layout = node.meta.layout
         if layout.stack_ndim < 1:
             return None
-        fields = {name: getattr(node, name) for name in node.DATA_FIELDS
+        fields = {name: getattr(node, name) for name in node.data_fields()
                   if name not in unstacked and getattr(node, name) is not None}
         kept = {name: getattr(node, name) for name in unstacked}
-        new_meta = dataclasses.replace(node.meta, layout=_drop_leading_axis(layout))
+        new_meta = _with_layout(node.meta, _drop_leading_axis(layout))
 
         def rebuild(sliced):
-            values = {name: sliced.get(name) for name in node.DATA_FIELDS if name not in unstacked}
+            values = {name: sliced.get(name) for name in node.data_fields() if name not in unstacked}
             return type(node)(**values, **kept, meta=new_meta)
 
         return fields, rebuild
@@ -369,14 +375,13 @@ def _lazy_register_baselines() -> None:
         return
     _lazy_register_baselines.done = True
     try:
-        from svft_jax.baselines import DoRANode, LoRANode, VeRANode
+        from svft_jax.baselines import VeRANode
     except ImportError:  # pragma: no cover - baselines not installed
         return
-    register_layer_slicer(LoRANode, _baseline_slicer(()))
-    register_layer_slicer(DoRANode, _baseline_slicer(()))
-    register_layer_slicer(VeRANode, _baseline_slicer(("shared_a", "shared_b")))
+    register_layer_slicer(VeRANode, stacked_fields_slicer(("shared_a", "shared_b")))
 
 
+register_layer_slicer(AdapterNode, stacked_fields_slicer())
 register_layer_slicer(SVFTNode, svft_layer_slicer)
 
 
@@ -401,10 +406,10 @@ def slice_layer(node, index):
             and node.meta.per_layer_indices and node.meta.layout.stack_ndim >= 1):
         meta = node.meta
         layer_meta = dataclasses.replace(
-            meta, layout=_drop_leading_axis(meta.layout),
+            _with_layout(meta, _drop_leading_axis(meta.layout)),
             rows=StaticIndices(meta.rows.array[index]), cols=StaticIndices(meta.cols.array[index]))
         values = {name: None if getattr(node, name) is None else getattr(node, name)[index]
-                  for name in SVFTNode.DATA_FIELDS}
+                  for name in node.data_fields()}
         return SVFTNode(**values, meta=layer_meta)
     found = layer_slicer(node)
     if found is None:
@@ -460,7 +465,7 @@ class _Split:
         for slot, node in zip(self.proxy_slots, nodes, strict=True):
             proxy = self.values[slot]
             proxy.context.record(proxy.path, "rebuild")
-            out[slot] = proxy.materialize(node.merged_kernel())
+            out[slot] = proxy.materialize(node.materialize())
         for slot, value in zip(self.array_slots, arrays, strict=True):
             out[slot] = value
         return out

@@ -32,8 +32,8 @@ import jax
 from svft_jax._paths import compile_regex, matches, path_to_str
 from svft_jax.strategies.interpreter import CallContext, KernelProxy, interpret_top, is_array
 from svft_jax.strategies.registry import get_strategy
-from svft_jax.transform.merge import merge
-from svft_jax.transform.node import is_node
+from svft_jax.transform._merge import merge, strip_markers
+from svft_jax.transform._protocol import is_node
 
 
 class _Placeholder:
@@ -160,7 +160,7 @@ class Wrapped:
 
     def _run(self, args: list, kwargs: dict):
         key = self._key(args, kwargs)
-        adapted = self._adapted(args, kwargs)
+        adapted = strip_markers(self._adapted(args, kwargs))  # arrays where `Trainable` marks a leaf
         flat, treedef = jax.tree_util.tree_flatten_with_path(adapted, is_leaf=is_node)
         placeholders = {}
         leaves = []
