@@ -1,4 +1,4 @@
-"""Execution strategies (`svft_jax.strategies.wrap`): every strategy computes the merged model.
+"""Execution strategies (`svft_jax.strategies.wrap`, in `_wrap.py`): every strategy computes the merged model.
 
 Truth is always `apply_fn(svft_jax.merge(adapted), ...)` (the dense reference) under jit and
 grad; the cost model is checked against hand-counted FLOPs.

@@ -9,6 +9,7 @@ behind "auto" is `step_flops`/`choose_strategy`. A strategy is `fn(node, use: Ke
 added with `register_strategy`.
 """
 
+from svft_jax.strategies._wrap import Wrapped, wrap
 from svft_jax.strategies.cost import choose_strategy, step_flops
 from svft_jax.strategies.interpreter import (
     FallbackError,
@@ -18,7 +19,6 @@ from svft_jax.strategies.interpreter import (
     slice_layer,
 )
 from svft_jax.strategies.registry import available_strategies, get_strategy, register_strategy
-from svft_jax.strategies.wrap import Wrapped, wrap
 
 __all__ = [
     "FallbackError",

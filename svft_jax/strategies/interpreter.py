@@ -16,8 +16,12 @@ public API so `jit`, `grad`, `vmap` and sharding see ordinary operations:
   cond, while              `lax.switch` / `lax.while_loop` over interpreted bodies.
   custom_vjp / custom_jvp  the primal runs the interpreted body (the strategy); derivatives
                            run the user's rule, which is defined on the dense kernel, on the
-                           merged kernel (recorded as "rebuild" in the plan), and the
-                           kernel's cotangent/tangent is mapped to the node's by JAX.
+                           merged kernel, and the kernel's cotangent/tangent is mapped to the
+                           node's by JAX. custom_vjp: the forward pass keeps the strategy, the
+                           backward re-runs the user's forward on the merged kernel (as remat
+                           would) before its bwd. custom_jvp under differentiation: the rule
+                           (primal and tangent) runs on the merged kernel. The plan describes
+                           the forward call (what `plan()` traces), not these rules.
 
 Every other use of a kernel gets the dense merged kernel and is reported by a
 `FallbackWarning` (or a `FallbackError` under `wrap(..., strict=True)`) naming the target,
@@ -463,9 +467,7 @@ class _Split:
         """The values with each proxy replaced by its merged kernel (built from `nodes`)."""
         out = list(self.values)
         for slot, node in zip(self.proxy_slots, nodes, strict=True):
-            proxy = self.values[slot]
-            proxy.context.record(proxy.path, "rebuild")
-            out[slot] = proxy.materialize(node.materialize())
+            out[slot] = self.values[slot].materialize(node.materialize())
         for slot, value in zip(self.array_slots, arrays, strict=True):
             out[slot] = value
         return out

@@ -242,7 +242,8 @@ def wrap(
     batched dot over stacked layers) gets the dense merged kernel and a `FallbackWarning`
     naming the path, primitive and reason. In a custom_jvp/custom_vjp function the primal runs
     the strategy and the user's derivative rule runs on the merged kernel (it is defined on
-    it); the plan then lists "rebuild" too.
+    it; custom_vjp keeps the strategy in the forward pass, custom_jvp under differentiation
+    does not); the plan describes the forward call.
 
     Args:
       apply_fn: e.g. `model.apply`, `lambda p, x: module.apply({'params': p}, x)`, or a HF
