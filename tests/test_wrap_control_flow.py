@@ -107,6 +107,17 @@ def test_nn_scan_auto_low_rank_runs_factored_per_layer(scan_case):
     assert run.plan(adapted, x)["layers/mlp/kernel"] == ("factored",)
 
 
+def test_nn_scan_forced_rebuild_of_the_stack_beside_factored_layers(scan_case):
+    """A scanned kernel forced to rebuild is merged once for the whole stack (no fallback)."""
+    apply_fn, params, x = scan_case
+    adapted = _perturb(svft_jax.apply(params, "banded", d=1, init="reference", svd_backend="numpy", overrides=STACKED))
+    truth = _loss_and_grads(lambda a: apply_fn(svft_jax.merge(a), x), adapted)
+    run = wrap(apply_fn, "factored", overrides={"layers/.*": "rebuild"})
+    _assert_same(_loss_and_grads(lambda a: run(a, x), adapted), truth)
+    assert run.plan(adapted, x) == {"Dense_0/kernel": ("factored",), "Dense_1/kernel": ("factored",),
+                                    "layers/mlp/kernel": ("rebuild",)}
+
+
 @pytest.mark.parametrize("method,kwargs", [("lora", dict(rank=3)), ("dora", dict(rank=2)), ("vera", dict(rank=4))])
 def test_nn_scan_baselines_factored_per_layer(scan_case, method, kwargs):
     from svft_jax import baselines

@@ -500,6 +500,11 @@ def _eval_scan(eqn, invals):
         if not _is_proxy(value):
             continue
         layout = value.node.meta.layout
+        if value.strategy_name == "rebuild":
+            # The chosen strategy is the dense kernel: merge the whole stack once, outside the
+            # loop (one batched merge), and scan over it as the model would.
+            xs[j] = value.merged()
+            continue
         if value.permutation[0] != 0 or layout.stack_ndim < 1:
             xs[j] = value.densify("scan", "the scan slices a kernel axis that is not a stacked-layer axis")
             continue
