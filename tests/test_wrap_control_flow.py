@@ -399,3 +399,40 @@ def test_indexed_layers_of_a_stacked_kernel_keep_strategy(fn, pattern, options):
     run = wrap(fn, "factored")
     _assert_same(_loss_and_grads(lambda a: run(a, x), adapted), truth)
     assert run.plan(adapted, x) == {"layers/kernel": ("factored",)}
+
+
+def _einsum_layers_fn(p, x):
+    """Each layer's kernel applied to its own slice of x in one batched dot (experts, nn.vmap)."""
+    return jnp.tanh(jnp.einsum("lbi,lio->lbo", x, p["layers"]["kernel"]))
+
+
+class _VmapNet(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        vmapped = nn.vmap(nn.Dense, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=0)
+        return vmapped(8, name="layers")(x)
+
+
+@pytest.mark.parametrize("strategy", ["factored", "auto", "reference"])
+def test_dot_batched_over_the_stack_axis_keeps_strategy(strategy):
+    x = jnp.asarray(np.random.default_rng(9).standard_normal((3, 5, 8)), jnp.float32)
+    adapted = _perturb(svft_jax.apply(_stacked_params(), "topk", k=20, init="reference", svd_backend="numpy",
+                                      targets=".*kernel", overrides=STACKED))
+    truth = _loss_and_grads(lambda a: _einsum_layers_fn(svft_jax.merge(a), x), adapted)
+    run = wrap(_einsum_layers_fn, strategy)
+    _assert_same(_loss_and_grads(lambda a: run(a, x), adapted), truth)
+    expected = {"auto": {"rebuild", "factored"}}.get(strategy, {strategy})
+    assert set(run.plan(adapted, x)["layers/kernel"]) <= expected
+
+
+def test_nn_vmap_layers_keep_strategy():
+    net = _VmapNet()
+    x = jnp.asarray(np.random.default_rng(10).standard_normal((3, 5, 8)), jnp.float32)
+    params = net.init(jax.random.key(0), x)["params"]
+    assert params["layers"]["kernel"].shape == (3, 8, 8)
+    apply_fn = lambda p, x: net.apply({"params": p}, x)  # noqa: E731
+    adapted = _perturb(svft_jax.apply(params, "banded", d=1, rank=4, init="reference", svd_backend="numpy", overrides=STACKED))
+    truth = _loss_and_grads(lambda a: apply_fn(svft_jax.merge(a), x), adapted)
+    run = wrap(apply_fn, "factored")
+    _assert_same(_loss_and_grads(lambda a: run(a, x), adapted), truth)
+    assert run.plan(adapted, x)["layers/kernel"] == ("factored",)

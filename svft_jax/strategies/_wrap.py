@@ -9,7 +9,8 @@ Design: a jaxpr interpreter (as lorax/qax do), not Flax method interception. Rea
   * the decision is made where the kernel meets the activation (`dot_general`), so the token
     count T the cost model needs is known exactly, per call;
   * it follows `scan` (stacked layers are sliced into per-layer nodes), remat/`checkpoint`,
-    `cond`, `while` and custom_jvp/custom_vjp bodies (see `interpreter.py`); any other use of
+    `cond`, `while`, custom_jvp/custom_vjp bodies, per-layer indexing and layer-batched dots
+    (see `interpreter.py`); any other use of
     a kernel gets the dense merged kernel, so the result is always the merged model's, and
     that fallback is reported (`FallbackWarning`; `strict=True` raises).
 Cost: the model is traced twice per compilation (once to a jaxpr, once through the
@@ -236,7 +237,8 @@ def wrap(
     or "reference" (the SVFT authors' layer, W rebuilt on every use). Results equal
     `apply_fn(merge(adapted), ...)` up to float rounding, under jit, grad and vmap, also when
     kernels are used inside `scan` (stacked layers: `nn.scan`), remat (`nn.remat`, HF gradient
-    checkpointing), `cond`, `while_loop` and custom_jvp/custom_vjp functions.
+    checkpointing), `cond`, `while_loop` and custom_jvp/custom_vjp functions, indexed per layer
+    (`w[i]`) or in a dot batched over the layer axis (`nn.vmap`, experts).
 
     A use the interpreter cannot run with the strategy (e.g. a reshape of the kernel, a
     batched dot over stacked layers) gets the dense merged kernel and a `FallbackWarning`

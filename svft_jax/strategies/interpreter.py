@@ -8,6 +8,10 @@ form W). Bodies of control flow are followed with proxies inside, re-expressed w
 public API so `jit`, `grad`, `vmap` and sharding see ordinary operations:
 
   jit / closed_call        interpreted inline.
+  slice/dynamic_slice      one layer indexed out of a stacked kernel (`w[i]` in a Python or
+    + squeeze              `fori_loop` over stacked weights) becomes that layer's node.
+  batched dot_general      a dot batched over the stack axis (`nn.vmap` layers, experts'
+                           `einsum('lbi,lio->lbo')`) runs the strategy per layer under vmap.
   scan                     a kernel passed as `xs` (stacked layers, e.g. flax `nn.scan`) is
                            sliced per iteration into a per-layer node (`layer_slicer`); a
                            kernel closed over, or carried unchanged, keeps its proxy.
@@ -701,6 +705,37 @@ def _eval_layer_slice(eqn, invals):
     return [proxy.view(node=layer, permutation=permutation, pending_layer=True)]
 
 
+def _eval_layer_batched_dot(eqn, proxy, x, kernel_is_lhs: bool):
+    """A dot_general batched over the stack axis of a stacked kernel (`nn.vmap` layers,
+    `einsum('lbi,lio->lbo')`, experts): `jax.vmap` of the strategy over per-layer nodes.
+    None when the dot is not of that form (or the node cannot be sliced)."""
+    (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
+    k_c, x_c = (lhs_c, rhs_c) if kernel_is_lhs else (rhs_c, lhs_c)
+    k_b, x_b = (lhs_b, rhs_b) if kernel_is_lhs else (rhs_b, lhs_b)
+    if (len(k_b) != 1 or proxy.pending_layer or proxy.node.meta.layout.stack_ndim < 1
+            or proxy.permutation[k_b[0]] != 0):
+        return None
+    found = layer_slicer(proxy.node)
+    if found is None:
+        return None
+    stacked, rebuild = found
+    kb, xb = k_b[0], x_b[0]
+    k_c = tuple(a - (a > kb) for a in k_c)
+    x_c = tuple(a - (a > xb) for a in x_c)
+    dims = ((k_c, x_c) if kernel_is_lhs else (x_c, k_c), ((), ()))
+    params = {**eqn.params, "dimension_numbers": dims}
+    permutation = tuple(a - 1 for i, a in enumerate(proxy.permutation) if i != kb)
+    out_dtype = eqn.outvars[0].aval.dtype
+
+    def one_layer(layer_arrays, x_layer):
+        layer = proxy.view(node=rebuild(layer_arrays), permutation=permutation, memo={})
+        use = KernelUse(layer, x_layer, kernel_is_lhs=kernel_is_lhs, params=params, out_dtype=out_dtype)
+        return layer.strategy(layer.node, use)
+
+    # dot_general puts batch dimensions first in its output, as vmap's out_axes=0 does.
+    return jax.vmap(one_layer, in_axes=(0, xb))(stacked, x)
+
+
 def _eval_eqn(eqn, invals):
     """Evaluate one equation where some inputs may be proxies. Returns a list of outputs."""
     name = eqn.primitive.name
@@ -727,6 +762,9 @@ def _eval_eqn(eqn, invals):
         if name == "dot_general" and len(proxies) == 1:
             index = proxies[0]
             proxy, x = invals[index], invals[1 - index]
+            batched = _eval_layer_batched_dot(eqn, proxy, x, index == 0)
+            if batched is not None:
+                return [batched]
             use = KernelUse(proxy, x, kernel_is_lhs=index == 0, params=dict(eqn.params),
                             out_dtype=eqn.outvars[0].aval.dtype)
             return [proxy.strategy(proxy.node, use)]
