@@ -15,6 +15,7 @@ import pytest
 from jax.test_util import check_grads
 
 import svft_jax
+from tests import reference
 
 PATTERNS = [
     pytest.param("plain", {}, id="plain"),
@@ -70,32 +71,13 @@ def test_grad_wrt_gate_matches_finite_differences():
     check_grads(loss_of_gate, (gate,), order=1, modes=("rev", "fwd"), **FD)
 
 
-def _u_g_v(node, g_kernel):
-    """Uᵀ G_W V per layer in float64, where G_W = G_kernelᵀ is the cotangent on W (out × in)."""
-    u, v = np.asarray(node.u, np.float64), np.asarray(node.v, np.float64)
-    g_w = np.swapaxes(np.asarray(g_kernel, np.float64), -1, -2)
-    return np.swapaxes(u, -1, -2) @ g_w @ v
-
-
-def _gather(matrices, node):
-    """matrices (*stack, r, r) read at Ω: (*stack, |Ω|)."""
-    stack = node.meta.layout.stack_shape
-    n = node.meta.num_entries
-    rows = np.broadcast_to(node.meta.rows.array, (*stack, n))
-    cols = np.broadcast_to(node.meta.cols.array, (*stack, n))
-    out = np.zeros((*stack, n))
-    for layer in np.ndindex(*stack):
-        out[layer] = matrices[layer][rows[layer], cols[layer]]
-    return out
-
-
 @pytest.mark.parametrize(("pattern", "options"), PATTERNS)
 @pytest.mark.parametrize("shape_name", list(SHAPES))
 def test_grad_of_linear_loss_is_ut_g_v_on_omega(pattern, options, shape_name):
     node = _adapted(pattern, options, shape_name)
     g_kernel = np.random.default_rng(5).normal(size=SHAPES[shape_name]).astype(np.float32)
     linear = jax.jit(jax.grad(lambda m: jnp.sum(svft_jax.merge({"k": dataclasses.replace(node, m=m)})["k"] * g_kernel)))
-    expected = _gather(_u_g_v(node, g_kernel), node)
+    expected = reference.omega_gradient(node, g_kernel)
     np.testing.assert_allclose(np.asarray(linear(node.m)), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -105,7 +87,7 @@ def test_grad_wrt_gate_is_sigmoid_derivative_times_m_dot_ut_g_v():
     g_kernel = np.random.default_rng(5).normal(size=SHAPES["stacked"]).astype(np.float32)
     grad_gate = jax.jit(jax.grad(lambda g: jnp.sum(svft_jax.merge({"k": dataclasses.replace(node, gate=g)})["k"] * g_kernel)))
     sigma = 1.0 / (1.0 + np.exp(-gate.astype(np.float64)))
-    at_omega = _gather(_u_g_v(node, g_kernel), node)  # (3, |Ω|)
+    at_omega = reference.omega_gradient(node, g_kernel)  # (3, |Ω|)
     expected = sigma * (1.0 - sigma) * np.sum(np.asarray(node.m, np.float64) * at_omega, axis=-1)
     np.testing.assert_allclose(np.asarray(grad_gate(jnp.asarray(gate))), expected, rtol=1e-4, atol=1e-5)
 
@@ -124,4 +106,4 @@ def test_grad_through_split_and_combine_reaches_only_the_trainable_half():
     assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(trainable)
     grad_node = grads["layer"]["kernel"]
     assert grad_node.u is None and grad_node.base is None and grads["layer"]["bias"] is None
-    np.testing.assert_allclose(np.asarray(grad_node.m), _gather(_u_g_v(node, g_kernel), node), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(grad_node.m), reference.omega_gradient(node, g_kernel), rtol=1e-4, atol=1e-4)
