@@ -1,6 +1,6 @@
 """Adapter file size for a BERT-base-shaped model, next to the full model.
 
-    .venv/bin/python experiments/bench_adapter_size.py [--layers 12] [--json out.json]
+    python -m experiments.bench_adapter_size [--layers 12] [--json out.json]
 
 Builds a random parameter pytree with BERT-base shapes (hidden 768, 12 layers, intermediate
 3072, vocab 30522; ≈110M params — no real model needed, the sizes depend on shapes only),

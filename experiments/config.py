@@ -176,3 +176,15 @@ def json_ready(value):
         array = np.asarray(value)
         return array.item() if array.ndim == 0 else array.tolist()
     return value
+
+
+def flags_given(argv: Sequence[str] | None) -> set[str]:
+    """The bare field names set on a command line (`--config.steps=3 --seed 1` -> {'steps', 'seed'})."""
+    import sys
+
+    names = set()
+    for arg in (sys.argv[1:] if argv is None else argv):
+        if arg.startswith("--"):
+            key = arg[2:].partition("=")[0]
+            names.add(key.removeprefix(TRAIN_PREFIX).replace("-", "_"))
+    return names

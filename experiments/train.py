@@ -19,15 +19,14 @@ from __future__ import annotations
 import collections
 import csv
 import dataclasses
+import functools
 import json
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
-
-import functools
-import re
 
 import jax
 import jax.numpy as jnp
