@@ -451,7 +451,7 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
         if config.batch_size % mesh.shape[distributed.DATA]:
             raise ValueError(f"TrainConfig.batch_size={config.batch_size} must be divisible by the {mesh.shape[distributed.DATA]} devices of the data axis (or set data_parallel=False).")
         trainable = distributed.shard_params(trainable, mesh, extra=task.trainable_filter)
-        frozen = distributed.shard_params(frozen_host, mesh, extra=task.trainable_filter)
+        frozen = distributed.shard_params(frozen_host, mesh)  # the head's leaves are holes in this half
         opt_state = distributed.replicate(opt_state, mesh)
     else:
         frozen = frozen_host
