@@ -10,13 +10,14 @@ interleaved runs, and their ratio to `np.linalg.svd` called on each matrix in a 
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import pathlib
 
 import jax
 import numpy as np
 
 import svft_jax
+from experiments import config as config_lib
 from experiments._bench_common import machine_description, markdown_table, timed
 
 SHAPES = {"self_attn/q_proj": (512, 512), "self_attn/k_proj": (512, 512), "self_attn/v_proj": (512, 512),
@@ -46,12 +47,17 @@ def lapack_loop(params) -> list:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default="experiments/results/bench_apply.md")
-    args = parser.parse_args()
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """layers: decoder layers of the stack; repeats: interleaved timed runs; output: the .md."""
+
+    layers: int = 8
+    repeats: int = 3
+    output: str = "experiments/results/bench_apply.md"
+
+
+def main(argv=None) -> None:
+    (args,) = config_lib.parse(argv, Options(), description=__doc__)
     params = llama_stack(args.layers)
     variants = {
         "LAPACK loop (np.linalg.svd per matrix)": lambda: lapack_loop(params),

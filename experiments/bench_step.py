@@ -25,7 +25,6 @@ come from `experiments.models`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import statistics
@@ -37,6 +36,7 @@ import numpy as np
 import optax
 
 import svft_jax
+from experiments import config as config_lib
 from experiments import models, presets
 from experiments._bench_common import machine_description, markdown_table
 from svft_jax.training import losses
@@ -126,13 +126,25 @@ def make_step(model, method: Method, adapted, loss_of, extra):
     return jax.jit(step, donate_argnums=(0, 2)), trainable, frozen, opt_state
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="bert-16x64", choices=["bert-16x64", "bert-32x128", "llama-4x256"])
-    parser.add_argument("--methods", default="all", choices=["all", "core"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", default=None)
-    args = parser.parse_args()
+CONFIGS = ("bert-16x64", "bert-32x128", "llama-4x256")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """config: model and batch shape; methods: "all" or "core"; repeats: timed rounds; output: the .md."""
+
+    config: str = "bert-16x64"
+    methods: str = "all"
+    repeats: int = 5
+    output: str | None = None
+
+    def __post_init__(self):
+        if self.config not in CONFIGS or self.methods not in ("all", "core") or self.repeats < 1:
+            raise ValueError(f"bench_step: --config in {CONFIGS}, --methods all|core, --repeats ≥ 1; got {self}.")
+
+
+def main(argv=None) -> None:
+    (args,) = config_lib.parse(argv, Options(), description=__doc__)
     output = pathlib.Path(args.output or f"experiments/results/bench_step_{args.config}.md")
     start = time.perf_counter()
     model, params, batch, loss_of, extra, tokens = build_model(args.config)
