@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) experiments/demo.py
+	$(PY) -m experiments.demo
 
 test: install
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile

@@ -1,6 +1,6 @@
 """Adapter file size for a BERT-base-shaped model, next to the full model.
 
-    .venv/bin/python experiments/bench_adapter_size.py [--layers 12] [--json out.json]
+    python -m experiments.bench_adapter_size [--layers=12] [--json=out.json]
 
 Builds a random parameter pytree with BERT-base shapes (hidden 768, 12 layers, intermediate
 3072, vocab 30522; ≈110M params — no real model needed, the sizes depend on shapes only),
@@ -11,7 +11,7 @@ Prints a table of byte sizes (and writes JSON with --json). Files go to a temp d
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 import svft_jax
+from experiments import config as config_lib
 from svft_jax.checkpoint import save_adapter, save_factor_cache, save_merged_safetensors
 
 TARGETS = r".*attention/self/(query|key|value)/kernel|.*attention/output/dense/kernel|.*(intermediate|output)/dense/kernel"
@@ -54,11 +55,16 @@ def bert_base_params(layers: int = 12, hidden: int = 768, intermediate: int = 30
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """layers: BERT-base layers; json: also write the results here."""
+
+    layers: int = 12
+    json: str | None = None
+
+
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args(argv)
+    (args,) = config_lib.parse(argv, Options(), description=__doc__)
 
     params = bert_base_params(args.layers)
     full_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
@@ -72,7 +78,7 @@ def main(argv=None) -> dict:
             adapted = svft_jax.apply(params, targets=TARGETS, svd_backend="numpy", **kwargs)
             apply_seconds = time.perf_counter() - start
             counts = svft_jax.count_parameters(adapted)
-            adapter = save_adapter(tmp / f"{kwargs['pattern']}.safetensors", adapted, svd_backend="numpy")
+            adapter = save_adapter(tmp / f"{kwargs['pattern']}.safetensors", adapted)  # the node records its SVD back-end
             run = {"config": name, "targets": counts["targets"], "trainable_params": counts["trainable"],
                    "adapter_bytes": adapter.stat().st_size, "apply_seconds": round(apply_seconds, 1)}
             if kwargs["pattern"] == "plain":
@@ -92,7 +98,7 @@ def main(argv=None) -> dict:
         print(f"  {run['config']:<11} {run['trainable_params']:>8,} trainable  adapter {run['adapter_bytes'] / 1024:8.1f} KiB"
               f" ({100 * run['adapter_over_full']:.3f}% of the model){extra}  [apply {run['apply_seconds']} s]")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return results
 
 

@@ -5,22 +5,20 @@ gate/up 512→1376, down 1376→512), Dense (in, out) kernels in HF Flax Llama's
 Reported per variant: median wall time and median process CPU time over `repeats`
 interleaved runs, and their ratio to `np.linalg.svd` called on each matrix in a loop.
 
-    .venv/bin/python experiments/bench_apply.py --layers 8 --repeats 3
+    python -m experiments.bench_apply --layers 8 --repeats 3
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import pathlib
-import sys
 
+import jax
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import svft_jax  # noqa: E402
-from experiments._bench_common import machine_description, markdown_table, timed  # noqa: E402
-from svft_jax.transform.factorize import resolve_backend  # noqa: E402
+import svft_jax
+from experiments import config as config_lib
+from experiments._bench_common import machine_description, markdown_table, timed
 
 SHAPES = {"self_attn/q_proj": (512, 512), "self_attn/k_proj": (512, 512), "self_attn/v_proj": (512, 512),
           "self_attn/o_proj": (512, 512), "mlp/gate_proj": (512, 1376), "mlp/up_proj": (512, 1376),
@@ -49,12 +47,17 @@ def lapack_loop(params) -> list:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", default="experiments/results/bench_apply.md")
-    args = parser.parse_args()
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """layers: decoder layers of the stack; repeats: interleaved timed runs; output: the .md."""
+
+    layers: int = 8
+    repeats: int = 3
+    output: str = "experiments/results/bench_apply.md"
+
+
+def main(argv=None) -> None:
+    (args,) = config_lib.parse(argv, Options(), description=__doc__)
     params = llama_stack(args.layers)
     variants = {
         "LAPACK loop (np.linalg.svd per matrix)": lambda: lapack_loop(params),
@@ -79,8 +82,8 @@ def main() -> None:
     text = (f"# bench_apply: SVD at `svft_jax.apply` on a Llama-shaped stack\n\n{machine_description()}\n"
             f"- {args.layers} layers × 7 kernels = {matrices} matrices (512×512 ×4, 512×1376 ×3 per layer), "
             f"float32; banded d=2; {args.repeats} interleaved repeats after one warm-up; "
-            f'"auto" resolves to "{resolve_backend("auto")}" here.\n'
-            f"- Command: `.venv/bin/python experiments/bench_apply.py --layers {args.layers} --repeats {args.repeats}`\n\n"
+            f'"auto" is LAPACK (numpy) on CPU, XLA\'s SVD on an accelerator; this run: {jax.default_backend()}.\n'
+            f"- Command: `python -m experiments.bench_apply --layers {args.layers} --repeats {args.repeats}`\n\n"
             f"{table}\n")
     pathlib.Path(args.output).write_text(text)
     print(text)

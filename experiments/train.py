@@ -6,21 +6,24 @@ learning rate for a new head), gradient accumulation, data parallelism over all 
 (`jax.sharding`, multi-process aware), periodic evaluation, best-checkpoint selection, a
 tqdm bar and JSON/CSV metric logs. See `experiments/README.md` for the contract.
 
-    python experiments/train.py --config.steps=30 --config.output_dir=/tmp/svft_demo
+Before saving a checkpoint the driver checks that the eval metrics are finite; a NaN or Inf
+stops the run (FloatingPointError) with the last finite checkpoint left as it was.
+
+    python -m experiments.train --config.steps=30 --config.output_dir=/tmp/svft_demo
 
 runs a built-in demo (a tiny random Flax BERT classifier on synthetic tokens).
 """
 
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
+import functools
 import json
 import math
-import sys
+import re
 import time
-import types
-import typing
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -30,12 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-if __package__ in (None, ""):  # run as a script: make `svft_jax` importable from a checkout
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import svft_jax  # noqa: E402
-from svft_jax import distributed  # noqa: E402
-from svft_jax.training import make_eval_step, make_schedule, make_train_step  # noqa: E402
+import svft_jax
+from experiments import config as config_lib
+from experiments import data
+from svft_jax import distributed
+from svft_jax.training import make_eval_step, make_schedule, make_train_step
 
 LOG_FORMATS = ("json", "csv")
 
@@ -43,7 +45,7 @@ LOG_FORMATS = ("json", "csv")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything the loop needs besides the task. Override from the command line with
-    `parse_config` (`--config.steps=10`)."""
+    `experiments.config.parse` (`--config.steps=10`); see experiments/README.md per field."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -110,10 +112,13 @@ class Task:
       eval_data: () -> iterable over the evaluation set (fresh on every call), or None.
       metric_fn: metric_fn(adapted, batch) -> {name: scalar or per-example array}; default:
         loss_fn's loss and metrics with a fixed rng.
-      aggregate_fn: list of per-batch metric dicts (numpy) -> {name: float}; default: the
-        example-weighted mean of scalar metrics.
+      aggregate_fn: list of per-batch metric dicts (numpy) -> {name: float}; default
+        (`mean_metrics`): per-example (B,) arrays averaged over the rows whose `valid` is
+        True (the padding rule of `experiments.data`), scalars weighted by batch size.
       extra: regex of fully-trainable extra leaves (a new head), trained at
         `head_learning_rate`.
+      full_finetune: every leaf trains (full fine-tuning): `extra` leaves at
+        `head_learning_rate`, all others at `learning_rate`.
       count_tokens: batch -> number of tokens, for the tokens/s readout (default: examples).
       name: shown in logs.
     """
@@ -125,36 +130,24 @@ class Task:
     metric_fn: Callable | None = None
     aggregate_fn: Callable | None = None
     extra: str | None = None
+    full_finetune: bool = False
     count_tokens: Callable | None = None
     name: str = "task"
+
+    @property
+    def trainable_filter(self) -> str | None:
+        """The `extra` regex that `svft_jax.split` gets: every leaf for full fine-tuning."""
+        return ".*" if self.full_finetune else self.extra
 
 
 # ----------------------------------------------------------------------------- config
 
 
-def _parse_value(name: str, text: str, annotation):
-    """Convert a CLI string to the field's type (int, float, bool, str, or X | None)."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if text.strip().lower() in ("none", "null"):
-            return None
-        annotation = options[0]
-    if annotation is bool:
-        lowered = text.strip().lower()
-        if lowered in ("1", "true", "yes", "on"):
-            return True
-        if lowered in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"--config.{name} expects a boolean (true/false), got {text!r}.")
-    try:
-        return annotation(text)
-    except ValueError as err:
-        raise ValueError(f"--config.{name} expects {annotation.__name__}, got {text!r}.") from err
-
-
 def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
     """`base` with command-line overrides `--config.name=value` (or `--name=value`).
+
+    A thin wrapper of `experiments.config.parse` (the harness's one config reader) for
+    drivers that have no options of their own.
 
     Args:
       argv: arguments without the program name (default: sys.argv[1:]).
@@ -164,27 +157,34 @@ def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None)
     Raises:
       ValueError: for an unknown field (the message lists the valid ones) or a bad value.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
-    base = TrainConfig() if base is None else base
-    hints = typing.get_type_hints(type(base))
-    changes = {}
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"expected --config.name=value, got {arg!r}.")
-        key, text = arg[2:].split("=", 1)
-        name = key.removeprefix("config.")
-        if name not in hints:
-            raise ValueError(f"unknown config field {name!r}; valid fields: {sorted(hints)}.")
-        changes[name] = _parse_value(name, text, hints[name])
-    return dataclasses.replace(base, **changes)
+    (config,) = config_lib.parse(argv, TrainConfig() if base is None else base)
+    return config
 
 
-def make_optimizer(config: TrainConfig, extra: str | None = None):
+_OPTIMIZERS: dict = {}
+
+
+def make_optimizer(config: TrainConfig, extra: str | None = None, *, full_finetune: bool = False):
     """AdamW on M (and gates) and, with its own LR, on the `extra` leaves; frozen leaves get none.
+
+    With `full_finetune`, every leaf trains: the `extra` leaves at `head_learning_rate`, all
+    others at `learning_rate` (the tree has no adapter nodes then).
+
+    The same settings give the same optimiser object, so a task run again with another seed
+    reuses its compiled train step (`jit` caches on the function).
 
     Returns:
       (tx, {"learning_rate": schedule, "head_learning_rate": schedule}).
     """
+    key = (config.steps, config.learning_rate, config.head_learning_rate, config.weight_decay,
+           config.head_weight_decay, config.warmup_fraction, config.schedule, config.max_grad_norm,
+           extra, full_finetune)
+    if key not in _OPTIMIZERS:
+        _OPTIMIZERS[key] = _make_optimizer(config, extra, full_finetune)
+    return _OPTIMIZERS[key]
+
+
+def _make_optimizer(config: TrainConfig, extra: str | None, full_finetune: bool):
     def adamw(peak, weight_decay):
         schedule = make_schedule(config.schedule, peak, config.steps, config.warmup_steps)
         parts = [optax.adamw(schedule, weight_decay=weight_decay)]
@@ -196,8 +196,34 @@ def make_optimizer(config: TrainConfig, extra: str | None = None):
     head_lr = config.learning_rate if config.head_learning_rate is None else config.head_learning_rate
     head_wd = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
     tx_head, schedule_head = adamw(head_lr, head_wd)
-    tx = svft_jax.optimizer(tx_m, extra=extra, extra_tx=tx_head)
-    return tx, {"learning_rate": schedule_m, "head_learning_rate": schedule_head}
+    schedules = {"learning_rate": schedule_m, "head_learning_rate": schedule_head}
+    if full_finetune:
+        return optax.multi_transform({"weights": tx_m, "head": tx_head}, functools.partial(_full_labels, extra=extra)), schedules
+    return svft_jax.optimizer(tx_m, extra=extra, extra_tx=tx_head), schedules
+
+
+def _full_labels(tree, extra: str | None):
+    """'head' on leaves whose '/'-joined path matches `extra`, 'weights' on every other leaf."""
+    def label(path, _):
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+        return "head" if extra is not None and re.fullmatch(extra, name) else "weights"
+
+    return jax.tree_util.tree_map_with_path(label, tree)
+
+
+_STEPS: collections.OrderedDict = collections.OrderedDict()
+
+
+def _cached(key, build):
+    """A small LRU of compiled steps: the same loss/metric function and optimiser (a task run
+    again with another seed) reuse one `jit` and its compilations."""
+    if key in _STEPS:
+        _STEPS.move_to_end(key)
+    else:
+        _STEPS[key] = build()
+        if len(_STEPS) > 32:
+            _STEPS.popitem(last=False)
+    return _STEPS[key]
 
 
 # ----------------------------------------------------------------------------- logging
@@ -283,25 +309,87 @@ def _default_metric_fn(loss_fn):
     return metric_fn
 
 
-def _weighted_mean(per_batch: list[dict], weights: list[int]) -> dict:
-    total = float(sum(weights))
-    names = per_batch[0].keys()
-    return {name: float(sum(np.asarray(m[name], np.float64) * w for m, w in zip(per_batch, weights, strict=True)) / total) for name in names}
+def mean_metrics(per_batch: list[dict], sizes: list[int] | None = None) -> dict:
+    """The default aggregate: the mean of each metric over the evaluation set.
+
+    A per-example metric (an array whose leading axis is the batch) is averaged over the rows
+    whose `valid` entry is True (`experiments.data.pad_rows` marks padding that way; without
+    `valid` every row counts). A scalar metric is weighted by its batch's real rows.
+
+    Args:
+      per_batch: one {name: numpy value} dict per eval batch.
+      sizes: examples per batch, weighting scalar metrics of batches without `valid`
+        (default: 1 each).
+    Returns:
+      {name: float}; `valid` itself is not reported.
+    """
+    totals: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for index, metrics in enumerate(per_batch):
+        rows = None
+        if data.VALID in metrics:
+            valid = np.asarray(metrics[data.VALID], bool)
+            rows = valid
+        for name, value in metrics.items():
+            if name == data.VALID:
+                continue
+            value = np.asarray(value, np.float64)
+            if value.ndim:
+                weights = rows if rows is not None and rows.shape == value.shape[:1] else np.ones(value.shape[0], bool)
+                totals[name] = totals.get(name, 0.0) + float(np.sum(value[weights]))
+                counts[name] = counts.get(name, 0.0) + float(np.sum(weights))
+            else:
+                weight = float(np.sum(rows)) if rows is not None else float(sizes[index] if sizes else 1)
+                totals[name] = totals.get(name, 0.0) + float(value) * weight
+                counts[name] = counts.get(name, 0.0) + weight
+    return {name: totals[name] / counts[name] for name in totals}
 
 
-def evaluate(task: Task, eval_step, trainable, frozen, place_batch) -> dict:
-    """Run `eval_step` over `task.eval_data()` and aggregate; {} if the task has no eval set."""
-    if task.eval_data is None:
-        return {}
-    per_batch, weights = [], []
-    for batch in task.eval_data():
-        weights.append(_num_examples(batch) * jax.process_count())
+def evaluate(task: Task, eval_step, trainable, frozen, place_batch, batches: Iterable | None = None) -> dict:
+    """Run `eval_step` over `batches` (default `task.eval_data()`) and aggregate; {} without data."""
+    if batches is None:
+        if task.eval_data is None:
+            return {}
+        batches = task.eval_data()
+    per_batch, sizes = [], []
+    for batch in batches:
+        sizes.append(_num_examples(batch) * jax.process_count())
         per_batch.append(distributed.gather_to_host(eval_step(trainable, frozen, place_batch(batch, eval_mode=True))))
     if not per_batch:
-        raise ValueError("Task.eval_data() yielded no batches.")
+        raise ValueError(f"Task {task.name!r}: the evaluation data yielded no batches.")
     if task.aggregate_fn is not None:
         return {k: float(v) for k, v in task.aggregate_fn(per_batch).items()}
-    return _weighted_mean(per_batch, weights)
+    return mean_metrics(per_batch, sizes)
+
+
+def evaluate_model(task: Task, adapted, batches: Iterable | None = None) -> dict:
+    """Evaluate a (trained) adapted tree with the task's metric and aggregate functions.
+
+    For extra splits after `run` (a test set, GLUE's mismatched validation):
+    `evaluate_model(task, results["adapted"], data.eval_batches(test, encode, batch_size=64))`.
+
+    Args:
+      task: the task (its metric_fn / aggregate_fn / extra are used).
+      adapted: the tree to evaluate, e.g. `run(...)["adapted"]` (the best model).
+      batches: iterable of batches (default: `task.eval_data()`).
+    Returns:
+      {name: float}.
+    """
+    trainable, frozen = svft_jax.split(adapted, extra=task.trainable_filter)
+    metric_fn = task.metric_fn or _default_metric_fn(task.loss_fn)
+    eval_step = _cached(("eval", metric_fn), lambda: make_eval_step(metric_fn))
+    return evaluate(task, eval_step, trainable, frozen, lambda batch, eval_mode=False: batch, batches)
+
+
+def _check_finite(metrics: dict, step: int, last_saved: int | None) -> None:
+    """Refuse non-finite eval metrics before they reach a checkpoint (and its best-N ranking)."""
+    bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
+    if bad:
+        kept = f"the last checkpoint (step {last_saved}) is intact" if last_saved is not None else "no checkpoint was written"
+        raise FloatingPointError(
+            f"non-finite eval metrics at step {step}: {bad}; step {step} was not saved and training stopped "
+            f"({kept}). Lower the learning rate, add max_grad_norm, or check the data."
+        )
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -341,12 +429,12 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
     out_dir = Path(config.output_dir) if config.output_dir else None
     is_main = jax.process_index() == 0
-    trainable_host, frozen_host = svft_jax.split(task.adapted, extra=task.extra)
+    trainable_host, frozen_host = svft_jax.split(task.adapted, extra=task.trainable_filter)
     if not jax.tree_util.tree_leaves(trainable_host):
         raise ValueError("Task.adapted has no trainable leaves: pass the output of svft_jax.apply (and set Task.extra for a head).")
     schedules = {}
     if tx is None:
-        tx, schedules = make_optimizer(config, task.extra)
+        tx, schedules = make_optimizer(config, task.extra, full_finetune=task.full_finetune)
     trainable = jax.tree_util.tree_map(jnp.array, trainable_host)  # a copy: the step donates it
     opt_state = tx.init(trainable)
     start_step, trainable, opt_state = _restore(checkpoint_manager, trainable, opt_state)
@@ -362,8 +450,8 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
         mesh = distributed.make_mesh()
         if config.batch_size % mesh.shape[distributed.DATA]:
             raise ValueError(f"TrainConfig.batch_size={config.batch_size} must be divisible by the {mesh.shape[distributed.DATA]} devices of the data axis (or set data_parallel=False).")
-        trainable = distributed.shard_params(trainable, mesh, extra=task.extra)
-        frozen = distributed.shard_params(frozen_host, mesh, extra=task.extra)
+        trainable = distributed.shard_params(trainable, mesh, extra=task.trainable_filter)
+        frozen = distributed.shard_params(frozen_host, mesh)  # the head's leaves are holes in this half
         opt_state = distributed.replicate(opt_state, mesh)
     else:
         frozen = frozen_host
@@ -376,19 +464,26 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
             return distributed.replicate(batch, mesh)  # an odd-sized last eval batch
         return distributed.shard_batch(batch, mesh)
 
-    train_step = make_train_step(task.loss_fn, tx, accumulation_steps=config.accumulation_steps, donate=("trainable", "opt_state"))
-    eval_step = make_eval_step(task.metric_fn or _default_metric_fn(task.loss_fn))
+    train_step = _cached(("train", task.loss_fn, tx, config.accumulation_steps),
+                         lambda: make_train_step(task.loss_fn, tx, accumulation_steps=config.accumulation_steps,
+                                                 donate=("trainable", "opt_state")))
+    metric_fn = task.metric_fn or _default_metric_fn(task.loss_fn)
+    eval_step = _cached(("eval", metric_fn), lambda: make_eval_step(metric_fn))
     train_log = MetricsLog(out_dir, "train_metrics", config.log_formats,
                            ("step", "loss", "grad_norm", "learning_rate", "head_learning_rate"), ("examples_per_s", "tokens_per_s", "elapsed_s"),
                            append=resumed)
     eval_log = MetricsLog(out_dir, "eval_metrics", config.log_formats, ("step",), append=resumed)
 
     best = {"value": None, "step": None, "metrics": {}, "trainable": None}
+    saved = {"step": start_step if resumed else None, "eval_s": 0.0}
 
     def run_eval(step: int, elapsed: float) -> dict:
+        tic = time.perf_counter()
         metrics = evaluate(task, eval_step, trainable, frozen, place_batch)
+        saved["eval_s"] += time.perf_counter() - tic
         if metrics:
             eval_log.write({"step": step, **metrics, "elapsed_s": round(elapsed, 3)})
+            _check_finite(metrics, step, saved["step"])
             if config.selection_metric not in metrics:
                 raise ValueError(f"TrainConfig.selection_metric={config.selection_metric!r} is not among the eval metrics {sorted(metrics)}.")
             if _better(metrics[config.selection_metric], best["value"], config.selection_mode):
@@ -396,6 +491,7 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
                             trainable=distributed.gather_to_host(trainable))
         if checkpoint_manager is not None and not (resumed and step == start_step):  # that step is saved already
             checkpoint_manager.save(step, trainable, opt_state, metrics)
+            saved["step"] = step
         return metrics
 
     batches = _endless_batches(task.train_data)
@@ -462,6 +558,7 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
         "adapted": svft_jax.combine(best["trainable"], frozen_host),
         "history": {"train": train_log.rows, "eval": eval_log.rows},
         "train_time_s": train_time,
+        "eval_time_s": saved["eval_s"],
         "steps": step,
         "log_paths": {f"{log_name}.{fmt}": str(path) for log_name, log in (("train", train_log), ("eval", eval_log)) for fmt, path in log.paths.items()},
         "config": dataclasses.asdict(config),
@@ -482,42 +579,42 @@ def demo_task(config: TrainConfig, *, num_train: int = 256, num_eval: int = 64, 
     Positive sequences draw their tokens from ids [8, 36), negative ones from [36, 64): every
     position carries the label, so a few steps of M and head training lower the loss.
     SVFT (banded, d=1) on every attention/MLP kernel; the classifier head is trained in full.
+    Data go through the harness's one path (`experiments.data`).
     """
-    from transformers import BertConfig, FlaxBertForSequenceClassification
+    import optax as _optax
 
+    from experiments import models
     from svft_jax.training import losses
 
-    bert_config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2,
-                             intermediate_size=64, max_position_embeddings=seq_len, num_labels=2,
-                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = FlaxBertForSequenceClassification(bert_config, seed=config.seed)
-    adapted = svft_jax.apply(model.params, "banded", d=1, svd_backend="numpy")
+    model, params = models.tiny_bert_classifier(num_layers=num_layers, seq_len=seq_len, seed=config.seed)
+    adapted = svft_jax.apply(params, "banded", d=1, svd_backend="numpy")
 
     rng = np.random.default_rng(config.seed)
 
     def make_split(n):
         positive = rng.random(n) < 0.5
         tokens = np.where(positive[:, None], rng.integers(8, 36, size=(n, seq_len)), rng.integers(36, 64, size=(n, seq_len)))
-        return {"input_ids": tokens.astype(np.int32), "attention_mask": np.ones_like(tokens, np.int32), "labels": positive.astype(np.int32)}
+        return [{"input_ids": row.astype(np.int32), "attention_mask": np.ones(seq_len, np.int32), "labels": np.int32(label)}
+                for row, label in zip(tokens, positive, strict=True)]
 
     train, evaluation = make_split(num_train), make_split(num_eval)
 
+    def logits_of(adapted, batch):
+        return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=svft_jax.merge(adapted)).logits
+
     def loss_fn(adapted, batch, rng):
         del rng  # no dropout in this tiny config
-        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], params=svft_jax.merge(adapted)).logits
-        return losses.classification_loss(logits, batch["labels"])
+        return losses.classification_loss(logits_of(adapted, batch), batch["labels"])
 
-    def train_data(epoch):
-        order = np.random.default_rng(epoch).permutation(num_train)
-        for lo in range(0, num_train - config.batch_size + 1, config.batch_size):
-            rows = order[lo : lo + config.batch_size]
-            yield {name: column[rows] for name, column in train.items()}
+    def metric_fn(adapted, batch):
+        logits = logits_of(adapted, batch)
+        return {"loss": _optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["labels"]),
+                "accuracy": (jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32), data.VALID: batch[data.VALID]}
 
-    def eval_data():
-        for lo in range(0, num_eval, config.batch_size):
-            yield {name: column[lo : lo + config.batch_size] for name, column in evaluation.items()}
-
-    return Task(adapted=adapted, loss_fn=loss_fn, train_data=train_data, eval_data=eval_data,
+    identity = lambda example: example  # noqa: E731  (the examples are arrays already)
+    return Task(adapted=adapted, loss_fn=loss_fn, metric_fn=metric_fn,
+                train_data=lambda epoch: data.train_batches(train, identity, batch_size=config.batch_size, seed=config.seed, epoch=epoch),
+                eval_data=lambda: data.eval_batches(evaluation, identity, batch_size=config.batch_size),
                 extra="classifier/.*", count_tokens=lambda batch: int(np.sum(batch["attention_mask"])), name="demo-bert")
 
 

@@ -31,12 +31,8 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-if __package__ in (None, ""):  # run as a file (python experiments/paper/x.py): make the repo root importable
-    import pathlib
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from experiments.paper import common, data, lm
+from experiments import data
+from experiments.paper import common, lm
 from experiments.paper.configs import COMMONSENSE
 
 RESPONSE_TEMPLATE = "the correct answer is {answer}"
@@ -179,25 +175,32 @@ def formatted(source, task: CommonsenseTask) -> list[tuple[str, str]]:
     return items
 
 
+@dataclasses.dataclass(frozen=True)
+class Options(lm.LMOptions):
+    """Commonsense flags (besides `LMOptions`, `PaperOptions` and the driver's `--config.*`).
+
+    Attributes:
+      tasks: subset of TASKS.
+      max_train_per_task, max_eval_per_task: use only the first N examples of each task.
+    """
+
+    tasks: tuple[str, ...] = ()
+    max_prompt_length: int = 448
+    max_new_tokens: int = 32
+    max_train_per_task: int | None = None
+    max_eval_per_task: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        unknown = sorted(set(self.tasks) - set(TASKS))
+        if unknown:
+            raise ValueError(f"--tasks: unknown {unknown}; choose from {list(TASKS)}.")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
-    """SFT on the commonsense mixture, then greedy accuracy per benchmark. Returns metrics."""
-    parser = common.base_parser(__doc__.splitlines()[0], COMMONSENSE)
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
-    parser.add_argument("--train_json", default=None, help="LLM-Adapters commonsense_*.json; default: the TFDS train splits")
-    parser.add_argument("--max_length", type=int, default=COMMONSENSE.max_length)
-    parser.add_argument("--max_prompt_length", type=int, default=448)
-    parser.add_argument("--max_new_tokens", type=int, default=32)
-    parser.add_argument("--eval_batch_size", type=int, default=8)
-    parser.add_argument("--max_train_per_task", type=int, default=None)
-    parser.add_argument("--max_eval_per_task", type=int, default=None)
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--factor_dtype", default=None)
-    args, method, overrides = common.parse(parser, argv)
-    common.check_output_dir(args.output_dir, overwrite=args.overwrite)
-    names = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    unknown = sorted(set(names) - set(TASKS))
-    if unknown:
-        raise ValueError(f"--tasks: unknown {unknown}; choose from {sorted(TASKS)}.")
+    """SFT on commonsense_15k (or the TFDS train splits), then greedy accuracy per task. Returns metrics."""
+    args, config, given = common.setup(argv, Options(), COMMONSENSE, __doc__)
+    names = list(args.tasks or TASKS)
     load = functools.partial(data.load_source, data_dir=args.data_dir, download=args.download)
 
     if args.train_json:
@@ -210,8 +213,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
             pairs += [(prompt, RESPONSE_TEMPLATE.format(answer=answer)) for prompt, answer in items]
     evaluation = {name: formatted(data.limit(load(TASKS[name].tfds_name, TASKS[name].eval_split), args.max_eval_per_task), TASKS[name]) for name in names}
 
-    results, config, generate = lm.fine_tune(args, method, COMMONSENSE, pairs, overrides, name="commonsense")
-    metrics = {"model": args.model, "method": method.name, "train_examples": len(pairs), "tasks": {}}
+    results, config, generate = lm.fine_tune(args, config, given, COMMONSENSE, pairs, name="commonsense")
+    metrics = {"model": args.model, "method": args.preset.name, "train_examples": len(pairs), "tasks": {}}
     for name, items in evaluation.items():
         outputs = generate([prompt for prompt, _ in items])
         correct = [extract_choice(o, TASKS[name].answers) == answer for o, (_, answer) in zip(outputs, items, strict=True)]

@@ -16,7 +16,7 @@ Full run (one task; data from `tfds build glue/<task> --file_format=array_record
 
 Smoke run on a tiny random model (what the tests do, under `tfds.testing.mock_data`):
 
-    python -m experiments.paper.glue --task=cola --model=tiny --config.steps=3 --config.batch_size=8
+    python -m experiments.paper.glue --task=cola --model=tiny --config.steps=3 --config.batch_size=8   # inside mock_data
 
 Writes `metrics.json` (validation metrics of the best checkpoint, parameter counts, config) to
 `--output_dir`, next to the driver's logs.
@@ -32,17 +32,13 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-if __package__ in (None, ""):  # run as a file (python experiments/paper/x.py): make the repo root importable
-    import pathlib
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from experiments.paper import common, data
+import svft_jax
+from experiments import data, models
+from experiments.paper import common
 from experiments.paper.configs import GLUE, GLUE_EPOCHS, GLUE_MAX_LENGTH
-from experiments.paper.text import ByteTokenizer, load_tokenizer, pad_to
-
-import svft_jax  # isort: skip
-from svft_jax.training import losses  # isort: skip
+from experiments.text import ByteTokenizer, load_tokenizer, pad_to
+from experiments.train import Task, evaluate_model, run
+from svft_jax.training import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +127,7 @@ def tiny_model(num_labels: int, max_length: int):
         intermediate_size=64, max_position_embeddings=max_length + 4, pad_token_id=tokenizer.pad_id,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, num_labels=num_labels,
     )
-    model, params = common.init_tiny(FlaxRobertaForSequenceClassification, config, (1, max_length))
+    model, params = models.init_tiny(FlaxRobertaForSequenceClassification, config, (1, max_length))
     return model, params, tokenizer
 
 
@@ -155,9 +151,9 @@ def encode_example(example: dict, *, task: GlueTask, tokenizer, max_length: int)
     return {"input_ids": ids, "attention_mask": mask, "label": np.asarray(example["label"], label_dtype)}
 
 
-def make_task(model, task: GlueTask, adapted, train_source, eval_source, *, tokenizer, max_length, batch_size, seed, extra):
+def make_task(model, task: GlueTask, adapted, train_source, eval_source, *, tokenizer, max_length, batch_size, seed, extra,
+              full_finetune=False):
     """The driver's Task: loss/metric functions over merged parameters, grain data."""
-    train = common.driver()
     encode = functools.partial(encode_example, task=task, tokenizer=tokenizer, max_length=max_length)
 
     def logits_of(adapted, batch, rng=None):
@@ -179,10 +175,10 @@ def make_task(model, task: GlueTask, adapted, train_source, eval_source, *, toke
         return {"prediction": prediction, "label": batch["label"], "valid": batch["valid"]}
 
     def aggregate_fn(outputs):
-        labels, predictions = common.concat_valid(outputs, "label", "prediction")
+        labels, predictions = data.concat_valid(outputs, "label", "prediction")
         return task_metrics(task, labels, predictions)
 
-    return train.Task(
+    return Task(
         adapted=adapted,
         loss_fn=loss_fn,
         train_data=lambda epoch: data.train_batches(train_source, encode, batch_size=batch_size, seed=seed, epoch=epoch),
@@ -190,49 +186,66 @@ def make_task(model, task: GlueTask, adapted, train_source, eval_source, *, toke
         metric_fn=metric_fn,
         aggregate_fn=aggregate_fn,
         extra=extra,
+        full_finetune=full_finetune,
         count_tokens=lambda batch: int(np.sum(batch["attention_mask"])),
         name=f"glue/{task.tfds_name.split('/')[-1]}",
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Options(common.PaperOptions):
+    """GLUE flags (besides the shared ones of `PaperOptions` and the driver's `--config.*`).
+
+    Attributes:
+      task: one of GLUE_TASKS (required; None only as the parse's starting point).
+      max_length: tokens per example (None: the per-task paper value).
+      max_train_examples, max_eval_examples: use only the first N examples.
+    """
+
+    task: str | None = None
+    max_length: int | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.task is not None and self.task not in GLUE_TASKS:
+            raise ValueError(f"--task={self.task!r}: choose one of {sorted(GLUE_TASKS)}.")
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Fine-tune on one GLUE task and write metrics.json. Returns the metrics dict."""
-    parser = common.base_parser(__doc__.splitlines()[0], GLUE)
-    parser.add_argument("--task", required=True, choices=sorted(GLUE_TASKS))
-    parser.add_argument("--max_length", type=int, default=None, help="tokens per example (default: per-task paper value)")
-    parser.add_argument("--max_train_examples", type=int, default=None)
-    parser.add_argument("--max_eval_examples", type=int, default=None)
-    args, method, overrides = common.parse(parser, argv)
-    common.check_output_dir(args.output_dir, overwrite=args.overwrite)
-    task = GLUE_TASKS[args.task]
-    max_length = args.max_length or (min(GLUE_MAX_LENGTH[args.task], 64) if args.model == "tiny" else GLUE_MAX_LENGTH[args.task])
+    options, config, given = common.setup(argv, Options(), GLUE, __doc__)
+    if options.task is None:
+        raise ValueError(f"--task is required: one of {sorted(GLUE_TASKS)}.")
+    preset = options.preset
+    task = GLUE_TASKS[options.task]
+    max_length = options.max_length or (min(GLUE_MAX_LENGTH[options.task], 64) if options.model == "tiny" else GLUE_MAX_LENGTH[options.task])
 
-    load = functools.partial(data.load_source, data_dir=args.data_dir, download=args.download)
-    train_source = data.limit(load(task.tfds_name, "train"), args.max_train_examples)
-    eval_sources = {split: data.limit(load(task.tfds_name, split), args.max_eval_examples) for split in (task.eval_split, *task.extra_eval_splits)}
+    load = functools.partial(data.load_source, data_dir=options.data_dir, download=options.download)
+    train_source = data.limit(load(task.tfds_name, "train"), options.max_train_examples)
+    eval_sources = {split: data.limit(load(task.tfds_name, split), options.max_eval_examples) for split in (task.eval_split, *task.extra_eval_splits)}
 
-    model, params, tokenizer = load_model(args.model, task.num_labels, max_length)
-    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
-    epochs = args.epochs or GLUE_EPOCHS[args.task]
-    config = common.train_config(
-        GLUE, method, epochs=epochs, num_train_examples=len(train_source), overrides=overrides,
-        output_dir=args.output_dir, seed=args.seed, selection_metric=task.metric, selection_mode="max",
-    )
+    model, params, tokenizer = load_model(options.model, task.num_labels, max_length)
+    adapted = preset.adapt(params, targets=options.targets or GLUE.targets_for(preset), seed=options.seed)
+    config = common.with_steps(config, given, epochs=options.epochs or GLUE_EPOCHS[options.task], num_examples=len(train_source))
+    config = dataclasses.replace(config, selection_metric=task.metric, selection_mode="max")
     glue_task = make_task(
         model, task, adapted, train_source, eval_sources[task.eval_split], tokenizer=tokenizer,
-        max_length=max_length, batch_size=config.batch_size, seed=args.seed, extra=GLUE.extra,
+        max_length=max_length, batch_size=config.batch_size, seed=options.seed, extra=GLUE.extra,
+        full_finetune=preset.full_finetune,
     )
-    results = common.driver().run(glue_task, config)
+    results = run(glue_task, config)
 
     encode = functools.partial(encode_example, task=task, tokenizer=tokenizer, max_length=max_length)
-    metrics = {"task": args.task, "model": args.model, "method": method.name, "metric": task.metric}
+    metrics = {"task": options.task, "model": options.model, "method": preset.name, "metric": task.metric}
     metrics[task.eval_split] = results["best_eval"]  # the driver already evaluated the best checkpoint
     for split in task.extra_eval_splits:
         batches = data.eval_batches(eval_sources[split], encode, batch_size=config.batch_size)
-        metrics[split] = common.evaluate(results["adapted"], glue_task.metric_fn, batches, glue_task.aggregate_fn)
+        metrics[split] = evaluate_model(glue_task, results["adapted"], batches)
     metrics["score"] = metrics[task.eval_split][task.metric]
-    metrics.update(common.run_summary(results["adapted"], GLUE.extra, results, config))
-    common.write_metrics(args.output_dir, metrics, overwrite=args.overwrite)
+    metrics.update(common.run_summary(results["adapted"], glue_task.trainable_filter, results, config))
+    common.write_metrics(options.output_dir, metrics, overwrite=options.overwrite)
     return metrics
 
 

@@ -2,8 +2,9 @@
 
 ViT-B/16 or ViT-L/16 (ImageNet-21k checkpoints, `FlaxViTForImageClassification` with a new
 head) on CIFAR-100, Flowers102, Food101 and RESISC45. As in the authors' code, 10 training and
-2 validation images per class are drawn (deterministically, seeded), query and value
-projections are adapted, the classifier head is trained at its own learning rate, the best
+2 validation images per class are drawn (deterministically, seeded), the projections the
+authors adapt with each method are adapted (query+value for VeRA and SVFT^P, all six for LoRA,
+DoRA and SVFT^B: `experiments.presets`), the classifier head is trained at its own learning rate, the best
 epoch on the validation images is kept and the full test set is scored.
 
 Splits (TFDS names): cifar100 train→sample / test; food101 train→sample / validation (its only
@@ -17,7 +18,8 @@ Full run (data from `tfds build cifar100 --file_format=array_record`):
         --method=svft_banded_d2 --output_dir=runs/vit/cifar100/svft_banded_d2
 
 Smoke run (tests, under mock_data): `--model=tiny --train_per_class=1 --val_per_class=1 --config.steps=2`.
-Writes `metrics.json` (best validation accuracy, test accuracy, parameter counts, config).
+Writes `metrics.json` (best validation accuracy, test accuracy, parameter counts, config) and
+prints the adapter's trainable parameters beside the paper's count for that method.
 """
 
 from __future__ import annotations
@@ -31,16 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-if __package__ in (None, ""):  # run as a file (python experiments/paper/x.py): make the repo root importable
-    import pathlib
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from experiments.paper import common, data
-from experiments.paper.configs import TRAIN_PER_CLASS, VAL_PER_CLASS, VISION, VISION_MODELS
-
-import svft_jax  # isort: skip
-from svft_jax.training import losses  # isort: skip
+import svft_jax
+from experiments import data, models
+from experiments.paper import common
+from experiments.paper.configs import (
+    TRAIN_PER_CLASS,
+    VAL_PER_CLASS,
+    VISION,
+    VISION_MODELS,
+    VISION_PAPER_COUNTS,
+)
+from experiments.train import Task, evaluate_model, run
+from svft_jax.training import losses
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +106,7 @@ def load_model(name: str, num_classes: int):
             image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
             intermediate_size=64, num_labels=num_classes,
         )
-        model, params = common.init_tiny(FlaxViTForImageClassification, config, (1, 32, 32, 3))  # init takes NHWC; __call__ takes NCHW
+        model, params = models.init_tiny(FlaxViTForImageClassification, config, (1, 32, 32, 3))  # init takes NHWC; __call__ takes NCHW
         return model, params, 32
     model = FlaxViTForImageClassification.from_pretrained(
         VISION_MODELS.get(name, name), num_labels=num_classes, ignore_mismatched_sizes=True
@@ -110,9 +114,8 @@ def load_model(name: str, num_classes: int):
     return model, model.params, model.config.image_size
 
 
-def make_task(model, adapted, train_set, val_set, *, image_size, batch_size, seed, extra):
+def make_task(model, adapted, train_set, val_set, *, image_size, batch_size, seed, extra, full_finetune=False):
     """The driver's Task for few-shot classification."""
-    train = common.driver()
     transform = functools.partial(preprocess, image_size=image_size)
 
     def logits_of(adapted, batch, rng=None):
@@ -125,10 +128,10 @@ def make_task(model, adapted, train_set, val_set, *, image_size, batch_size, see
         return {"prediction": jnp.argmax(logits_of(adapted, batch), -1), "label": batch["label"], "valid": batch["valid"]}
 
     def aggregate_fn(outputs):
-        labels, predictions = common.concat_valid(outputs, "label", "prediction")
+        labels, predictions = data.concat_valid(outputs, "label", "prediction")
         return {"accuracy": float(np.mean(labels == predictions))}
 
-    return train.Task(
+    return Task(
         adapted=adapted,
         loss_fn=loss_fn,
         train_data=lambda epoch: data.train_batches(train_set, transform, batch_size=batch_size, seed=seed, epoch=epoch),
@@ -136,48 +139,79 @@ def make_task(model, adapted, train_set, val_set, *, image_size, batch_size, see
         metric_fn=metric_fn,
         aggregate_fn=aggregate_fn,
         extra=extra,
+        full_finetune=full_finetune,
         name="vit",
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Options(common.PaperOptions):
+    """ViT flags (besides the shared ones of `PaperOptions` and the driver's `--config.*`).
+
+    Attributes:
+      dataset: one of DATASETS (required).
+      train_per_class, val_per_class: few-shot images per class.
+      max_test_examples: score only the first N test images.
+    """
+
+    dataset: str | None = None
+    train_per_class: int = TRAIN_PER_CLASS
+    val_per_class: int = VAL_PER_CLASS
+    max_test_examples: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.dataset is not None and self.dataset not in DATASETS:
+            raise ValueError(f"--dataset={self.dataset!r}: choose one of {sorted(DATASETS)}.")
+
+
+def parameter_counts(adapted, preset, model_name: str) -> dict:
+    """Our trainable adapter parameters (head excluded) beside the paper's count for the method."""
+    ours = svft_jax.count_parameters(adapted)["trainable"]
+    short = next((key for key, name in VISION_MODELS.items() if model_name in (key, name)), model_name)
+    paper = VISION_PAPER_COUNTS.get(short, {}).get(preset.name)
+    return {"method": preset.name, "scope": preset.scope, "ours": int(ours), "paper": paper}
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """Few-shot fine-tune a ViT on one dataset and write metrics.json. Returns the metrics dict."""
-    parser = common.base_parser(__doc__.splitlines()[0], VISION)
-    parser.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    parser.add_argument("--train_per_class", type=int, default=TRAIN_PER_CLASS)
-    parser.add_argument("--val_per_class", type=int, default=VAL_PER_CLASS)
-    parser.add_argument("--max_test_examples", type=int, default=None)
-    args, method, overrides = common.parse(parser, argv)
-    common.check_output_dir(args.output_dir, overwrite=args.overwrite)
-    dataset = DATASETS[args.dataset]
+    options, config, given = common.setup(argv, Options(), VISION, __doc__, selection_metric="accuracy", selection_mode="max")
+    if options.dataset is None:
+        raise ValueError(f"--dataset is required: one of {sorted(DATASETS)}.")
+    preset = options.preset
+    dataset = DATASETS[options.dataset]
 
-    load = functools.partial(data.load_source, dataset.tfds_name, data_dir=args.data_dir, download=args.download)
+    load = functools.partial(data.load_source, dataset.tfds_name, data_dir=options.data_dir, download=options.download)
     pools = {"train": load(dataset.train_pool)}
     if dataset.val_pool is not None:
         pools["validation"] = load(dataset.val_pool)
-    train_set, val_set = few_shot_splits(pools, dataset, train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed)
-    test_set = data.limit(load(dataset.test_split), args.max_test_examples)
+    train_set, val_set = few_shot_splits(pools, dataset, train_per_class=options.train_per_class,
+                                         val_per_class=options.val_per_class, seed=options.seed)
+    test_set = data.limit(load(dataset.test_split), options.max_test_examples)
 
-    model, params, image_size = load_model(args.model, dataset.num_classes)
-    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
-    config = common.train_config(
-        VISION, method, epochs=args.epochs or VISION.epochs, num_train_examples=len(train_set), overrides=overrides,
-        output_dir=args.output_dir, seed=args.seed, selection_metric="accuracy", selection_mode="max",
-        eval_every=max(1, len(train_set) // VISION.batch_size),  # once per epoch, as the authors' Trainer
-    )
-    task = make_task(model, adapted, train_set, val_set, image_size=image_size, batch_size=config.batch_size, seed=args.seed, extra=VISION.extra)
-    results = common.driver().run(task, config)
+    model, params, image_size = load_model(options.model, dataset.num_classes)
+    adapted = preset.adapt(params, targets=options.targets or VISION.targets_for(preset), seed=options.seed)
+    counts = parameter_counts(adapted, preset, options.model)
+    print(f"{preset.name} ({counts['scope']} projections): {counts['ours']:,} trainable adapter parameters; "
+          f"paper (ViT-B, Table 5): {counts['paper'] or '—'}", flush=True)
+    config = common.with_steps(config, given, epochs=options.epochs or VISION.epochs, num_examples=len(train_set))
+    if "eval_every" not in given:  # once per epoch, as the authors' Trainer
+        config = dataclasses.replace(config, eval_every=max(1, len(train_set) // config.batch_size))
+    task = make_task(model, adapted, train_set, val_set, image_size=image_size, batch_size=config.batch_size,
+                     seed=options.seed, extra=VISION.extra, full_finetune=preset.full_finetune)
+    results = run(task, config)
 
     test_batches = data.eval_batches(test_set, functools.partial(preprocess, image_size=image_size), batch_size=config.batch_size)
     metrics = {
-        "dataset": args.dataset, "model": args.model, "method": method.name,
+        "dataset": options.dataset, "model": options.model, "method": preset.name,
         "train_examples": len(train_set), "validation_examples": len(val_set), "test_examples": len(test_set),
         "validation": results["best_eval"],
-        "test": common.evaluate(results["adapted"], task.metric_fn, test_batches, task.aggregate_fn),
+        "test": evaluate_model(task, results["adapted"], test_batches),
+        "adapter_parameters_vs_paper": counts,
     }
     metrics["score"] = metrics["test"]["accuracy"]
-    metrics.update(common.run_summary(results["adapted"], VISION.extra, results, config))
-    common.write_metrics(args.output_dir, metrics, overwrite=args.overwrite)
+    metrics.update(common.run_summary(results["adapted"], task.trainable_filter, results, config))
+    common.write_metrics(options.output_dir, metrics, overwrite=options.overwrite)
     return metrics
 
 

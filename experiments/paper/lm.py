@@ -3,6 +3,7 @@ tokenisation with a response-only loss mask, the SFT Task, and batched greedy de
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -10,11 +11,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.paper import common, data
-from experiments.paper.text import ByteTokenizer, load_tokenizer, pad_to
+import svft_jax
+from experiments import data, models
+from experiments.paper import common
+from experiments.text import ByteTokenizer, load_tokenizer, pad_to
+from experiments.train import Task, run
+from svft_jax.training import losses
 
-import svft_jax  # isort: skip
-from svft_jax.training import losses  # isort: skip
+
+@dataclasses.dataclass(frozen=True)
+class LMOptions(common.PaperOptions):
+    """Flags of the causal-LM tasks (math, commonsense).
+
+    Attributes:
+      train_json: the authors' training file (JSON list) instead of the TFDS train splits.
+      max_length: tokens per training example (None: the table's).
+      max_prompt_length, max_new_tokens, eval_batch_size: greedy decoding.
+      dtype: model computation dtype ('bfloat16' as in the paper's runs, or 'float32').
+      factor_dtype: SVFT factor storage dtype (e.g. bfloat16 for 7B models).
+    """
+
+    train_json: str | None = None
+    max_length: int | None = None
+    max_prompt_length: int = 256
+    max_new_tokens: int = 256
+    eval_batch_size: int = 8
+    dtype: str = "bfloat16"
+    factor_dtype: str | None = None
 
 # The Alpaca template used by both MetaMath (train_math.py) and LLM-Adapters (finetune.py).
 PROMPT_TEMPLATE = (
@@ -38,7 +61,7 @@ def tiny_causal_lm():
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
     )
-    model, params = common.init_tiny(FlaxLlamaForCausalLM, config, (1, 8))
+    model, params = models.init_tiny(FlaxLlamaForCausalLM, config, (1, 8))
     return model, params, tokenizer
 
 
@@ -72,9 +95,9 @@ def encode_sft(prompt: str, response: str, *, tokenizer, max_length: int) -> dic
     return {"input_ids": ids, "attention_mask": attention, "loss_mask": loss_mask * attention}
 
 
-def make_sft_task(model, adapted, train_examples: Sequence[tuple[str, str]], *, tokenizer, max_length, batch_size, seed, name):
+def make_sft_task(model, adapted, train_examples: Sequence[tuple[str, str]], *, tokenizer, max_length, batch_size, seed, name,
+                  full_finetune=False):
     """The driver's Task: next-token loss on responses of (prompt, response) pairs."""
-    train = common.driver()
     encode = lambda pair: encode_sft(pair[0], pair[1], tokenizer=tokenizer, max_length=max_length)  # noqa: E731
 
     def loss_fn(adapted, batch, rng):
@@ -84,9 +107,10 @@ def make_sft_task(model, adapted, train_examples: Sequence[tuple[str, str]], *, 
         ).logits
         return losses.causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
 
-    return train.Task(
+    return Task(
         adapted=adapted,
         loss_fn=loss_fn,
+        full_finetune=full_finetune,
         train_data=lambda epoch: data.train_batches(train_examples, encode, batch_size=batch_size, seed=seed, epoch=epoch),
         count_tokens=lambda batch: int(np.sum(batch["attention_mask"])),
         name=name,
@@ -98,6 +122,7 @@ def greedy_generate(model, params, prompts: Sequence[str], *, tokenizer, batch_s
 
     Prompts longer than `max_prompt_length` tokens keep their last tokens (the question end
     and the response header matter most). Decoding stops at eos; the text after it is dropped.
+    A ragged last chunk is completed by the harness's padding rule (`data.pad_rows`).
 
     Returns:
       One decoded continuation per prompt, in order.
@@ -106,15 +131,15 @@ def greedy_generate(model, params, prompts: Sequence[str], *, tokenizer, batch_s
     run = _compiled_generate(model, pad_id, eos_id, max_new_tokens)
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(prompts[start : start + batch_size])
+        chunk, valid = data.pad_rows(list(prompts[start : start + batch_size]), batch_size)
         encoded = []
-        for prompt in chunk + [chunk[-1]] * (batch_size - len(chunk)):
+        for prompt in chunk:
             ids = ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(prompt)
             encoded.append(pad_to(ids[-max_prompt_length:], max_prompt_length, pad_id, left=True))
         ids = np.stack([e[0] for e in encoded])
         mask = np.stack([e[1] for e in encoded])
         generated = np.asarray(run(params, ids, mask))
-        for row in generated[: len(chunk)]:
+        for row in generated[valid]:
             row = list(row)
             if eos_id is not None and eos_id in row:
                 row = row[: row.index(eos_id)]
@@ -136,30 +161,26 @@ def _compiled_generate(model, pad_id: int, eos_id: int | None, max_new_tokens: i
     return run
 
 
-def fine_tune(args, method, recipe, pairs, overrides, name: str):
-    """Shared by the math and commonsense scripts: load the causal LM, adapt it with `method`,
+def fine_tune(options: LMOptions, config, given, recipe, pairs, name: str):
+    """Shared by the math and commonsense tasks: load the causal LM, adapt it with the preset,
     run supervised fine-tuning on `pairs` with the driver, and return a greedy generator.
 
     Args:
-      args: the script's parsed CLI (model, dtype, factor_dtype, targets, seed, epochs,
-        max_length, output_dir, eval_batch_size, max_prompt_length, max_new_tokens).
-      method: a `MethodSpec`; recipe: the table's `TableConfig`; pairs: (prompt, response) list;
-      overrides: driver config overrides; name: the driver task's name.
+      options: the task's parsed `LMOptions`; config, given: from `common.setup`.
+      recipe: the table's `TableConfig`; pairs: (prompt, response) list; name: the task's name.
     Returns:
       (results of the driver's `run`, its `TrainConfig`, generate(prompts) -> list of strings).
     """
-    model, params, tokenizer = load_causal_lm(args.model, args.dtype)
-    if args.factor_dtype and method.family == "svft":
-        method = type(method)(method.name, method.family, {**method.kwargs, "factor_dtype": args.factor_dtype})
-    adapted = common.adapt(params, method, targets=args.targets, seed=args.seed)
-    config = common.train_config(
-        recipe, method, epochs=args.epochs or recipe.epochs, num_train_examples=len(pairs), overrides=overrides,
-        output_dir=args.output_dir, seed=args.seed,
-    )
-    task = make_sft_task(model, adapted, pairs, tokenizer=tokenizer, max_length=args.max_length, batch_size=config.batch_size, seed=args.seed, name=name)
-    results = common.driver().run(task, config)
+    preset = options.preset
+    model, params, tokenizer = load_causal_lm(options.model, options.dtype)
+    overrides = {"factor_dtype": options.factor_dtype} if options.factor_dtype and preset.method == "svft" else {}
+    adapted = preset.adapt(params, targets=options.targets or recipe.targets_for(preset), seed=options.seed, **overrides)
+    config = common.with_steps(config, given, epochs=options.epochs or recipe.epochs, num_examples=len(pairs))
+    task = make_sft_task(model, adapted, pairs, tokenizer=tokenizer, max_length=options.max_length or recipe.max_length,
+                         batch_size=config.batch_size, seed=options.seed, name=name, full_finetune=preset.full_finetune)
+    results = run(task, config)
     generate = functools.partial(
-        greedy_generate, model, svft_jax.merge(results["adapted"]), tokenizer=tokenizer, batch_size=args.eval_batch_size,
-        max_prompt_length=args.max_prompt_length, max_new_tokens=args.max_new_tokens,
+        greedy_generate, model, svft_jax.merge(results["adapted"]), tokenizer=tokenizer, batch_size=options.eval_batch_size,
+        max_prompt_length=options.max_prompt_length, max_new_tokens=options.max_new_tokens,
     )
     return results, config, generate

@@ -24,18 +24,15 @@ Smoke run (tests): `--model=tiny --config.steps=2 --config.batch_size=8 --config
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import re
 import sys
 from collections.abc import Sequence
 
-if __package__ in (None, ""):  # run as a file (python experiments/paper/x.py): make the repo root importable
-    import pathlib
-
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
-
-from experiments.paper import common, data, lm
+from experiments import data
+from experiments.paper import common, lm
 from experiments.paper.configs import MATH
 
 # --- answer extraction ----------------------------------------------------------------------
@@ -183,21 +180,23 @@ def gsm8k_train_pairs(source) -> list[tuple[str, str]]:
     return pairs
 
 
+@dataclasses.dataclass(frozen=True)
+class Options(lm.LMOptions):
+    """Math flags (besides `LMOptions`, `PaperOptions` and the driver's `--config.*`).
+
+    Attributes:
+      math_jsonl: MATH test JSONL (problem/solution); MATH is skipped without it.
+      max_train_examples, max_eval_examples: use only the first N examples.
+    """
+
+    math_jsonl: str | None = None
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """SFT on MetaMathQA (or GSM-8K train), then greedy GSM-8K / MATH accuracy. Returns metrics."""
-    parser = common.base_parser(__doc__.splitlines()[0], MATH)
-    parser.add_argument("--train_json", default=None, help="MetaMathQA JSON (list of query/response); default: TFDS gsm8k train")
-    parser.add_argument("--math_jsonl", default=None, help="MATH test JSONL (problem/solution); MATH is skipped without it")
-    parser.add_argument("--max_length", type=int, default=MATH.max_length, help="tokens per training example")
-    parser.add_argument("--max_prompt_length", type=int, default=256)
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    parser.add_argument("--eval_batch_size", type=int, default=8)
-    parser.add_argument("--max_train_examples", type=int, default=None)
-    parser.add_argument("--max_eval_examples", type=int, default=None)
-    parser.add_argument("--dtype", default="bfloat16", help="model computation dtype")
-    parser.add_argument("--factor_dtype", default=None, help="SVFT factor storage dtype (e.g. bfloat16 for 7B models)")
-    args, method, overrides = common.parse(parser, argv)
-    common.check_output_dir(args.output_dir, overwrite=args.overwrite)
+    args, config, given = common.setup(argv, Options(), MATH, __doc__)
     load = functools.partial(data.load_source, data_dir=args.data_dir, download=args.download)
 
     if args.train_json:
@@ -208,8 +207,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     gsm8k_test = data.limit(load("gsm8k", "test"), args.max_eval_examples)
     math_test = read_math_jsonl(args.math_jsonl)[: args.max_eval_examples] if args.math_jsonl else None
 
-    results, config, generate = lm.fine_tune(args, method, MATH, pairs, overrides, name="metamath")
-    metrics = {"model": args.model, "method": method.name, "train_examples": len(pairs)}
+    results, config, generate = lm.fine_tune(args, config, given, MATH, pairs, name="metamath")
+    metrics = {"model": args.model, "method": args.preset.name, "train_examples": len(pairs)}
     questions = [data.as_text(gsm8k_test[i]["question"]) for i in range(len(gsm8k_test))]
     references = [gsm8k_reference(data.as_text(gsm8k_test[i]["answer"])) for i in range(len(gsm8k_test))]
     outputs = generate([lm.format_prompt(q) for q in questions])

@@ -1,9 +1,16 @@
-"""Data plumbing shared by the paper scripts: TFDS array_record sources and grain batching.
+"""The harness's one data path: random-access sources (`tfds.data_source` over array_record
+files, or any sequence) batched by `grain.MapDataset`, and the one rule for a ragged last batch.
 
-Everything reads through `tfds.data_source` (random access over array_record files; no
-TensorFlow needed) and batches with `grain.MapDataset`, so a run on a user's machine only needs
-`tfds build <name> --file_format=array_record` (or a data_dir that already holds the files).
-Tests swap the files for `tfds.testing.mock_data`.
+Every task reads through these functions: the paper tasks (TFDS names, `load_source`), the
+offline sentiment task (its own TFDS builder, `experiments.rotten_tomatoes`) and the tests
+(`tfds.testing.mock_data`). Nothing here imports TensorFlow.
+
+- `train_batches(source, transform, batch_size=, seed=, epoch=)`: one shuffled epoch of full
+  batches (the partial last batch is dropped: the train step wants one shape).
+- `eval_batches(source, transform, batch_size=)`: the whole source in order, every batch of
+  exactly `batch_size` rows, the last one completed by `pad_rows` with a `valid` mask.
+- `pad_rows(rows, batch_size)`: THE padding rule (repeat the last real example, mark the
+  copies invalid); also used for the prompts of batched generation.
 """
 
 from __future__ import annotations
@@ -13,7 +20,6 @@ from collections.abc import Callable, Iterator, Sequence
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
 
 # Builders whose modules tfds does not import eagerly when TensorFlow is absent; importing
 # the module registers the builder name (e.g. 'glue', 'gsm8k', 'unified_qa').
@@ -24,6 +30,11 @@ _LAZY_BUILDER_MODULES = {
     "winogrande": "tensorflow_datasets.text.winogrande",
     "unified_qa": "tensorflow_datasets.text.unifiedqa",
 }
+
+# Seeds of different epochs are this far apart, so (seed, epoch) pairs never share a shuffle
+# for seeds below it, and epoch 0 of seed s is grain's `shuffle(seed=s)` itself.
+EPOCH_SEED_STRIDE = 1_000_003
+VALID = "valid"
 
 
 def load_source(name: str, split: str, *, data_dir: str | None = None, download: bool = False) -> Sequence[dict]:
@@ -37,6 +48,8 @@ def load_source(name: str, split: str, *, data_dir: str | None = None, download:
     Returns:
       A sequence; `source[i]` is a dict of numpy values / str / bytes.
     """
+    import tensorflow_datasets as tfds
+
     module = _LAZY_BUILDER_MODULES.get(name.split("/")[0])
     if module is not None:
         importlib.import_module(module)
@@ -57,6 +70,13 @@ def stack_examples(examples: Sequence[dict]) -> dict[str, np.ndarray]:
     return {key: np.stack([np.asarray(example[key]) for example in examples]) for key in examples[0]}
 
 
+def shuffle_seed(seed: int, epoch: int) -> int:
+    """The grain shuffle seed of `epoch` for a run seeded `seed` (epoch 0: `seed` itself)."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be non-negative, got seed={seed}, epoch={epoch}.")
+    return (seed + EPOCH_SEED_STRIDE * epoch) % 2**32
+
+
 def train_batches(
     source: Sequence,
     transform: Callable[[object], dict],
@@ -67,16 +87,19 @@ def train_batches(
 ) -> grain.MapDataset:
     """One shuffled epoch of full training batches.
 
-    The shuffle is seeded by (seed, epoch), so every epoch has its own order and a rerun sees
-    the same data. The last partial batch is dropped (the train step wants a fixed shape).
+    The shuffle is seeded by `shuffle_seed(seed, epoch)`, so every epoch has its own order
+    and a rerun sees the same data. The last partial batch is dropped (the train step wants
+    a fixed shape).
 
     Args:
       source: random-access examples.
       transform: example -> dict of fixed-shape numpy arrays.
       batch_size: examples per batch.
-      seed, epoch: shuffle seed and epoch index.
+      seed, epoch: run seed and epoch index.
     Returns:
       A grain MapDataset of dicts with a leading axis of `batch_size`.
+    Raises:
+      ValueError: if the source holds fewer than `batch_size` examples.
     """
     if len(source) < batch_size:
         raise ValueError(
@@ -84,29 +107,54 @@ def train_batches(
         )
     return (
         grain.MapDataset.source(source)
-        .shuffle(seed=seed * 1_000_003 + epoch)
+        .shuffle(seed=shuffle_seed(seed, epoch))
         .map(transform)
         .batch(batch_size, drop_remainder=True, batch_fn=stack_examples)
     )
 
 
+def pad_rows(rows: Sequence, batch_size: int) -> tuple[list, np.ndarray]:
+    """The one padding rule for a ragged last batch.
+
+    The rows are completed to `batch_size` by repeating the last real row (a real example
+    keeps every model's numerics ordinary, unlike all-zero inputs), and a mask marks which
+    rows are real, so metrics skip the copies. One fixed shape keeps one compiled step and
+    lets a batch shard evenly over devices.
+
+    Args:
+      rows: 1 ≤ len(rows) ≤ batch_size examples (any objects: dicts of arrays, prompts).
+      batch_size: the batch size to reach.
+    Returns:
+      (rows padded to `batch_size`, valid (batch_size,) bool, True on the real rows).
+    """
+    if not 1 <= len(rows) <= batch_size:
+        raise ValueError(f"pad_rows needs 1 to batch_size={batch_size} rows, got {len(rows)}.")
+    valid = np.arange(batch_size) < len(rows)
+    return list(rows) + [rows[-1]] * (batch_size - len(rows)), valid
+
+
 def eval_batches(
     source: Sequence, transform: Callable[[object], dict], *, batch_size: int
 ) -> Iterator[dict[str, np.ndarray]]:
-    """All of `source` in order, in batches of exactly `batch_size`.
+    """All of `source` in order, in batches of exactly `batch_size` (the last one `pad_rows`-ed).
 
-    The last batch is padded by repeating its final example; a `valid` (B,) bool array marks
-    the real examples so metrics skip the padding. (A fixed shape keeps one compiled eval step
-    and lets the batch shard evenly over devices.)
+    Every batch carries `valid` (B,) bool marking the real examples: metrics must weight by
+    it (see `masked_mean` and `concat_valid`).
     """
+    if len(source) == 0:
+        raise ValueError("the evaluation source is empty.")
     dataset = grain.MapDataset.source(source).map(transform).batch(batch_size, batch_fn=list)
     for examples in dataset:
-        valid = np.zeros(batch_size, bool)
-        valid[: len(examples)] = True
-        examples = list(examples) + [examples[-1]] * (batch_size - len(examples))
+        examples, valid = pad_rows(examples, batch_size)
         batch = stack_examples(examples)
-        batch["valid"] = valid
+        batch[VALID] = valid
         yield batch
+
+
+def concat_valid(outputs: Sequence[dict], *keys: str) -> list[np.ndarray]:
+    """Concatenate per-example arrays from metric outputs, dropping padded (`valid` False) rows."""
+    valid = np.concatenate([np.asarray(o[VALID], bool) for o in outputs])
+    return [np.concatenate([np.asarray(o[key]) for o in outputs])[valid] for key in keys]
 
 
 def limit(source: Sequence, max_examples: int | None) -> Sequence:

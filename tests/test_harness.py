@@ -1,0 +1,150 @@
+"""The experiment harness (experiments/): the driver's refusal of non-finite eval metrics, the
+one config reader, the one padding rule and the method presets.
+
+Truths: a NaN injected into the eval at step 4 (eval every 2) stops the run and the step-2
+checkpoint restores to exactly the M of an independent 2-step run (constant LR, so the
+trajectory does not depend on the planned length); masked means equal numpy's mean over the
+real rows; epoch 0 of the data path is grain's own `shuffle(seed)`; presets hand their
+options to the library's `apply` unchanged (same nodes as calling it directly)."""
+
+import dataclasses
+import math
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import svft_jax
+from experiments import config, data, presets, train
+from svft_jax.training import losses
+
+
+def _mlp_task(aggregate_fn=None, seed=0):
+    """A 2-layer tanh MLP (8 → 12 → 3) with banded SVFT on its kernels; 3 fixed batches."""
+    rng = np.random.default_rng(seed)
+    params = {"layer1": {"kernel": rng.normal(size=(8, 12)).astype(np.float32) / 3},
+              "layer2": {"kernel": rng.normal(size=(12, 3)).astype(np.float32) / 3}}
+    adapted = svft_jax.apply(params, "banded", d=1, svd_backend="numpy")
+    batches = [{"x": rng.normal(size=(8, 8)).astype(np.float32), "y": rng.integers(0, 3, 8)} for _ in range(3)]
+
+    def loss_fn(adapted, batch, rng):
+        del rng
+        merged = svft_jax.merge(adapted)
+        logits = jnp.tanh(batch["x"] @ merged["layer1"]["kernel"]) @ merged["layer2"]["kernel"]
+        return losses.classification_loss(logits, batch["y"])
+
+    return train.Task(adapted=adapted, loss_fn=loss_fn, train_data=lambda epoch: batches,
+                      eval_data=lambda: batches[:1], aggregate_fn=aggregate_fn, name="mlp")
+
+
+def test_nan_eval_metric_stops_the_run_and_the_last_finite_checkpoint_survives(tmp_path):
+    from svft_jax.checkpoint import TrainCheckpointer
+
+    calls = []
+
+    def aggregate_with_nan_at_step_4(per_batch):
+        calls.append(len(calls))
+        accuracy = float(np.mean([np.asarray(m["accuracy"]) for m in per_batch]))
+        return {"accuracy": math.nan if len(calls) == 2 else accuracy}  # evals at steps 2, 4, 6
+
+    config = train.TrainConfig(steps=6, batch_size=8, learning_rate=1e-2, schedule="constant", warmup_fraction=0.0,
+                               eval_every=2, log_every=1, progress=False, data_parallel=False,
+                               selection_metric="accuracy", selection_mode="max")
+    with TrainCheckpointer(tmp_path / "ckpt", max_to_keep=1, best_metric="accuracy", best_mode="max") as manager:
+        with pytest.raises(FloatingPointError, match=r"step 4.*not saved.*last checkpoint \(step 2\) is intact"):
+            train.run(_mlp_task(aggregate_with_nan_at_step_4), config, checkpoint_manager=manager)
+        assert manager.all_steps() == [2]
+    reference = train.run(_mlp_task(), dataclasses.replace(config, steps=2, eval_every=0))
+    with TrainCheckpointer(tmp_path / "ckpt", max_to_keep=1, best_metric="accuracy", best_mode="max") as manager:
+        template, _ = svft_jax.split(_mlp_task().adapted)
+        tx, _ = train.make_optimizer(config)
+        restored = manager.restore_latest(template, tx.init(template))
+    assert restored.step == 2
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored.trainable, reference["trainable"])
+
+
+def test_config_reader_types_flags_and_refusals():
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        methods: tuple[str, ...] = ("a",)
+        seeds: tuple[int, ...] = (0,)
+        limit: int | None = None
+        resume: bool = False
+
+    options, train_config = config.parse(
+        ["--methods=x,y", "--seeds", "1,2", "--limit=none", "--resume", "--config.steps=7", "--batch_size=4",
+         "--head_learning_rate=none"], Options(limit=3), train.TrainConfig())
+    assert options == Options(methods=("x", "y"), seeds=(1, 2), limit=None, resume=True)
+    assert (train_config.steps, train_config.batch_size, train_config.head_learning_rate) == (7, 4, None)
+    assert config.flags_given(["--config.steps=7", "--seeds", "1"]) == {"steps", "seeds", }
+    with pytest.raises(ValueError, match="unknown config field 'seedz'.*--seeds"):
+        config.parse(["--seedz=1"], Options())
+    with pytest.raises(ValueError, match="--limit expects int"):
+        config.parse(["--limit=ten"], Options())
+    with pytest.raises(ValueError, match="finite"):
+        config.parse(["--config.learning_rate=nan"], train.TrainConfig())
+    with pytest.raises(ValueError, match="positive int"):  # the dataclass's own validation runs on the result
+        config.parse(["--config.steps=0"], train.TrainConfig())
+    assert config.from_dict(Options, config.to_dict(Options(seeds=(3, 4)))) == Options(seeds=(3, 4))
+    with pytest.raises(ValueError, match="no fields"):
+        config.from_dict(Options, {"seed": 1})
+
+
+def test_padding_rule_and_masked_mean_match_numpy(rng):
+    rows = [{"x": np.float32(v)} for v in rng.normal(size=7)]
+    batches = list(data.eval_batches(rows, lambda r: r, batch_size=3))
+    assert [b[data.VALID].tolist() for b in batches] == [[True] * 3, [True] * 3, [True, False, False]]
+    assert batches[-1]["x"].tolist() == [rows[6]["x"]] * 3  # the last real row, repeated
+    metrics = train.mean_metrics([{"x": b["x"], data.VALID: b[data.VALID]} for b in batches])
+    assert metrics == {"x": pytest.approx(float(np.mean([r["x"] for r in rows])))}
+    padded, valid = data.pad_rows(["a", "b"], 4)
+    assert padded == ["a", "b", "b", "b"] and valid.tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="1 to batch_size"):
+        data.pad_rows([], 4)
+
+
+def test_epoch_zero_is_graines_own_shuffle_and_epochs_differ():
+    source = [{"i": np.int32(i)} for i in range(20)]
+    first = [int(b["i"][0]) for b in data.train_batches(source, lambda r: r, batch_size=1, seed=3, epoch=0)]
+    assert first == [int(r["i"]) for r in grain.MapDataset.source(source).shuffle(seed=3)]
+    second = [int(b["i"][0]) for b in data.train_batches(source, lambda r: r, batch_size=1, seed=3, epoch=1)]
+    assert sorted(second) == list(range(20)) and second != first
+
+
+def test_presets_pass_their_options_to_apply_unchanged(rng):
+    params = {"dense": {"kernel": rng.normal(size=(6, 5)).astype(np.float32)}}
+    via_preset = presets.get("svft_banded_d2").adapt(params, seed=0, svd_backend="numpy")
+    direct = svft_jax.apply(params, pattern="banded", d=2, seed=0, svd_backend="numpy")
+    assert svft_jax.count_parameters(via_preset) == svft_jax.count_parameters(direct)
+    np.testing.assert_array_equal(svft_jax.merge(via_preset)["dense"]["kernel"], svft_jax.merge(direct)["dense"]["kernel"])
+    lora = presets.get("lora_r8").adapt(params, seed=0)
+    assert svft_jax.count_parameters(lora)["trainable"] == 8 * (6 + 5)
+    assert presets.get("full_ft").adapt(params) is params and presets.get("head_only").adapt(params) is params
+    assert presets.get("full_ft").full_finetune and not presets.get("lora_r1").full_finetune
+    assert [presets.get(n).scope for n in ("svft_plain", "vera_r256", "lora_r8", "dora_r1", "svft_banded_d2")] == [
+        "query_value", "query_value", "all", "all", "all"]
+
+
+def test_full_finetune_trains_weights_and_head_at_their_own_rates(rng):
+    """Full fine-tuning: the head moves at head_learning_rate, the other weights at learning_rate
+    (Adam's first step moves every element with a gradient by its LR: m/√v = ±1)."""
+    start = {"body": {"kernel": rng.normal(size=(4, 4)).astype(np.float32)},
+             "classifier": {"kernel": rng.normal(size=(4, 2)).astype(np.float32)}}
+    params = jax.tree_util.tree_map(np.copy, start)
+
+    def loss_fn(tree, batch, rng):
+        del rng
+        logits = (batch["x"] @ tree["body"]["kernel"]) @ tree["classifier"]["kernel"]
+        return losses.classification_loss(logits, batch["y"])
+
+    batch = {"x": np.eye(4, dtype=np.float32), "y": np.array([0, 1, 0, 1])}
+    task = train.Task(adapted=params, loss_fn=loss_fn, train_data=lambda epoch: [batch], extra="classifier/.*",
+                      full_finetune=True)
+    config = train.TrainConfig(steps=1, batch_size=4, learning_rate=1e-3, head_learning_rate=1e-1, schedule="constant",
+                               warmup_fraction=0.0, progress=False, data_parallel=False)
+    result = train.run(task, config)["trainable"]
+    body_step = np.abs(np.asarray(result["body"]["kernel"]) - start["body"]["kernel"]).max()
+    head_step = np.abs(np.asarray(result["classifier"]["kernel"]) - start["classifier"]["kernel"]).max()
+    assert body_step == pytest.approx(1e-3, rel=1e-2) and head_step == pytest.approx(1e-1, rel=1e-2)
