@@ -391,13 +391,7 @@ def test_schedule_arguments_are_checked():
 
 
 def _driver():
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from experiments import train
+    from experiments import train  # importable from the repo root (pytest's pythonpath = ".")
 
     return train
 
