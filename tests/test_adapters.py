@@ -120,7 +120,11 @@ def _per_example(apply, singles, base_params, xs, ids, names):
     return np.stack(rows)
 
 
-def test_routing_linen_mlp_equals_each_example_through_its_own_merged_model(mlp):
+@pytest.mark.parametrize("mixing", ["diagonals", "scatter"])
+def test_routing_linen_mlp_equals_each_example_through_its_own_merged_model(mlp, mixing, monkeypatch):
+    import svft_jax.adapters._node as node_module  # the threshold between the two mixing paths
+
+    monkeypatch.setattr(node_module, "MAX_DIAGONALS", 32 if mixing == "diagonals" else 0)
     _, params, singles, tree, apply = mlp
     ids = np.array([2, 0, -1, 1, 0, 2])
     x = jax.random.normal(jax.random.key(2), (6, 12))

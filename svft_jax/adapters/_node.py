@@ -29,12 +29,17 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from svft_jax.transform._matmul import base_matmul, mm
 from svft_jax.transform._protocol import AdapterNode, adapter_node, frozen_field, trainable_field
 from svft_jax.transform.layout import KernelLayout
 from svft_jax.transform.svft import StaticIndices, SVFTMeta, SVFTPlan
+
+# Ω with at most this many distinct diagonals (j − i) is mixed by shifted copies of h.
+MAX_DIAGONALS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +140,27 @@ class AdapterSetNode(AdapterNode):
         return super().base_matrix()
 
     def _mix(self, h, coeffs):
-        """z = M h for h (..., r) and coefficients on Ω broadcastable to (..., n): z_i = Σ_{(i,j)∈Ω} M_ij h_j."""
+        """z = M h for h (..., r) and coefficients on Ω broadcastable to (..., n): z_i = Σ_{(i,j)∈Ω} M_ij h_j.
+
+        Ω is walked by diagonals (offset j − i): with few offsets (plain: 1, banded: 2d + 1) z is
+        a sum of shifted, scaled copies of h — B·T·r multiply-adds per offset, no scatter over
+        tokens. Otherwise a gather of h at Ω and one scatter-add into r.
+        """
         rows, cols = self.meta.rows.array, self.meta.cols.array
+        r = self.meta.rank
+        offsets, which = np.unique(cols.astype(np.int64) - rows, return_inverse=True)
+        if len(offsets) <= MAX_DIAGONALS:
+            # per-diagonal coefficient vectors, (..., diagonals, r): a scatter over Ω only
+            diagonal = jnp.zeros((*coeffs.shape[:-1], len(offsets), r), jnp.float32).at[..., which, rows].add(coeffs)
+            pad = int(np.max(np.abs(offsets)))
+            padded = jnp.pad(h, [(0, 0)] * (h.ndim - 1) + [(pad, pad)]) if pad else h
+            z = 0.0
+            for j, offset in enumerate(offsets):
+                start = pad + int(offset)
+                z = z + diagonal[..., j, :] * jax.lax.slice_in_dim(padded, start, start + r, axis=-1)  # h_{i+offset}
+            return z
         contributions = h[..., cols] * coeffs  # (..., n)
-        z = jnp.zeros((*contributions.shape[:-1], self.meta.rank), contributions.dtype)
+        z = jnp.zeros((*contributions.shape[:-1], r), contributions.dtype)
         return z.at[..., rows].add(contributions)
 
     def matmul(self, x, *, precision=None, preferred_element_type=None):
