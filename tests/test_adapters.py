@@ -110,6 +110,9 @@ def test_hot_swap_does_not_retrace(mlp):
     fast(adapters.route(tree, jnp.array([0, 1, 2, -1])), x)
     fast(adapters.route(tree, jnp.array([2, 2, 0, 1])), x)
     assert len(traces) == 2  # routed weights (B, K) are one more shape, then data again
+    inside = jax.jit(lambda t, ids, x: svft_jax.wrap(apply, strategy="routed")(adapters.route(t, ids), x))
+    np.testing.assert_allclose(inside(tree, jnp.array([0, 1, 2, -1]), x),
+                               fast(adapters.route(tree, jnp.array([0, 1, 2, -1])), x), atol=1e-6)  # traced ids
 
 
 def _per_example(apply, singles, base_params, xs, ids, names):
@@ -183,6 +186,11 @@ def test_combine_is_the_dense_sum_of_deltas_on_the_union_of_omega(mlp):
     combined = adapters.combine(tree, weights, "ab")
     assert adapters.names(combined) == ("a", "b", "c", "ab")
     one = adapters.extract(combined, "ab")  # an ordinary SVFT tree on Ω_a ∪ Ω_b
+    assert adapters.names(adapters.combine(tree, {"a": 1.0, "c": -1.0}, "a-c")) [-1] == "a-c"  # same Ω: an ordinary banded adapter
+    same = _kernels(adapters.extract(adapters.combine(tree, {"a": 1.0, "c": -1.0}, "a-c"), "a-c"))
+    for path, node in same.items():
+        assert node.meta == _kernels(singles["a"])[path].meta
+        np.testing.assert_allclose(node.m, _kernels(singles["a"])[path].m - _kernels(singles["c"])[path].m, atol=1e-6)
     for path, node in _kernels(one).items():
         assert isinstance(node, svft_jax.SVFTNode)
         want = sum(w * (reference.weight(_kernels(singles[n])[path]) - reference.f64(node.base).T) for n, w in weights.items())
@@ -206,6 +214,10 @@ def test_transformer2_mix_scales_singular_values_of_plain_adapters():
         layer = path.split("/")[0]
         np.testing.assert_allclose(np.asarray(mixed[layer]["kernel"], np.float64).T, want, atol=3e-5)
     banded = adapters.add(tree, "band", _randomize(svft_jax.apply(params, "banded", d=1, svd_backend="numpy"), 7))
+    # beside a banded adapter the bank lives on a larger union Ω; the mix is the same
+    beside = svft_jax.merge(adapters.select(adapters.transformer2_mix(banded, alphas, "t2"), "t2"))
+    for layer in params:
+        np.testing.assert_allclose(beside[layer]["kernel"], mixed[layer]["kernel"], atol=1e-6)
     with pytest.raises(ValueError, match="plain"):
         adapters.transformer2_mix(banded, {"p": 0.5, "band": 0.5}, "bad")
 
@@ -291,6 +303,9 @@ def test_wrong_inputs_raise_with_the_fix(mlp):
         adapters.select(tree, "nope")
     with pytest.raises(TypeError, match="SVFT"):
         adapters.create(svft_jax.baselines.lora.apply(params, rank=2))
+    with pytest.raises(TypeError, match="adapters.save"):
+        svft_jax.checkpoint.save_adapter("unused.safetensors", tree)
+    assert "svft-set(K=3" in svft_jax.summary(tree, print_fn=None)  # the generic summary reads set nodes too
     smaller = adapters.remove(tree, "b")
     assert adapters.names(smaller) == ("a", "c")
     assert _kernels(smaller)["Dense_0/kernel"].bank.shape[0] == 2

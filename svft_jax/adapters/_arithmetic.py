@@ -44,17 +44,11 @@ def _append(set_tree, name: str, make):
         raise ValueError(f"the set already holds an adapter named {name!r}; pick a new name or remove it first.")
 
     def grow(x):
-        member, bank = make(x)
+        member, bank = make(x)  # bank: the new adapter's coefficients on its own Ω
         k = len(x.meta.names)
         banks = [_bank_of(x, i) for i in range(k)]
-        union_positions = None
-        # The new member's coefficients are given on the current union; keep them there.
-        if member.rows == x.meta.rows and member.cols == x.meta.cols:
-            union_positions = bank
-        else:
-            union_positions = bank[..., _positions_in(member, x)]
         weights = jnp.concatenate([x.weights, jnp.zeros((*x.weights.shape[:-1], 1), x.weights.dtype)], axis=-1)
-        return _set_node(x, [*x.meta.members, member], [*banks, union_positions], [*x.meta.names, name], weights)
+        return _set_node(x, [*x.meta.members, member], [*banks, bank], [*x.meta.names, name], weights)
 
     return _replace_nodes(set_tree, grow)
 
@@ -80,8 +74,9 @@ def combine(set_tree, weights: Mapping[str, float], name: str):
     used = [i for i, w in enumerate(vector) if w != 0] or [0]
 
     def make(x):
-        mixed = jnp.tensordot(jnp.asarray(vector), x.bank, axes=1)  # on the current union
-        return _new_member(x, used), mixed
+        mixed = jnp.tensordot(jnp.asarray(vector), x.bank, axes=1)  # on the current union Ω
+        member = _new_member(x, used)
+        return member, mixed[..., _positions_in(member, x)]
 
     return _append(set_tree, name, make)
 

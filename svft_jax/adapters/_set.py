@@ -249,8 +249,12 @@ def route(set_tree, adapter_ids):
     ids = jnp.asarray(adapter_ids)
     if ids.ndim != 1 or not jnp.issubdtype(ids.dtype, jnp.integer):
         raise ValueError(f"route: `adapter_ids` must be a (batch,) int array, got shape {ids.shape} dtype {ids.dtype}.")
-    if not isinstance(ids, jax.core.Tracer):
-        bad = np.asarray(ids)[(np.asarray(ids) < -1) | (np.asarray(ids) >= k)]
+    try:
+        concrete = np.asarray(ids)
+    except jax.errors.TracerArrayConversionError:  # traced ids (inside jit): checked by the caller
+        concrete = None
+    if concrete is not None:
+        bad = concrete[(concrete < -1) | (concrete >= k)]
         if bad.size:
             raise ValueError(f"route: adapter id {int(bad[0])} is out of range; the set holds {k} adapters {list(names(set_tree))} (ids 0..{k - 1}, -1 = base).")
     return _with_weights(set_tree, jax.nn.one_hot(ids, k, dtype=jnp.float32))
