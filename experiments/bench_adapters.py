@@ -15,7 +15,8 @@ K ∈ {1, 4, 16} adapters (random coefficients), B requests of S tokens are serv
 Printed: tokens/s of each, the ratio routed(K)/routed(1) (target ≤ 1.3 at K = 16), routed(1)
 against one plain merged model (the price of factored execution), and the bytes held by the K
 adapters' serving state vs K merged copies (target ≤ 1.05 × one adapter's model).
-Times are the median of --repeats calls after one compile, measured side by side in one run.
+Times are medians of --repeats rounds after compiling everything; each round calls every
+configuration once (side by side, so load drift on a shared machine hits all alike).
 """
 
 from __future__ import annotations
@@ -45,21 +46,11 @@ def unique_bytes(tree) -> int:
     return total
 
 
-def timed(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--adapters", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--spectral", action="store_true",
                         help="keep_base=False: y = ((x V)(Σ + M)ᵀ) Uᵀ, no W0 stored or multiplied")
@@ -85,33 +76,38 @@ def main():
     dense_forward = jax.jit(lambda p, ids: model(ids, params=p).last_hidden_state)
     routed_forward = jax.jit(svft_jax.wrap(lambda p, ids: model(ids, params=p).last_hidden_state, strategy="routed"))
 
-    plain_time = timed(dense_forward, params, tokens, repeats=args.repeats)
-    print(f"base model, one merged forward: {plain_time * 1e3:.1f} ms ({total_tokens / plain_time:,.0f} tokens/s)")
     singles = [with_random_m(k) for k in range(max(args.adapters))]
-    rows, first = [], {}
+    # Every configuration is compiled first, then timed round-robin (one call of each per
+    # round), so a change in the load of this shared machine hits all of them alike.
+    calls = {"plain": (dense_forward, (params, tokens))}
+    memory = {}
     for k in args.adapters:
         tree = adapters.create(singles[0], "adapter0")
         for i in range(1, k):
             tree = adapters.add(tree, f"adapter{i}", singles[i])
         routed = adapters.route(tree, np.arange(args.batch) % k)
-        routed_time = timed(routed_forward, routed, tokens, repeats=args.repeats)
         merged = [jax.jit(svft_jax.merge)(singles[i]) for i in range(k)]
         groups = [np.flatnonzero(np.arange(args.batch) % k == i) for i in range(k)]
 
         def run_merged(merged=merged, groups=groups):
             return [dense_forward(merged[i], tokens[groups[i]]) for i in range(len(groups))]
 
-        merged_time = timed(run_merged, repeats=args.repeats)
-        set_bytes = unique_bytes(routed)
-        merged_bytes = sum(unique_bytes(m) for m in merged)
-        if not first:
-            first = {"time": routed_time, "bytes": set_bytes}
-        rows.append((k, routed_time, merged_time, set_bytes, merged_bytes))
-        print(f"K={k:2d}: routed {routed_time * 1e3:7.1f} ms ({total_tokens / routed_time:8,.0f} tok/s, "
-              f"{routed_time / first['time']:.2f}× K=1) | {k} merged models one after another {merged_time * 1e3:7.1f} ms "
-              f"({total_tokens / merged_time:8,.0f} tok/s) | memory: set {set_bytes / 2**20:6.1f} MiB "
-              f"({set_bytes / first['bytes']:.3f}× one adapter's model) vs {k} merged copies {merged_bytes / 2**20:6.1f} MiB",
-              flush=True)
+        calls[("routed", k)] = (routed_forward, (routed, tokens))
+        calls[("merged", k)] = (run_merged, ())
+        memory[k] = (unique_bytes(routed), sum(unique_bytes(m) for m in merged))
+    times = {name: [] for name in calls}
+    for fn, call_args in calls.values():
+        jax.block_until_ready(fn(*call_args))  # compile
+    for _ in range(args.repeats):
+        for name, (fn, call_args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*call_args))
+            times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    plain_time = median["plain"]
+    print(f"base model, one merged forward: {plain_time * 1e3:.1f} ms ({total_tokens / plain_time:,.0f} tokens/s)")
+    first = {"time": median[("routed", args.adapters[0])], "bytes": memory[args.adapters[0]][0]}
+    rows = [(k, median[("routed", k)], median[("merged", k)], *memory[k]) for k in args.adapters]
     print()
     print("| K | routed ms | routed tok/s | routed / routed K=1 | merged ×K ms | merged tok/s | set MiB | set / 1-adapter | merged ×K MiB |")
     print("|---|---|---|---|---|---|---|---|---|")
