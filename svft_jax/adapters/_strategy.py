@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from svft_jax.adapters._node import is_set_node
+from svft_jax.adapters._node import AdapterSetNode, is_set_node
+from svft_jax.strategies import register_layer_slicer
 from svft_jax.strategies.registry import STRATEGIES, auto, register_strategy
 
 
@@ -24,3 +25,7 @@ def routed(node, use):
 
 if "routed" not in STRATEGIES.names():
     register_strategy("routed", routed)
+# A stacked set node keeps its bank as (K, *stack, n), so the generic slicer (every field on
+# axis 0) would cut adapters, not layers: inside a scan it is used densely instead (a routed
+# one then raises, naming the fix).
+register_layer_slicer(AdapterSetNode, lambda node: None)
