@@ -5,7 +5,7 @@
     loss = lambda train: model_loss(svft_jax.merge(svft_jax.combine(train, frozen)))
     tx = svft_jax.optimizer(optax.adamw(1e-3))
 
-Namespaces: `baselines` (LoRA, DoRA, VeRA), `training` (steps, losses, schedules), `checkpoint`
+Namespaces: `adapters` (many adapters on one base), `baselines` (LoRA, DoRA, VeRA), `training` (steps, losses, schedules), `checkpoint`
 (Orbax checkpoints, adapter files, merged export, factor stores), `models` (Hugging Face
 loading, default targets), `distributed` (meshes, sharding). Patterns live in `patterns`,
 execution strategies in `strategies`, the adapter protocol in `transform`.
@@ -56,7 +56,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 # Namespaces with heavier imports (orbax, transformers) load on first attribute access, so
 # `import svft_jax` stays fast while `svft_jax.checkpoint.save_adapter(...)` just works.
-_LAZY_NAMESPACES = ("baselines", "checkpoint", "distributed", "models", "patterns", "strategies", "training", "transform")
+_LAZY_NAMESPACES = ("adapters", "baselines", "checkpoint", "distributed", "models", "patterns", "strategies", "training", "transform")
 
 
 def __getattr__(name):
