@@ -172,7 +172,7 @@ def _named_spec(name: str, ndim: int) -> dict:
 # flax linen names an unnamed lifted module after its transforms and class: nn.scan(Block) ->
 # 'ScanBlock_0', nn.remat(nn.scan(Block)) -> 'CheckpointScanBlock_0', nn.vmap(nn.Dense) ->
 # 'VmapDense_0'. Each Scan/Vmap adds one leading (variable_axes=0) axis to every kernel inside.
-_LIFTED_NAME = re.compile(r"((?:Scan|Vmap|Checkpoint|Remat|Jit)+)([A-Z]\w*_\d+)")
+_LIFTED_NAME = re.compile(r"((?:Scan|Vmap|Checkpoint|Remat|Jit)+)(_?[A-Z]\w*_\d+)")
 _STACKING_LIFTS = re.compile(r"Scan|Vmap")
 _ATTENTION_MODULE = re.compile(r"(?i).*(attn|attention|mha).*")
 _CONV_MODULE = re.compile(r"(?i)(?!.*convlocal).*conv.*")
@@ -301,7 +301,7 @@ def _describe(shape, spec: Mapping) -> str:
     if not layout.stack_ndim:
         return f"one {matrix}"
     layers = math.prod(layout.stack_shape)
-    return f"{layers} stacked layers (axes {tuple(range(layout.stack_ndim))}), each its own SVD of {matrix}"
+    return f"a stack of {layers} (axes {tuple(range(layout.stack_ndim))}), one SVD each, of {matrix}"
 
 
 def _override_value(path: str | None, shape, spec: Mapping) -> str:
