@@ -294,6 +294,7 @@ def test_a_refused_kernel_is_adapted_per_layer_with_the_listed_override():
         ("stem/conv/kernel", (3, 3, 4, 8), False),
         ("ConvLocal_0/kernel", (4, 12, 8), False),
         ("Dense_0/bias", (5,), False),
+        ("h/0/attn/gpt2_conv1d/kernel", (8, 4), True),  # a 2-D "conv" is a Dense-like matrix
     ],
 )
 def test_layout_candidates_leave_out_convolutions_and_vectors_only(path, shape, expected):

@@ -377,7 +377,9 @@ def layout_candidates(path: str, shape) -> bool:
     """
     if len(shape) < 2:
         return False
-    return _path_evidence(path).kind not in ("conv", "conv_local")
+    # A flax conv kernel has ≥ 3 axes (taps, in, out); a 2-D kernel under a 'conv' name is a
+    # Dense-like matrix (GPT-2's Conv1D), a projection like any other.
+    return len(shape) == 2 or _path_evidence(path).kind not in ("conv", "conv_local")
 
 
 def declared_layout(path: str, overrides) -> str | dict | None:
