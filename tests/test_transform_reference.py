@@ -31,7 +31,14 @@ LAYOUTS = {
     ),
     "gpt2_conv1d": ((4, 7), lambda k: k, lambda w: w),  # (out, in), declared via overrides
 }
-OVERRIDES = {"gpt2_conv1d/kernel": {"layout": "out_in"}}
+# Every 3-D kernel here could be read several ways, so each layout is declared (never inferred).
+OVERRIDES = {
+    "dense_general_in/kernel": {"layout": "attention_qkv"},
+    "dense_general_out/kernel": {"layout": "attention_out"},
+    "stacked/kernel": {"layout": "stacked_in_out"},
+    "stacked_dense_general/kernel": {"layout": "attention_qkv"},
+    "gpt2_conv1d/kernel": {"layout": "out_in"},
+}
 PATTERNS = {
     "plain": {},
     "banded": {"d": 1},
@@ -160,7 +167,7 @@ def test_bfloat16_kernel_merges_to_the_rounded_float32_reference():
 
 def test_reference_init_starts_at_w0_plus_half_u_m_vt():
     params = {name: _params()[name] for name in ("dense", "stacked")}
-    adapted = svft_jax.apply(params, "banded", d=1, init="reference")
+    adapted = svft_jax.apply(params, "banded", d=1, init="reference", overrides=OVERRIDES)
     merged = merge(adapted)
     for name in params:
         node = adapted[name]["kernel"]
@@ -177,7 +184,7 @@ def test_reference_init_starts_at_w0_plus_half_u_m_vt():
 
 def test_reference_init_gate_scales_m_by_its_sigmoid():
     params = {name: _params()[name] for name in ("dense", "stacked")}
-    adapted = _randomize_trainables(svft_jax.apply(params, "random", k=6, init="reference"))
+    adapted = _randomize_trainables(svft_jax.apply(params, "random", k=6, init="reference", overrides=OVERRIDES))
     merged = merge(adapted)
     for name in params:
         _, to_w, from_w = LAYOUTS[name]
