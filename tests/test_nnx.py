@@ -106,8 +106,8 @@ def test_nnx_layouts_read_each_kernel_as_the_map_its_module_computes(name):
     factory, call, in_shape, layers = MODULES[name]
     module = factory(nnx.Rngs(0))
     submodule = {"mha_query": lambda m: m.query, "mha_out": lambda m: m.out}.get(name, lambda m: m)(module)
-    overrides = nnx_layouts(module)
     kernel_path = {"mha_query": "query/kernel", "mha_out": "out/kernel"}.get(name, "kernel")
+    overrides = nnx_layouts(module, targets=kernel_path + "/value")
     _, state = nnx.split(module)
     adapted = svft_jax.apply(state, targets=kernel_path + "/value", overrides=overrides, svd_backend="numpy")
     node = _nodes(adapted)[kernel_path + "/value"]
@@ -126,7 +126,7 @@ def test_attention_kernels_need_no_declared_layout_and_match_nnx_layouts():
     _, params, _ = nnx.split(model, nnx.Param, ...)
     targets = r"attn/.*/kernel/value|mlp/kernel/value"
     by_path = _nodes(svft_jax.apply(params, targets=targets, svd_backend="numpy"))
-    declared = _nodes(svft_jax.apply(params, targets=targets, overrides=nnx_layouts(model), svd_backend="numpy"))
+    declared = _nodes(svft_jax.apply(params, targets=targets, overrides=nnx_layouts(model, targets=targets), svd_backend="numpy"))
     assert set(by_path) == set(declared) and len(by_path) == 5
     for path, node in by_path.items():
         assert node.meta.layout == declared[path].meta.layout, path
@@ -163,6 +163,18 @@ def test_nnx_layouts_regexes_match_state_and_pure_dict_paths_and_carry_options()
         nnx_layouts(nnx.to_pure_dict(params))
 
 
+def test_nnx_layouts_enter_only_the_kernels_apply_adapts():
+    """apply refuses an override that matches no target, so nnx_layouts follows the targets."""
+    model = Net(nnx.Rngs(0))
+    default = {key.split("(")[0] for key in nnx_layouts(model)}
+    assert "head/kernel" not in default and "attn/query/kernel" in default and len(default) == 7
+    chosen = nnx_layouts(model, targets=r"(head|proj)/kernel/value")
+    assert {key.split("(")[0] for key in chosen} == {"head/kernel", "proj/kernel"}
+    conv = nnx.Conv(IN, 8, (3,), rngs=nnx.Rngs(0))
+    assert nnx_layouts(conv) == {}  # convolutions are not default targets...
+    assert list(nnx_layouts(conv, targets="kernel/value")) == [r"kernel(?:/value)?"]  # ...unless named
+
+
 # ----------------------------------------------------------------------------- the workflow
 @functools.cache
 def _workflow():
@@ -170,9 +182,9 @@ def _workflow():
     model = Net(nnx.Rngs(0, dropout=1))
     model.train()  # BatchNorm uses batch statistics, dropout is on
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    adapted = svft_jax.apply(params, "banded", d=1, overrides=nnx_layouts(model), svd_backend="numpy")
-    trainable, frozen = svft_jax.split(adapted, extra=EXTRA)
-    tx = svft_jax.optimizer(optax.adam(1e-2), extra=EXTRA)
+    adapted = svft_jax.apply(params, "banded", d=1, overrides=nnx_layouts(model), extra=EXTRA, svd_backend="numpy")
+    trainable, frozen = svft_jax.split(adapted)  # M and the head (declared once, by `extra`)
+    tx = svft_jax.optimizer(optax.adam(1e-2))
 
     def loss_fn(trainable, rest):
         # copy=True: `rest`'s Variables belong to jit's trace; BatchNorm may only mutate
@@ -231,7 +243,7 @@ def test_training_lowers_the_eval_loss_and_leaves_frozen_leaves_bit_identical():
         for field in ("u", "s", "v", "base"):
             assert np.array_equal(getattr(_nodes(final)[path], field), getattr(node, field)), (path, field)
         assert np.any(np.asarray(_nodes(final)[path].m) != 0), path
-    head = _flat(final)["head/kernel/value"]
+    head = _flat(svft_jax.merge(final))["head/kernel/value"]
     assert not np.array_equal(head, _flat(run["params"])["head/kernel/value"])  # the extra trained
 
 

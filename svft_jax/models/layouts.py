@@ -121,8 +121,8 @@ def _module_layout(module, where: str) -> tuple[tuple[int, ...], dict] | None:
     return None
 
 
-def nnx_layouts(model, **options) -> dict[str, dict[str, Any]]:
-    """Overrides declaring the layout of every kernel of an NNX model, read from its modules.
+def nnx_layouts(model, *, targets: str | None = None, exclude: str | None = None, **options) -> dict[str, dict[str, Any]]:
+    """Overrides declaring the layout of each target kernel of an NNX model, read from its modules.
 
     `nnx.Linear` (in, out); `nnx.LinearGeneral` (*batch, *in, *out), so the query/key/value
     (in, heads, head_dim) and out (heads, head_dim, out) kernels of `nnx.MultiHeadAttention`
@@ -131,8 +131,14 @@ def nnx_layouts(model, **options) -> dict[str, dict[str, Any]]:
     W (out × taps·in). Axes in front of a module's own kernel shape are the layers
     `nnx.vmap` stacked (it puts them first). Other modules get no entry.
 
+    Only kernels that `svft_jax.apply(state, targets=targets, exclude=exclude)` adapts get an
+    entry (`apply` refuses an override that matches no target): pass the same `targets` and
+    `exclude` to both. Convolutions are entered only when `targets` names them, since the
+    default targets leave them out.
+
     Args:
       model: an `nnx.Module` (abstract ones from `nnx.eval_shape` work too).
+      targets, exclude: as in `svft_jax.apply` (None: the default targets).
       **options: other per-target options for `svft_jax.apply` (pattern, d, k, rank, ...)
         to put in every entry, since the first matching override wins.
 
@@ -148,7 +154,9 @@ def nnx_layouts(model, **options) -> dict[str, dict[str, Any]]:
 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"nnx_layouts expects an nnx.Module, got {type(model).__name__}; for linen params use attention_layouts / stacked_layouts.")
-    overrides = {}
+    from svft_jax.transform import select_targets
+
+    overrides, state_paths = {}, {}
     for parts, module in nnx.iter_modules(model):
         path = "/".join([*map(str, parts), "kernel"])
         where = f"NNX module {'/'.join(map(str, parts)) or '(root)'!r} ({type(module).__name__})"
@@ -160,5 +168,12 @@ def nnx_layouts(model, **options) -> dict[str, dict[str, Any]]:
         stack = len(shape) - len(own_shape)
         if stack < 0 or shape[stack:] != own_shape:
             raise ValueError(f"{where}: kernel shape {shape} does not end in the module's own kernel shape {own_shape}; an nnx.vmap stack with out_axes ≠ 0 puts the layer axis elsewhere. Declare this kernel's layout in overrides={{{re.escape(path)!r}: {{'layout': {{...}}}}}}.")
-        overrides[rf"{re.escape(path)}(?:/value)?"] = {**_layout(stack + spec["stack_ndim"], tuple(a - spec["stack_ndim"] for a in spec["in_axes"]), tuple(a - spec["stack_ndim"] for a in spec["out_axes"])), **options}
-    return overrides
+        if targets is None and isinstance(module, nnx.Conv | nnx.ConvTranspose):
+            continue  # not a default target (the paper adapts attention and MLP projections)
+        regex = rf"{re.escape(path)}(?:/value)?"
+        state_paths[regex] = f"{path}/value"
+        overrides[regex] = {**_layout(stack + spec["stack_ndim"], tuple(a - spec["stack_ndim"] for a in spec["in_axes"]), tuple(a - spec["stack_ndim"] for a in spec["out_axes"])), **options}
+    if not overrides:
+        return overrides
+    chosen = set(select_targets(nnx.state(model, nnx.Param), targets, exclude, layouts={r: v["layout"] for r, v in overrides.items()}))
+    return {regex: value for regex, value in overrides.items() if state_paths[regex] in chosen}
