@@ -169,7 +169,7 @@ def test_auto_picks_factored_for_low_rank_and_rebuild_for_full_rank():
     apply_fn = lambda p, x: net.apply({"params": p}, x)  # noqa: E731
     for rank, expected in [(4, "factored"), (None, "rebuild")]:
         run = wrap(apply_fn, "auto")
-        adapted = svft_jax.apply(params, "plain", rank=rank, svd_backend="numpy", overrides=LAYOUTS)
+        adapted = svft_jax.apply(params, "plain", rank=rank, svd_backend="numpy")
         jax.eval_shape(run, adapted, x)
         assert run.last_plan == {"kernel": (expected,)}
 
