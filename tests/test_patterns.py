@@ -121,7 +121,7 @@ def test_random_pattern_differs_between_target_paths_and_layers():
     stacked = jnp.asarray(rng.normal(size=(3, 8, 8)), jnp.float32)
     adapted = svft_jax.apply(
         {"a": {"kernel": kernel}, "b": {"kernel": kernel}, "s": {"kernel": stacked}},
-        "random", k=10, seed=0, svd_backend="numpy",
+        "random", k=10, seed=0, svd_backend="numpy", overrides={"s/kernel": {"layout": "stacked_in_out"}},
     )
     a, b, s = (adapted[name]["kernel"] for name in "abs")
     assert set(_positions(a)) != set(_positions(b)), "same weight, different path: Ω must differ"
