@@ -171,7 +171,7 @@ def test_topk_square_scores_use_full_singular_vectors():
 
 
 def test_topk_stacked_kernel_scores_each_layer_on_its_own_factors():
-    node = _node(_params((3, 7, 7), seed=4), "topk", k=5)
+    node = _node(_params((3, 7, 7), seed=4), "topk", k=5, overrides={"layer/kernel": {"layout": "stacked_in_out"}})
     assert node.meta.rows.array.shape == (3, 5)
     for layer in range(3):
         scores = _scores_by_hand(node.u[layer], node.v[layer])
