@@ -128,7 +128,7 @@ def test_stacked_and_out_in_kernels_follow_the_core_layouts(rng):
     stacked = jnp.asarray(rng.normal(size=(3, D_IN, D_OUT)), jnp.float32)
     gpt2 = jnp.asarray(rng.normal(size=(D_OUT, D_IN)), jnp.float32)
     params = {"scan": {"kernel": stacked}, "c_attn": {"kernel": gpt2}}
-    adapted = lora.apply(params, rank=2, alpha=2.0, layouts={"c_attn/kernel": "out_in"})
+    adapted = lora.apply(params, rank=2, alpha=2.0, layouts={"c_attn/kernel": "out_in", "scan/kernel": "stacked_in_out"})
     node = _randomise(adapted["scan"]["kernel"], rng, ("a", "b"))
     assert node.a.shape == (3, 2, D_IN) and node.b.shape == (3, D_OUT, 2)
     merged = np.asarray(node.merged_kernel())

@@ -31,6 +31,10 @@ from svft_jax.transform import _factorize
 _merge = jax.jit(svft_jax.merge)  # one compile instead of many eager small-op compiles
 
 
+# (layers, in, out) under a name with no scan mark: its layout is declared, never inferred.
+STACKED = {"stacked/kernel": {"layout": "stacked_in_out"}}
+
+
 def _base(seed: int = 0):
     g = np.random.default_rng(seed)
     return {
@@ -256,7 +260,7 @@ def test_adapter_survives_an_svd_that_flips_singular_vector_signs(tmp_path, monk
 def test_factor_store_file_rebuilds_without_any_svd(tmp_path, monkeypatch):
     base = _base()
     store = {}
-    adapted = svft_jax.apply(base, "banded", d=1, factors=store)
+    adapted = svft_jax.apply(base, "banded", d=1, overrides=STACKED, factors=store)
     assert len(store) == 4  # one entry per default target (the stacked kernel is one entry)
     cache = save_factor_cache(tmp_path / "factors.safetensors", store)
     adapter = save_adapter(tmp_path / "a.safetensors", _trained(adapted))
@@ -265,7 +269,7 @@ def test_factor_store_file_rebuilds_without_any_svd(tmp_path, monkeypatch):
         raise AssertionError("an SVD ran although factors were cached")
 
     monkeypatch.setattr(_factorize, "svd_factors", no_svd)
-    rebuilt = svft_jax.apply(base, "banded", d=1, factors=load_factor_cache(cache))
+    rebuilt = svft_jax.apply(base, "banded", d=1, overrides=STACKED, factors=load_factor_cache(cache))
     _assert_equal(rebuilt, adapted)
     _assert_equal(load_adapter(adapter, base, factors=cache), _trained(adapted))  # a path works too
     with pytest.raises(AssertionError, match="an SVD ran"):  # the patch is live: without the store, SVDs run
@@ -274,14 +278,14 @@ def test_factor_store_file_rebuilds_without_any_svd(tmp_path, monkeypatch):
 
 def test_factor_store_never_gives_a_target_the_factors_of_other_weights(tmp_path):
     store = {}
-    svft_jax.apply(_base(0), "banded", d=1, factors=store)
+    svft_jax.apply(_base(0), "banded", d=1, overrides=STACKED, factors=store)
     other = _base(1)
-    from_store = svft_jax.apply(other, "banded", d=1, factors=load_factor_cache(save_factor_cache(tmp_path / "f.safetensors", store)))
-    fresh = svft_jax.apply(other, "banded", d=1)
+    from_store = svft_jax.apply(other, "banded", d=1, overrides=STACKED, factors=load_factor_cache(save_factor_cache(tmp_path / "f.safetensors", store)))
+    fresh = svft_jax.apply(other, "banded", d=1, overrides=STACKED)
     _assert_equal(from_store, fresh)  # keys are digests of the kernels: all misses, recomputed
 
 
 def test_adapter_of_another_base_is_refused(tmp_path):
-    path = save_adapter(tmp_path / "a.safetensors", _trained(svft_jax.apply(_base(0), "banded", d=1)))
+    path = save_adapter(tmp_path / "a.safetensors", _trained(svft_jax.apply(_base(0), "banded", d=1, overrides=STACKED)))
     with pytest.raises(ValueError, match="different base model.*attn/query/kernel"):
         load_adapter(path, _base(1))

@@ -32,7 +32,8 @@ FD = dict(eps=1e-2, atol=2e-2, rtol=2e-2)
 def _adapted(pattern, options, shape_name="dense", **kwargs):
     rng = np.random.default_rng(0)
     kernel = jnp.asarray(rng.normal(size=SHAPES[shape_name]), jnp.float32)
-    adapted = svft_jax.apply({"layer": {"kernel": kernel}}, pattern, svd_backend="numpy", **options, **kwargs)
+    layout = {"layer/kernel": {"layout": "stacked_in_out"}} if shape_name == "stacked" else None  # never inferred
+    adapted = svft_jax.apply({"layer": {"kernel": kernel}}, pattern, svd_backend="numpy", overrides=layout, **options, **kwargs)
     node = adapted["layer"]["kernel"]
     m = jnp.asarray(rng.normal(size=node.m.shape) * 0.5, jnp.float32)
     return dataclasses.replace(node, m=m)

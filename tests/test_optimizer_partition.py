@@ -214,7 +214,8 @@ def test_summary_prints_rows_and_the_peft_style_total_line(extra):
 
 def test_summary_counts_stacked_layers_and_their_gates():
     kernel = jnp.asarray(np.random.default_rng(0).normal(size=(3, 5, 4)), jnp.float32)
-    adapted = svft_jax.apply({"layers": {"kernel": kernel}}, "random", k=5, init="reference", svd_backend="numpy")
+    adapted = svft_jax.apply({"layers": {"kernel": kernel}}, "random", k=5, init="reference", svd_backend="numpy",
+                             overrides={"layers/kernel": {"layout": "stacked_in_out"}})
     counts = svft_jax.count_parameters(adapted)
     assert counts["trainable"] == 3 * 5 + 3  # |Ω| per layer + one gate per layer
     assert counts["total"] == 3 * 5 * 4

@@ -121,7 +121,7 @@ def test_random_pattern_differs_between_target_paths_and_layers():
     stacked = jnp.asarray(rng.normal(size=(3, 8, 8)), jnp.float32)
     adapted = svft_jax.apply(
         {"a": {"kernel": kernel}, "b": {"kernel": kernel}, "s": {"kernel": stacked}},
-        "random", k=10, seed=0, svd_backend="numpy",
+        "random", k=10, seed=0, svd_backend="numpy", overrides={"s/kernel": {"layout": "stacked_in_out"}},
     )
     a, b, s = (adapted[name]["kernel"] for name in "abs")
     assert set(_positions(a)) != set(_positions(b)), "same weight, different path: Ω must differ"
@@ -171,7 +171,7 @@ def test_topk_square_scores_use_full_singular_vectors():
 
 
 def test_topk_stacked_kernel_scores_each_layer_on_its_own_factors():
-    node = _node(_params((3, 7, 7), seed=4), "topk", k=5)
+    node = _node(_params((3, 7, 7), seed=4), "topk", k=5, overrides={"layer/kernel": {"layout": "stacked_in_out"}})
     assert node.meta.rows.array.shape == (3, 5)
     for layer in range(3):
         scores = _scores_by_hand(node.u[layer], node.v[layer])

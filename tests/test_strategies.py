@@ -94,6 +94,10 @@ class _Net(nn.Module):
         return nn.Dense(16)(jnp.tanh(h))
 
 
+# (in, heads, head_dim): a DenseGeneral kernel's axes split either way, so it is declared.
+LAYOUTS = {"DenseGeneral_0/kernel": {"layout": "attention_qkv"}}
+
+
 @pytest.fixture(scope="module")
 def flax_case():
     net = _Net()
@@ -110,14 +114,14 @@ def flax_case():
 ])
 def test_flax_strategy_matches_merged(flax_case, pattern, options, strategy):
     apply_fn, params, x = flax_case
-    adapted = svft_jax.apply(params, pattern, init="reference", svd_backend="numpy", **options)
+    adapted = svft_jax.apply(params, pattern, init="reference", svd_backend="numpy", **options, overrides=LAYOUTS)
     truth = _loss_and_grads(lambda a: apply_fn(svft_jax.merge(a), x), adapted)
     _assert_same(_loss_and_grads(lambda a: wrap(apply_fn, strategy)(a, x), adapted), truth)
 
 
 def test_full_rank_without_base_factored_matches_merged(flax_case):
     apply_fn, params, x = flax_case
-    adapted = svft_jax.apply(params, "banded", d=1, keep_base=False, init="reference", svd_backend="numpy")
+    adapted = svft_jax.apply(params, "banded", d=1, keep_base=False, init="reference", svd_backend="numpy", overrides=LAYOUTS)
     truth = _loss_and_grads(lambda a: apply_fn(svft_jax.merge(a), x), adapted)
     _assert_same(_loss_and_grads(lambda a: wrap(apply_fn, "factored")(a, x), adapted), truth)
 
@@ -125,7 +129,7 @@ def test_full_rank_without_base_factored_matches_merged(flax_case):
 def test_factored_never_forms_a_dense_update(flax_case):
     """Under `factored` no intermediate of the gradient's jaxpr has a target's W shape."""
     apply_fn, params, x = flax_case
-    adapted = svft_jax.apply(params, "plain", rank=3, init="reference", svd_backend="numpy")
+    adapted = svft_jax.apply(params, "plain", rank=3, init="reference", svd_backend="numpy", overrides=LAYOUTS)
     trainable, frozen = svft_jax.split(adapted)
     shapes = {tuple(n.meta.layout.shape) for n in jax.tree.leaves(adapted, is_leaf=svft_jax.is_node) if svft_jax.is_node(n)}
     shapes |= {(n[1], n[0]) for n in shapes if len(n) == 2}
@@ -151,7 +155,7 @@ def test_factored_never_forms_a_dense_update(flax_case):
 
 def test_per_target_override_forces_strategy(flax_case):
     apply_fn, params, x = flax_case
-    adapted = svft_jax.apply(params, "plain", rank=4, svd_backend="numpy")
+    adapted = svft_jax.apply(params, "plain", rank=4, svd_backend="numpy", overrides=LAYOUTS)
     run = wrap(apply_fn, "factored", overrides={".*DenseGeneral_0/kernel": "rebuild", ".*Dense_1/kernel": "reference"})
     np.testing.assert_allclose(run(adapted, x), apply_fn(svft_jax.merge(adapted), x), rtol=1e-5, atol=1e-5)
     assert run.last_plan == {"Dense_0/kernel": ("factored",), "DenseGeneral_0/kernel": ("rebuild",), "Dense_1/kernel": ("reference",)}
@@ -190,7 +194,7 @@ def test_baseline_nodes_factored_match_merged(flax_case):
 
     apply_fn, params, x = flax_case
     for name, kwargs in [("lora", dict(rank=3)), ("dora", dict(rank=2)), ("vera", dict(rank=8))]:
-        adapted = baselines.METHODS[name](params, **kwargs)
+        adapted = baselines.METHODS[name](params, layouts={"DenseGeneral_0/kernel": "attention_qkv"}, **kwargs)
         # non-zero B / scale_b so the update is not trivially zero
         adapted = jax.tree.map(lambda n: _perturb(n), adapted, is_leaf=svft_jax.is_node)
         truth = _loss_and_grads(lambda a: apply_fn(svft_jax.merge(a), x), adapted)
@@ -210,7 +214,7 @@ def _perturb(node):
 
 def test_bfloat16_factors_factored_close_to_merged(flax_case):
     apply_fn, params, x = flax_case
-    adapted = svft_jax.apply(params, "banded", d=1, factor_dtype=jnp.bfloat16, init="reference", svd_backend="numpy")
+    adapted = svft_jax.apply(params, "banded", d=1, factor_dtype=jnp.bfloat16, init="reference", svd_backend="numpy", overrides=LAYOUTS)
     want = apply_fn(svft_jax.merge(adapted), x)
     got = wrap(apply_fn, "factored")(adapted, x)
     assert got.dtype == want.dtype
@@ -219,7 +223,7 @@ def test_bfloat16_factors_factored_close_to_merged(flax_case):
 
 def test_vmap_over_inputs(flax_case):
     apply_fn, params, x = flax_case
-    adapted = svft_jax.apply(params, "plain", rank=4, svd_backend="numpy")
+    adapted = svft_jax.apply(params, "plain", rank=4, svd_backend="numpy", overrides=LAYOUTS)
     run = wrap(apply_fn, "factored")
     got = jax.vmap(lambda xi: run(adapted, xi))(x)
     np.testing.assert_allclose(got, apply_fn(svft_jax.merge(adapted), x), rtol=1e-5, atol=1e-5)
@@ -233,7 +237,7 @@ def test_bad_arguments_fail_early(flax_case):
         wrap(apply_fn, overrides={".*": "nope"})
     with pytest.raises(ValueError, match="overrides key"):
         wrap(apply_fn, overrides={"(": "rebuild"})
-    adapted = svft_jax.apply(params, "plain", svd_backend="numpy")
+    adapted = svft_jax.apply(params, "plain", svd_backend="numpy", overrides=LAYOUTS)
     with pytest.raises(TypeError, match="keyword 'params'"):
         wrap(apply_fn, params_argname="params")(adapted, x)
     with pytest.raises(TypeError, match="positional argument 2"):

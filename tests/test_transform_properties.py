@@ -193,7 +193,7 @@ def test_trainable_counts_follow_the_formulas_for_every_target():
             "banded/.*": {"pattern": "banded", "d": 2},
             "budget/.*": {"pattern": "random", "d": 1},
             "topk/.*": {"pattern": "topk", "k": 10},
-            "stacked/.*": {"pattern": "banded", "d": 1},
+            "stacked/.*": {"pattern": "banded", "d": 1, "layout": "stacked_in_out"},
         },
     )
     expected = {

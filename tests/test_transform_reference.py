@@ -31,7 +31,19 @@ LAYOUTS = {
     ),
     "gpt2_conv1d": ((4, 7), lambda k: k, lambda w: w),  # (out, in), declared via overrides
 }
-OVERRIDES = {"gpt2_conv1d/kernel": {"layout": "out_in"}}
+# Every 3-D kernel here could be read several ways, so each layout is declared (never inferred).
+OVERRIDES = {
+    "dense_general_in/kernel": {"layout": "attention_qkv"},
+    "dense_general_out/kernel": {"layout": "attention_out"},
+    "stacked/kernel": {"layout": "stacked_in_out"},
+    "stacked_dense_general/kernel": {"layout": "attention_qkv"},
+    "gpt2_conv1d/kernel": {"layout": "out_in"},
+}
+
+
+def _overrides(params):
+    """The declared layouts of the kernels in `params` (apply refuses an override matching none)."""
+    return {regex: value for regex, value in OVERRIDES.items() if regex.split("/")[0] in params}
 PATTERNS = {
     "plain": {},
     "banded": {"d": 1},
@@ -79,7 +91,7 @@ def _adapted_and_merged(pattern):
     """One apply and one compiled merge per pattern, shared by the per-layout tests."""
     params = _params()
     adapted = _randomize_trainables(
-        svft_jax.apply(params, pattern, overrides=OVERRIDES, **PATTERNS[pattern])
+        svft_jax.apply(params, pattern, overrides=_overrides(params), **PATTERNS[pattern])
     )
     return params, adapted, merge(adapted)
 
@@ -160,7 +172,7 @@ def test_bfloat16_kernel_merges_to_the_rounded_float32_reference():
 
 def test_reference_init_starts_at_w0_plus_half_u_m_vt():
     params = {name: _params()[name] for name in ("dense", "stacked")}
-    adapted = svft_jax.apply(params, "banded", d=1, init="reference")
+    adapted = svft_jax.apply(params, "banded", d=1, init="reference", overrides=_overrides(params))
     merged = merge(adapted)
     for name in params:
         node = adapted[name]["kernel"]
@@ -177,7 +189,7 @@ def test_reference_init_starts_at_w0_plus_half_u_m_vt():
 
 def test_reference_init_gate_scales_m_by_its_sigmoid():
     params = {name: _params()[name] for name in ("dense", "stacked")}
-    adapted = _randomize_trainables(svft_jax.apply(params, "random", k=6, init="reference"))
+    adapted = _randomize_trainables(svft_jax.apply(params, "random", k=6, init="reference", overrides=_overrides(params)))
     merged = merge(adapted)
     for name in params:
         _, to_w, from_w = LAYOUTS[name]
@@ -214,7 +226,7 @@ def test_reference_init_seeds_beyond_32_bits_stay_distinct():
 def test_without_base_merge_is_u_diag_s_plus_m_vt_and_close_to_w0_plus_update(pattern):
     params = {name: _params()[name] for name in ("dense", "stacked", "gpt2_conv1d")}
     adapted = _randomize_trainables(
-        svft_jax.apply(params, pattern, keep_base=False, overrides=OVERRIDES, **PATTERNS[pattern])
+        svft_jax.apply(params, pattern, keep_base=False, overrides=_overrides(params), **PATTERNS[pattern])
     )
     merged = merge(adapted)
     for name in params:
@@ -241,7 +253,7 @@ def test_largest_entry_of_each_left_singular_vector_is_positive(backend):
 @pytest.mark.parametrize("backend", ["jax", "numpy"])
 def test_canonical_factors_still_reconstruct_w0(backend):
     params = _params()
-    adapted = svft_jax.apply(params, "plain", overrides=OVERRIDES, svd_backend=backend)
+    adapted = svft_jax.apply(params, "plain", overrides=_overrides(params), svd_backend=backend)
     for name, (_, to_w, _) in LAYOUTS.items():
         node = adapted[name]["kernel"]
         u, s, v = _f64(node.u), _f64(node.s), _f64(node.v)
@@ -252,7 +264,7 @@ def test_canonical_factors_still_reconstruct_w0(backend):
 def test_jax_and_numpy_backends_give_the_same_signed_factors():
     params = _params()
     by_backend = {
-        backend: svft_jax.apply(params, "plain", overrides=OVERRIDES, svd_backend=backend)
+        backend: svft_jax.apply(params, "plain", overrides=_overrides(params), svd_backend=backend)
         for backend in ("jax", "numpy")
     }
     for name in LAYOUTS:

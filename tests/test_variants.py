@@ -28,7 +28,7 @@ def _adapted(pattern="random", **options):
     }
     if not options and pattern in ("random", "topk"):
         options = {"k": 6}
-    adapted = svft_jax.apply(params, pattern, svd_backend="numpy", **options)
+    adapted = svft_jax.apply(params, pattern, svd_backend="numpy", overrides={"stacked/kernel": {"layout": "stacked_in_out"}}, **options)
 
     def randomize(node):
         if not svft_jax.is_node(node):

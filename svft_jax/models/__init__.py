@@ -5,8 +5,8 @@
     out = model(input_ids, params=svft_jax.merge(adapted))
 
 Flax linen and NNX models need no adapter: pass their `params` (or `nnx.split` state) to
-`svft_jax.apply` directly; `attention_layouts` / `stacked_layouts` declare kernel layouts
-that the shape alone leaves ambiguous.
+`svft_jax.apply` directly; `nnx_layouts(model)`, `attention_layouts` and `stacked_layouts`
+declare kernel layouts that the path does not show.
 
 Decoder LLMs offline: `load_pretrained("model.gguf")` (llama.cpp files, e.g. `smollm2_path()`),
 `load_gguf_tokenizer(path)`, `generate` / `generate_text` (batched KV-cache decoding of an
@@ -17,7 +17,7 @@ adapted model); every load makes transformers' Flax Llama/Mistral/Gemma honour
 from svft_jax.models.generation import GenerationOutput, generate, generate_text, left_pad
 from svft_jax.models.gguf import gguf_config, load_gguf, load_gguf_tokenizer, smollm2_path
 from svft_jax.models.hf import load_pretrained, minilm_path
-from svft_jax.models.layouts import attention_layouts, stacked_layouts
+from svft_jax.models.layouts import attention_layouts, nnx_layouts, stacked_layouts
 from svft_jax.models.rope import honour_rope_theta, rope_inverse_frequencies, stock_rope
 from svft_jax.models.targets import (
     FAMILIES,
@@ -49,6 +49,7 @@ __all__ = [
     "load_pretrained",
     "minilm_path",
     "model_type_of",
+    "nnx_layouts",
     "rope_inverse_frequencies",
     "smollm2_path",
     "stacked_layouts",

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from svft_jax._paths import compile_regex, matches, path_to_str
 from svft_jax.transform._protocol import Trainable, is_marker, is_node, is_special
-from svft_jax.transform.layout import KernelLayout, resolve_layout
+from svft_jax.transform.layout import KernelLayout, layout_candidates, resolve_layout
 
 # A path component that marks a leaf the default targets never touch: embeddings, norms,
 # biases and output heads (the paper adapts attention and MLP projections only).
@@ -102,7 +102,7 @@ def select_targets(params, targets: str | None = None, exclude: str | None = Non
             continue
         if targets_re is None:
             if _is_default_candidate(name, leaf) and (
-                _declared(name, compiled) is not None or resolve_layout(leaf.shape, leaf.dtype) is not None
+                _declared(name, compiled) is not None or layout_candidates(name, leaf.shape)
             ):
                 chosen.append(name)
         elif matches(targets_re, name):
@@ -131,11 +131,9 @@ def resolve_target(path: str, leaf, declared_layout=None) -> Target:
     if len(leaf.shape) < 2:
         raise ValueError(f"{where} was chosen as a target but has shape {tuple(leaf.shape)}; adapters need a 2-D (or N-D) kernel, not a {len(leaf.shape)}-D leaf. Narrow `targets` (biases and norms cannot be adapted).")
     try:
-        layout = resolve_layout(leaf.shape, jnp.dtype(leaf.dtype).name, declared_layout)
+        layout = resolve_layout(leaf.shape, jnp.dtype(leaf.dtype).name, declared_layout, path=path)
     except (ValueError, TypeError) as err:
-        raise type(err)(f"{where}: {err}.") from err
-    if layout is None:
-        raise ValueError(f"{where} has shape {tuple(leaf.shape)} whose input/output axes cannot be inferred; declare them with overrides={{{path!r}: {{'layout': {{'stack_ndim': ..., 'in_axes': (...), 'out_axes': (...)}}}}}}.")
+        raise type(err)(f"{where}: {err}") from err
     return Target(path, leaf, layout)
 
 
