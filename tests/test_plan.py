@@ -245,7 +245,7 @@ def test_paper_counts_from_config_shapes():
     assert svft_jax.plan(gemma, "plain", targets=paper_counts.regex(seven)).totals["trainable"] == 193_536
     assert svft_jax.plan(gemma, "banded", d=16, targets=paper_counts.regex(seven)).totals["trainable"] == 6_352_416
     vit = paper_counts.vit_shapes(**paper_counts.CONFIGS["vit-b"])
-    qv = paper_counts.regex(("query", "value"))
+    qv = paper_counts.regex(paper_counts.QV)
     assert svft_jax.plan(vit, "plain", targets=qv).totals["trainable"] == 18_432
     assert svft_jax.plan(vit, "plain", targets=qv, init="reference").totals["trainable"] == 18_456
     six = paper_counts.regex(paper_counts.VIT_MODULES)

@@ -69,6 +69,8 @@ class Planner:
     has_base: Callable[[Any], bool] = lambda plan: True
     #: short method text (as the node's `describe()`).
     describe: Callable[[Any], str] = lambda plan: plan.__class__.__name__
+    #: trainable values per layer as `summary` shows them (None: trainable / layers).
+    entries: Callable[[Any], int] | None = None
 
 
 PLANNERS: Registry[Planner] = Registry("adapter method", "method")
@@ -193,7 +195,7 @@ def report(planner: Planner, planned: Planned, leaves: Mapping[str, Any], tokens
         per_token = {name: layers * value / tokens for name, value in costs.items()}
         stack = "×".join(map(str, layout.stack_shape))
         rows.append(TargetRow(plan.path, f"{stack + '×' if stack else ''}{layout.d1}×{layout.d2}", planner.describe(plan),
-                              rank, trainable // max(layers, 1), trainable, factor_bytes, trainable_bytes, base_bytes,
+                              rank, planner.entries(plan) if planner.entries else trainable // max(layers, 1), trainable, factor_bytes, trainable_bytes, base_bytes,
                               per_token, arrays))
         totals["trainable"] += trainable
         totals["trainable_bytes"] += trainable_bytes

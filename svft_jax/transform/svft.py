@@ -622,7 +622,8 @@ def _register_planner():
 
     register_planner(Planner(
         method="svft", make_plans=make_plans, arrays=plan_arrays, update_rank=lambda plan: plan.rank,
-        has_base=lambda plan: plan.keep_base, describe=_describe))
+        has_base=lambda plan: plan.keep_base, describe=_describe,
+        entries=lambda plan: plan.spec.count(plan.rank, plan.options)))
 
 
 _register_planner()
