@@ -6,7 +6,7 @@ down 576×1536 as W = out × in: 210 matrices), random float32 weights in HF Fla
 kernel layout. Reported:
 - time: median wall and process-CPU seconds over `repeats` interleaved runs after one warm-up
   (XLA compiles once per shape), and their ratio to `np.linalg.svd` on each W in a loop;
-- memory (`--memory`): each variant in a fresh process, peak resident set (ru_maxrss) above the
+- memory (`--memory`): each variant in a fresh process, peak resident set (VmHWM) above the
   resident set once the parameters exist, i.e. what the SVDs and the adapted tree add.
 
     python -m experiments.bench_apply_scale --layers 30 --devices 1,8 --repeats 1 --memory
@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -70,10 +69,12 @@ def variants(params, devices: list[int]) -> dict:
     return table
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak) of this process. Not ru_maxrss: Linux carries that over
+    from the parent across fork + exec, so a child would report the parent's peak."""
     with open("/proc/self/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")  # pragma: no cover
 
@@ -85,10 +86,10 @@ def peak_memory(name: str, layers: int, devices: list[int]) -> dict:
     params = smollm_shapes_params(layers)
     table = variants(params, devices)
     jax.block_until_ready(jax.numpy.zeros(1))  # runtime up before the baseline reading
-    before = _rss_mib()
+    before = _status_mib("VmRSS")
     result = table[name]()
     jax.block_until_ready(result)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
     return {"variant": name, "params_mib": sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 2**20,
             "peak_above_params_mib": peak - before}
 
@@ -99,6 +100,7 @@ def main() -> None:
     parser.add_argument("--devices", default="1,2,4,8", help="mesh sizes to time, comma-separated")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--memory", action="store_true", help="also measure peak host memory per variant")
+    parser.add_argument("--memory-only", action="store_true", help="skip the timings")
     parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant's peak
     parser.add_argument("--output", default=None, help="write the markdown here too")
     args = parser.parse_args()
@@ -114,16 +116,16 @@ def main() -> None:
 
     params = smollm_shapes_params(args.layers)
     table = variants(params, devices)
-    for fn in table.values():  # warm-up: compiles every shape once
+    for fn in table.values() if not args.memory_only else ():  # warm-up: compiles every shape once
         jax.block_until_ready(fn())
-    results = {name: [] for name in table}
-    for _ in range(args.repeats):  # interleaved, so load changes hit every variant alike
+    results = {name: [(float("nan"), float("nan"))] if args.memory_only else [] for name in table}
+    for _ in range(0 if args.memory_only else args.repeats):  # interleaved, so load changes hit every variant alike
         for name, fn in table.items():
             results[name].append(timed(fn, 1))
     medians = {name: (float(np.median([w for w, _ in r])), float(np.median([c for _, c in r]))) for name, r in results.items()}
     base_wall, base_cpu = medians["LAPACK loop (np.linalg.svd per matrix)"]
     memory = {}
-    if args.memory:
+    if args.memory or args.memory_only:
         for name in table:
             out = subprocess.run([sys.executable, "-m", "experiments.bench_apply_scale", "--layers", str(args.layers),
                                   "--devices", args.devices, "--peak-of", name], capture_output=True, text=True,
