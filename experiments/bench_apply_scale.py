@@ -66,6 +66,10 @@ def variants(params, devices: list[int]) -> dict:
     for n in devices:
         mesh = distributed.make_mesh(n, 1, devices=jax.devices()[:n])
         table[f"apply(mesh={n} devices)"] = lambda mesh=mesh: svft_jax.apply(params, "banded", d=2, mesh=mesh)
+    if devices:  # factors split over a "model" axis of all the largest mesh's devices, not replicated
+        n = max(devices)
+        mesh = distributed.make_mesh(1, n, devices=jax.devices()[:n])
+        table[f"apply(mesh={n} devices, fsdp=True)"] = lambda: svft_jax.apply(params, "banded", d=2, mesh=mesh, fsdp=True)
     return table
 
 
