@@ -115,7 +115,6 @@ def main() -> None:
 
     import jax
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from experiments._bench_common import machine_description, markdown_table, timed
 
     params = smollm_shapes_params(args.layers)
