@@ -48,6 +48,7 @@ from svft_jax.transform import (
     weight_matrix,
 )
 from svft_jax.transform import apply as apply  # noqa: PLC0414  (the package's main verb)
+from svft_jax.transform._plan import plan
 
 try:
     __version__ = _metadata.version("svft-jax")
@@ -91,6 +92,7 @@ __all__ = [
     "mark_trainable",
     "merge",
     "optimizer",
+    "plan",
     "register_pattern",
     "select_targets",
     "split",

@@ -12,7 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svft_jax.transform._targets import apply_method, plan_targets  # noqa: F401  (the baselines' verbs)
+from svft_jax.transform._targets import (  # noqa: F401  (the baselines' verbs)
+    apply_method,
+    build_planned,
+    plan_method,
+    plan_targets,
+)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -54,3 +59,12 @@ def low_rank_product(b, a):
     """B A for (*stack, d1, r) × (*stack, r, d2) in float32 at full precision."""
     return jnp.matmul(jnp.asarray(b, jnp.float32), jnp.asarray(a, jnp.float32), precision=_HIGHEST)
 
+
+
+def register(*, method: str, make_plans, arrays, describe) -> None:
+    """Register a baseline's planner, so `svft_jax.plan(params, method=...)` reads the same
+    plans as its `apply` (update rank = the plan's rank; W0 always applied)."""
+    from svft_jax.transform._plan import Planner, register_planner
+
+    register_planner(Planner(method=method, make_plans=make_plans, arrays=arrays,
+                             update_rank=lambda plan: plan.rank, describe=describe))

@@ -136,6 +136,45 @@ class DoRANode(AdapterNode):
         return nodes
 
 
+def make_plans(
+    params,
+    rank: int = 1,
+    alpha: float | None = None,
+    *,
+    targets: str | None = None,
+    exclude: str | None = None,
+    layouts: Mapping[str, Any] | None = None,
+    extra: str | None = None,
+    seed: int = 0,
+    detach_norm: bool = True,
+    use_rslora: bool = False,
+):
+    """DoRA's planning step of `apply` (and of `svft_jax.plan(..., method="dora")`)."""
+    rank = _common.check_positive_int(rank, "rank")
+    seed = _common.check_seed(seed)
+    alpha = _common.check_finite_number(2.0 * rank if alpha is None else alpha, "alpha")
+    return _common.plan_method(
+        params, DoRANode,
+        lambda t: DoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed,
+                           use_rslora=bool(use_rslora), detach_norm=bool(detach_norm)),
+        targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+
+
+def plan_arrays(plan) -> dict:
+    """The arrays `DoRANode.build` creates for `plan`."""
+    from svft_jax.transform._plan import ArraySpec
+
+    layout, stack = plan.layout, plan.layout.stack_shape
+    return {"magnitude": ArraySpec((*stack, layout.d1), "float32", "trainable"),
+            "a": ArraySpec((*stack, plan.rank, layout.d2), "float32", "trainable"),
+            "b": ArraySpec((*stack, layout.d1, plan.rank), "float32", "trainable"),
+            "base": ArraySpec(tuple(layout.shape), layout.dtype, "base")}
+
+
+_common.register(method="dora", make_plans=make_plans, arrays=plan_arrays,
+                 describe=lambda plan: f"dora(r={plan.rank})")
+
+
 def apply(
     params,
     rank: int = 1,
@@ -162,11 +201,6 @@ def apply(
     Raises:
       ValueError if a target has an all-zero output row (its direction is undefined).
     """
-    rank = _common.check_positive_int(rank, "rank")
-    seed = _common.check_seed(seed)
-    alpha = _common.check_finite_number(2.0 * rank if alpha is None else alpha, "alpha")
-    return _common.apply_method(
-        params, DoRANode,
-        lambda t: DoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed,
-                           use_rslora=bool(use_rslora), detach_norm=bool(detach_norm)),
-        targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+    planned = make_plans(params, rank, alpha, targets=targets, exclude=exclude, layouts=layouts, extra=extra,
+                         seed=seed, detach_norm=detach_norm, use_rslora=use_rslora)
+    return _common.build_planned(params, planned, extra)

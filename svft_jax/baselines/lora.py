@@ -90,6 +90,42 @@ class LoRANode(AdapterNode):
         return nodes
 
 
+def make_plans(
+    params,
+    rank: int = 8,
+    alpha: float = 16.0,
+    *,
+    targets: str | None = None,
+    exclude: str | None = None,
+    layouts: Mapping[str, Any] | None = None,
+    extra: str | None = None,
+    seed: int = 0,
+    use_rslora: bool = False,
+):
+    """LoRA's planning step of `apply` (and of `svft_jax.plan(..., method="lora")`)."""
+    rank = _common.check_positive_int(rank, "rank")
+    seed = _common.check_seed(seed)
+    alpha = _common.check_finite_number(alpha, "alpha")
+    return _common.plan_method(
+        params, LoRANode,
+        lambda t: LoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed, use_rslora=bool(use_rslora)),
+        targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+
+
+def plan_arrays(plan) -> dict:
+    """The arrays `LoRANode.build` creates for `plan`."""
+    from svft_jax.transform._plan import ArraySpec
+
+    layout, stack = plan.layout, plan.layout.stack_shape
+    return {"a": ArraySpec((*stack, plan.rank, layout.d2), "float32", "trainable"),
+            "b": ArraySpec((*stack, layout.d1, plan.rank), "float32", "trainable"),
+            "base": ArraySpec(tuple(layout.shape), layout.dtype, "base")}
+
+
+_common.register(method="lora", make_plans=make_plans, arrays=plan_arrays,
+                 describe=lambda plan: f"lora(r={plan.rank})")
+
+
 def apply(
     params,
     rank: int = 8,
@@ -116,10 +152,6 @@ def apply(
     Returns:
       The pytree with each target leaf replaced by a `LoRANode`.
     """
-    rank = _common.check_positive_int(rank, "rank")
-    seed = _common.check_seed(seed)
-    alpha = _common.check_finite_number(alpha, "alpha")
-    return _common.apply_method(
-        params, LoRANode,
-        lambda t: LoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed, use_rslora=bool(use_rslora)),
-        targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+    planned = make_plans(params, rank, alpha, targets=targets, exclude=exclude, layouts=layouts, extra=extra,
+                         seed=seed, use_rslora=use_rslora)
+    return _common.build_planned(params, planned, extra)

@@ -114,6 +114,47 @@ class VeRANode(AdapterNode):
         return nodes
 
 
+def make_plans(
+    params,
+    rank: int = 256,
+    *,
+    d_initial: float = 0.1,
+    targets: str | None = None,
+    exclude: str | None = None,
+    layouts: Mapping[str, Any] | None = None,
+    extra: str | None = None,
+    seed: int = 0,
+):
+    """VeRA's planning step of `apply` (and of `svft_jax.plan(..., method="vera")`): the shared
+    pair's shape is the largest target shape."""
+    rank = _common.check_positive_int(rank, "rank")
+    seed = _common.check_seed(seed)
+    d_initial = _common.check_finite_number(d_initial, "d_initial")
+    found = _common.plan_targets(params, targets, exclude, layouts)  # the largest shape first
+    d1, d2 = max(t.layout.d1 for t in found), max(t.layout.d2 for t in found)
+    return _common.plan_method(
+        params, VeRANode,
+        lambda t: VeRAPlan(path=t.path, layout=t.layout, rank=rank, d_initial=d_initial, seed=seed, shared_d1=d1, shared_d2=d2),
+        targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+
+
+def plan_arrays(plan) -> dict:
+    """The arrays `VeRANode.build` creates for `plan` (the A, B slices are one buffer per shape)."""
+    from svft_jax.transform._plan import ArraySpec
+
+    layout, stack = plan.layout, plan.layout.stack_shape
+    pair = (plan.shared_d1, plan.shared_d2, plan.rank, plan.seed, layout.d1, layout.d2)
+    return {"shared_a": ArraySpec((plan.rank, layout.d2), "float32", "frozen", shared=("a", *pair)),
+            "shared_b": ArraySpec((layout.d1, plan.rank), "float32", "frozen", shared=("b", *pair)),
+            "scale_d": ArraySpec((*stack, plan.rank), "float32", "trainable"),
+            "scale_b": ArraySpec((*stack, layout.d1), "float32", "trainable"),
+            "base": ArraySpec(tuple(layout.shape), layout.dtype, "base")}
+
+
+_common.register(method="vera", make_plans=make_plans, arrays=plan_arrays,
+                 describe=lambda plan: f"vera(r={plan.rank})")
+
+
 def apply(
     params,
     rank: int = 256,
@@ -137,12 +178,6 @@ def apply(
     Returns:
       The pytree with each target leaf replaced by a `VeRANode`.
     """
-    rank = _common.check_positive_int(rank, "rank")
-    seed = _common.check_seed(seed)
-    d_initial = _common.check_finite_number(d_initial, "d_initial")
-    found = _common.plan_targets(params, targets, exclude, layouts)  # the largest shape first
-    d1, d2 = max(t.layout.d1 for t in found), max(t.layout.d2 for t in found)
-    return _common.apply_method(
-        params, VeRANode,
-        lambda t: VeRAPlan(path=t.path, layout=t.layout, rank=rank, d_initial=d_initial, seed=seed, shared_d1=d1, shared_d2=d2),
-        targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+    planned = make_plans(params, rank, d_initial=d_initial, targets=targets, exclude=exclude, layouts=layouts,
+                         extra=extra, seed=seed)
+    return _common.build_planned(params, planned, extra)

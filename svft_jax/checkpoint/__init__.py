@@ -9,7 +9,13 @@ method, merged dense exports (Orbax and safetensors) and factor stores on disk.
 """
 
 from svft_jax.checkpoint.adapter import AdapterFile, load_adapter, read_adapter, save_adapter
-from svft_jax.checkpoint.cache import FactorFile, factor_store, load_factor_cache, save_factor_cache
+from svft_jax.checkpoint.cache import (
+    FactorFile,
+    factor_store,
+    load_factor_cache,
+    save_factor_cache,
+    save_factor_shard,
+)
 from svft_jax.checkpoint.fingerprint import base_fingerprint, kernel_fingerprint
 from svft_jax.checkpoint.manager import CheckpointWarning, RestoredState, TrainCheckpointer
 from svft_jax.checkpoint.merged import (
@@ -39,6 +45,7 @@ __all__ = [
     "read_adapter",
     "save_adapter",
     "save_factor_cache",
+    "save_factor_shard",
     "save_merged",
     "save_merged_safetensors",
 ]

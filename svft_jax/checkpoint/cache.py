@@ -16,6 +16,7 @@ of other weights.
 
 from __future__ import annotations
 
+import pathlib
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -95,10 +96,64 @@ class FactorFile(Mapping):
         return len(self._keys)
 
 
-def load_factor_cache(path) -> FactorFile:
+class FactorFiles(Mapping):
+    """A read-only factor store over several files (the shards a sharded `apply` wrote, one per
+    process): the union of their keys. A key in two files names the same kernel and SVD
+    settings, so either copy serves."""
+
+    def __init__(self, paths):
+        self._files = [FactorFile(p) for p in paths]
+        self._where = {}
+        for store in self._files:
+            for key in store:
+                self._where.setdefault(key, store)
+
+    def __getitem__(self, key):
+        return self._where[key][key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+SHARD_PATTERN = "factors-{process:05d}-of-{count:05d}.safetensors"
+
+
+def save_factor_shard(directory, store, *, overwrite: bool = False):
+    """Write this process's part of a factor store into `directory` (one file per process).
+
+    After `svft_jax.apply(params, ..., mesh=mesh, factors=store)` each process's `store` holds
+    the factors it owns; every process calls this, and `load_factor_cache(directory)` in any
+    later run (any process count) reads the union.
+
+    Returns:
+      The path written, or None when this process owns no factors.
+    """
+    import jax
+
+    if not store:
+        return None
+    name = SHARD_PATTERN.format(process=jax.process_index(), count=jax.process_count())
+    return save_factor_cache(pathlib.Path(directory) / name, store, overwrite=overwrite)
+
+
+def load_factor_cache(path) -> Mapping:
     """The factor store in `path`: pass it as `factors=` to `svft_jax.apply` or `load_adapter`.
 
+    Args:
+      path: a file from `save_factor_cache`, a directory of such files (e.g. the shards of
+        `save_factor_shard`, read as one store), or a list of files.
     Raises:
-      FileNotFoundError; ValueError for a corrupted, foreign or other-version file.
+      FileNotFoundError; ValueError for a corrupted, foreign or other-version file, or a
+      directory with no factor files.
     """
+    if isinstance(path, list | tuple):
+        return FactorFiles(path)
+    if pathlib.Path(path).is_dir():
+        files = sorted(pathlib.Path(path).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"load_factor_cache: directory {str(path)!r} holds no .safetensors factor files.")
+        return FactorFiles(files)
     return FactorFile(path)

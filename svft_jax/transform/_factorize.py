@@ -65,8 +65,13 @@ def _jax_svd(matrix, rank: int):
 
 def _numpy_svd(matrix: np.ndarray, rank: int):
     u, s, vt = np.linalg.svd(matrix, full_matrices=False)
-    v = np.swapaxes(vt, -1, -2)
-    u, v = canonicalize_signs(u[..., :rank], v[..., :rank])
+    u, v = u[..., :rank], np.swapaxes(vt, -1, -2)[..., :rank]
+    # Signs in place (the arrays are fresh): no second copy of the factors.
+    pivot = np.argmax(np.abs(u), axis=-2)[..., None, :]
+    sign = np.sign(np.take_along_axis(u, pivot, axis=-2))
+    sign[sign == 0] = 1
+    u *= sign
+    v *= sign
     return u, s[..., :rank], v
 
 
@@ -144,39 +149,253 @@ def factorize(plans, kernels, store: Mapping | None = None, *, batch: int = 16, 
         are not recomputed, and computed ones are written back when it is a MutableMapping.
       batch: matrices per batched SVD call (LAPACK in a loop on the host, or one XLA call).
     """
-    factors, keys = {}, {}
+    return {plan.path: triple for chunk in factor_chunks(plans, kernels, store, batch=batch, progress=progress)
+            for plan, triple in chunk}
+
+
+def _group_key(plan, kernel) -> tuple:
+    return (plan.layout.d1, plan.layout.d2, plan.rank, jnp.dtype(kernel.dtype).name, plan.svd_backend, plan.svd_dtype)
+
+
+def _host_array(x) -> np.ndarray:
+    """A host copy of a (possibly sharded, possibly multi-process) array."""
+    if not isinstance(x, jax.Array):
+        return np.asarray(x)
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _store_key(plan, kernel) -> str:
+    return factor_key(plan.layout.to_matrix(_host_array(kernel)), plan.rank, plan.svd_dtype, plan.svd_backend)
+
+
+def factor_chunks(plans, kernels, store: Mapping | None = None, *, batch: int = 16, progress: bool = False,
+                  mesh=None, fsdp: bool = False):
+    """Stream the factors of all targets, one batched SVD call at a time.
+
+    Yields lists of (plan, (u, s, v)): first the targets found in `store`, then one list per
+    batch of same-shaped matrices. Only one batch's factors are alive in this function at a
+    time, so a caller that converts and drops them keeps host memory near one batch.
+
+    With `mesh` (a `jax.sharding.Mesh`), each batch holds `batch` matrices per device, is laid
+    out over all devices (axis 0 split over every mesh axis) straight from the kernels — host
+    kernels through `jax.make_array_from_callback` (each process builds only its devices'
+    rows), device kernels (sharded, even non-addressable) through a jitted gather — and each
+    device factorises its rows (`shard_map`; LAPACK via `pure_callback` for svd_backend
+    "numpy", XLA's SVD for "jax"). The factors are global arrays, replicated over the mesh or
+    (fsdp=True) split over its "model" axis, in the plan's factor_dtype. Into a mutable
+    `store` each process writes the targets it owns (target index mod process count).
+    """
+    keys = {}
     if store is not None:
+        found = []
         for plan in plans:
-            matrix = plan.layout.to_matrix(np.asarray(kernels[plan.path]))
-            keys[plan.path] = factor_key(matrix, plan.rank, plan.svd_dtype, plan.svd_backend)
+            keys[plan.path] = _store_key(plan, kernels[plan.path])
             if keys[plan.path] in store:
-                factors[plan.path] = tuple(store[keys[plan.path]])
+                found.append((plan, tuple(store[keys[plan.path]])))
+        if found:
+            if mesh is not None:
+                found = [(plan, _place_factors(plan, triple, mesh, fsdp)) for plan, triple in found]
+            yield found
+        done = {plan.path for plan, _ in found}
+        plans = [plan for plan in plans if plan.path not in done]
     groups: dict[tuple, list] = {}
     for plan in plans:
-        if plan.path in factors:
-            continue
-        key = (plan.layout.d1, plan.layout.d2, plan.rank, jnp.dtype(kernels[plan.path].dtype).name,
-               plan.svd_backend, plan.svd_dtype)
-        groups.setdefault(key, []).append(plan)
-    chunks = [group[i : i + batch] for group in groups.values() for i in range(0, len(group), batch)]
+        groups.setdefault(_group_key(plan, kernels[plan.path]), []).append(plan)
+    per_call = batch if mesh is None else batch * mesh.devices.size
+    chunks = []
+    for group in groups.values():
+        current, size = [], 0
+        for plan in group:
+            layers = plan.layers
+            if current and size + layers > per_call:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(plan)
+            size += layers
+        if current:
+            chunks.append(current)
     if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="SVFT: SVD", unit="batch")
     writable = isinstance(store, MutableMapping)
+    order = {plan.path: i for i, plan in enumerate(plans)}
     for chunk in chunks:
-        first = chunk[0]
-        on_host = first.svd_backend == "numpy" or (first.svd_dtype == "float64" and not jax.config.read("jax_enable_x64"))
-        xp = np if on_host else jnp  # keep host SVDs on the host: no device round trip per matrix
-        d1, d2 = first.layout.d1, first.layout.d2
-        matrices = [plan.layout.to_matrix(xp.asarray(kernels[plan.path])).reshape(-1, d1, d2) for plan in chunk]
-        sizes = [m.shape[0] for m in matrices]
-        u, s, v = svd_factors(xp.concatenate(matrices), first.rank, first.svd_dtype, first.svd_backend, seed=first.key[0])
-        offsets = np.cumsum([0, *sizes])
-        for plan, lo, hi in zip(chunk, offsets[:-1], offsets[1:], strict=True):
-            stack = plan.layout.stack_shape
-            factors[plan.path] = (u[lo:hi].reshape(*stack, d1, plan.rank), s[lo:hi].reshape(*stack, plan.rank),
-                                  v[lo:hi].reshape(*stack, d2, plan.rank))
-            if writable:
-                store[keys[plan.path]] = tuple(np.asarray(x) for x in factors[plan.path])
-    return factors
+        if mesh is None:
+            result = _host_chunk(chunk, kernels)
+        else:
+            result = _mesh_chunk(chunk, kernels, mesh, fsdp)
+        if writable:
+            for plan, triple in result:
+                if mesh is None or order[plan.path] % jax.process_count() == jax.process_index():
+                    store[keys[plan.path]] = tuple(_host_array(x) for x in triple)
+        yield result
+
+
+def _host_chunk(chunk, kernels):
+    first = chunk[0]
+    on_host = first.svd_backend == "numpy" or (first.svd_dtype == "float64" and not jax.config.read("jax_enable_x64"))
+    xp = np if on_host else jnp  # keep host SVDs on the host: no device round trip per matrix
+    d1, d2 = first.layout.d1, first.layout.d2
+    matrices = [plan.layout.to_matrix(xp.asarray(kernels[plan.path])).reshape(-1, d1, d2) for plan in chunk]
+    stacked = matrices[0] if len(matrices) == 1 else xp.concatenate(matrices)
+    del matrices
+    u, s, v = svd_factors(stacked, first.rank, first.svd_dtype, first.svd_backend, seed=first.key[0])
+    del stacked
+    offsets = np.cumsum([0, *(plan.layers for plan in chunk)])
+    result = []
+    for plan, lo, hi in zip(chunk, offsets[:-1], offsets[1:], strict=True):
+        stack = plan.layout.stack_shape
+        result.append((plan, (u[lo:hi].reshape(*stack, d1, plan.rank), s[lo:hi].reshape(*stack, plan.rank),
+                              v[lo:hi].reshape(*stack, d2, plan.rank))))
+    return result
+
+
+# ---- the mesh path --------------------------------------------------------------------------
+
+MESH_BACKENDS = ("numpy", "jax")
+
+
+def _stack_spec(mesh):
+    from jax.sharding import PartitionSpec
+
+    return PartitionSpec(tuple(mesh.axis_names))
+
+
+def factor_sharding(shape, mesh, fsdp: bool):
+    """Where one factor lands: replicated, or (fsdp) split over "model" like `shard_params`."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if not fsdp:
+        return NamedSharding(mesh, PartitionSpec())
+    from svft_jax.distributed.sharding import MODEL, _fsdp_spec
+
+    return NamedSharding(mesh, _fsdp_spec(tuple(shape), mesh.shape[MODEL], 2**12))
+
+
+@functools.lru_cache(maxsize=64)
+def _device_gather(layouts: tuple, n_pad: int, sharding):
+    """jit: kernels (any sharding) -> (n_pad, d1, d2) float stack with axis 0 over the mesh."""
+
+    def gather(*kernels):
+        mats = [layout.to_matrix(k).reshape(-1, layout.d1, layout.d2) for layout, k in zip(layouts, kernels, strict=True)]
+        stacked = jnp.concatenate(mats) if len(mats) > 1 else mats[0]
+        pad = n_pad - stacked.shape[0]
+        if pad:
+            stacked = jnp.concatenate([stacked, jnp.zeros((pad, *stacked.shape[1:]), stacked.dtype)])
+        return stacked
+
+    return jax.jit(gather, out_shardings=sharding)
+
+
+def _mesh_stack(chunk, kernels, mesh, n_pad: int):
+    from jax.sharding import NamedSharding
+
+    sharding = NamedSharding(mesh, _stack_spec(mesh))
+    d1, d2 = chunk[0].layout.d1, chunk[0].layout.d2
+    values = [kernels[plan.path] for plan in chunk]
+    if any(isinstance(k, jax.Array) for k in values):
+        values = [k if isinstance(k, jax.Array) else jnp.asarray(k) for k in values]
+        return _device_gather(tuple(plan.layout for plan in chunk), n_pad, sharding)(*values)
+    # Host kernels: each device's rows are cut from the kernels when that device asks.
+    views = [plan.layout.to_matrix(np.asarray(k)).reshape(-1, d1, d2) for plan, k in zip(chunk, values, strict=True)]
+    offsets = np.cumsum([0, *(v.shape[0] for v in views)])
+    dtype = views[0].dtype
+
+    def rows(index):
+        lo, hi, _ = index[0].indices(n_pad)
+        out = np.zeros((hi - lo, d1, d2), dtype)
+        for view, start, stop in zip(views, offsets[:-1], offsets[1:], strict=True):
+            a, b = max(lo, start), min(hi, stop)
+            if a < b:
+                out[a - lo : b - lo] = view[a - start : b - start]
+        return out
+
+    return jax.make_array_from_callback((n_pad, d1, d2), sharding, rows)
+
+
+@functools.lru_cache(maxsize=64)
+def _mesh_svd(mesh, rows: int, d1: int, d2: int, rank: int, backend: str, svd_dtype: str):
+    """jit(shard_map): each device factorises its block of the (rows, d1, d2) stack."""
+    spec = _stack_spec(mesh)
+    x64 = jax.config.read("jax_enable_x64")
+    out_dtype = jnp.dtype(svd_dtype) if x64 else jnp.dtype("float32")
+    local = rows // mesh.devices.size
+
+    def one_device(block):
+        if backend == "numpy":
+            shapes = (jax.ShapeDtypeStruct((local, d1, rank), out_dtype), jax.ShapeDtypeStruct((local, rank), out_dtype),
+                      jax.ShapeDtypeStruct((local, d2, rank), out_dtype))
+
+            def host(b):
+                return tuple(x.astype(out_dtype) for x in _numpy_svd(np.asarray(b, np.dtype(svd_dtype)), rank))
+
+            return jax.pure_callback(host, shapes, block)
+        u, s, vt = jnp.linalg.svd(block.astype(out_dtype), full_matrices=False)
+        u, v = canonicalize_signs(u[..., :rank], jnp.swapaxes(vt, -1, -2)[..., :rank])
+        return u, s[..., :rank], v
+
+    return jax.jit(jax.shard_map(one_device, mesh=mesh, in_specs=spec, out_specs=(spec, spec, spec)))
+
+
+@functools.lru_cache(maxsize=64)
+def _mesh_split(pieces: tuple, d1: int, d2: int, rank: int, dtype: str, shardings: tuple, explicit: bool):
+    """jit: the chunk's stacked (u, s, v) -> per target (u, s, v) in `dtype` and `shardings`."""
+
+    def split(u, s, v):
+        if explicit:  # sharding-in-types meshes refuse uneven slices of a sharded axis
+            everywhere = jax.sharding.NamedSharding(shardings[0][0].mesh, jax.sharding.PartitionSpec())
+            u, s, v = (jax.sharding.reshard(x, everywhere) for x in (u, s, v))
+        out = []
+        for lo, hi, stack in pieces:
+            out.append((u[lo:hi].reshape(*stack, d1, rank).astype(dtype), s[lo:hi].reshape(*stack, rank).astype(dtype),
+                        v[lo:hi].reshape(*stack, d2, rank).astype(dtype)))
+        return tuple(out)
+
+    return jax.jit(split, out_shardings=shardings)
+
+
+def _mesh_chunk(chunk, kernels, mesh, fsdp: bool):
+    first = chunk[0]
+    if first.svd_backend not in MESH_BACKENDS:  # pragma: no cover - refused by apply before any SVD
+        raise ValueError(f"svd_backend={first.svd_backend!r} is not available with a mesh; use one of {MESH_BACKENDS}.")
+    devices = mesh.devices.size
+    d1, d2, rank = first.layout.d1, first.layout.d2, first.rank
+    n = sum(plan.layers for plan in chunk)
+    n_pad = -(-n // devices) * devices
+    stacked = _mesh_stack(chunk, kernels, mesh, n_pad)
+    u, s, v = _mesh_svd(mesh, n_pad, d1, d2, rank, first.svd_backend, first.svd_dtype)(stacked)
+    del stacked
+    offsets = np.cumsum([0, *(plan.layers for plan in chunk)])
+    pieces = tuple((int(lo), int(hi), tuple(plan.layout.stack_shape)) for plan, lo, hi in zip(chunk, offsets[:-1], offsets[1:], strict=True))
+    dtypes = {plan.factor_dtype for plan in chunk}
+    result = []
+    for dtype in sorted(dtypes):  # a chunk shares shapes; factor dtypes may differ (overrides)
+        members = [i for i, plan in enumerate(chunk) if plan.factor_dtype == dtype]
+        shardings = tuple(tuple(factor_sharding(shape, mesh, fsdp) for shape in _factor_shapes(chunk[i])) for i in members)
+        explicit = any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+        split = _mesh_split(tuple(pieces[i] for i in members), d1, d2, rank, dtype, shardings, explicit)
+        result += [(chunk[i], triple) for i, triple in zip(members, split(u, s, v), strict=True)]
+    order = {plan.path: i for i, plan in enumerate(chunk)}
+    return sorted(result, key=lambda item: order[item[0].path])
+
+
+def _factor_shapes(plan):
+    stack, r = tuple(plan.layout.stack_shape), plan.rank
+    return ((*stack, plan.layout.d1, r), (*stack, r), (*stack, plan.layout.d2, r))
+
+
+def _place_factors(plan, triple, mesh, fsdp: bool):
+    """Stored (host) factors of one target as global arrays in the mesh's factor sharding."""
+    out = []
+    for x, shape in zip(triple, _factor_shapes(plan), strict=True):
+        host = np.asarray(x).astype(plan.factor_dtype)
+        sharding = factor_sharding(shape, mesh, fsdp)
+        out.append(jax.make_array_from_callback(host.shape, sharding, lambda index, host=host: host[index]))
+    return tuple(out)

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from svft_jax._paths import compile_regex, matches, path_to_str
 from svft_jax.transform._protocol import Trainable, is_marker, is_node, is_special
@@ -142,7 +143,9 @@ def check_finite(target: Target) -> None:
     kernel = target.kernel
     if isinstance(kernel, jax.ShapeDtypeStruct):
         return
-    if not bool(jnp.all(jnp.isfinite(jnp.asarray(kernel)))):
+    # numpy kernels are checked on the host (no device copy of the whole model)
+    finite = np.isfinite(kernel).all() if isinstance(kernel, np.ndarray) else jnp.all(jnp.isfinite(kernel))
+    if not bool(finite):
         raise ValueError(f"parameter {target.path!r} contains NaN or Inf; fix the checkpoint before adapting it.")
 
 
@@ -208,6 +211,30 @@ def plan_targets(params, targets: str | None, exclude: str | None, layouts: Mapp
     return result
 
 
+def plan_method(params, node_cls, make_plan, *, targets: str | None = None, exclude: str | None = None,
+                layouts: Mapping[str, Any] | None = None, extra: str | None = None):
+    """The planning half of `apply_method`: targets chosen and checked, one plan each, `extra`
+    checked; no array is created (works on `jax.ShapeDtypeStruct` trees).
+
+    Returns:
+      `svft_jax.transform._plan.Planned`.
+    """
+    from svft_jax.transform._plan import Planned
+
+    plans = [make_plan(target) for target in plan_targets(params, targets, exclude, layouts)]
+    extra_paths = check_extra(flatten_by_path(params), extra, [plan.path for plan in plans])  # before any array is built
+    return Planned(plans, node_cls, extra_paths)
+
+
+def build_planned(params, planned, extra: str | None):
+    """`params` with each planned target replaced by its node (`node_cls.build`) and `extra` marked."""
+    leaves = flatten_by_path(params)
+    for plan in planned.plans:
+        if isinstance(leaves[plan.path], jax.ShapeDtypeStruct):
+            raise TypeError(f"parameter {plan.path!r} is a jax.ShapeDtypeStruct (a shapes-only tree); `apply` needs the weights. Use `svft_jax.plan` to size a model from shapes.")
+    return mark_trainable(replace_leaves(params, planned.node_cls.build(planned.plans, leaves)), extra)
+
+
 def apply_method(params, node_cls, make_plan, *, targets: str | None = None, exclude: str | None = None,
                  layouts: Mapping[str, Any] | None = None, extra: str | None = None):
     """The generic verb of every adapter method: choose targets, plan each, build the nodes.
@@ -220,7 +247,5 @@ def apply_method(params, node_cls, make_plan, *, targets: str | None = None, exc
     Returns:
       `params` with each target replaced by its node and the `extra` leaves marked `Trainable`.
     """
-    plans = [make_plan(target) for target in plan_targets(params, targets, exclude, layouts)]
-    leaves = flatten_by_path(params)
-    check_extra(leaves, extra, [plan.path for plan in plans])  # before any array is built
-    return mark_trainable(replace_leaves(params, node_cls.build(plans, leaves)), extra)
+    planned = plan_method(params, node_cls, make_plan, targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+    return build_planned(params, planned, extra)

@@ -301,23 +301,41 @@ class SVFTNode(AdapterNode):
 
     # ---- construction --------------------------------------------------------------------
     @classmethod
-    def build(cls, plans, kernels, *, factors=None, batch: int = 16, progress: bool = False):
+    def build(cls, plans, kernels, *, factors=None, batch: int = 16, progress: bool = False, mesh=None, fsdp: bool = False):
         """{path: SVFTNode} for `plans`: SVDs (batched by shape; looked up in / stored to the
-        `factors` store), Ω, initial M. The one constructor of `apply`, adapter files and the
-        factor cache."""
-        computed = _factorize.factorize(plans, kernels, factors, batch=batch, progress=progress)
+        `factors` store; split over `mesh`'s devices when given), Ω, initial M. The one
+        constructor of `apply`, adapter files and the factor cache.
+
+        Targets stream through one SVD batch at a time: each batch's host factors are cast to
+        factor_dtype and dropped before the next batch is computed.
+        """
+        if mesh is not None:
+            bad = sorted({p.svd_backend for p in plans} - set(_factorize.MESH_BACKENDS))
+            if bad:
+                raise ValueError(f"svd_backend={bad[0]!r} is not available with a mesh; use one of {_factorize.MESH_BACKENDS}.")
+            if fsdp and "model" not in mesh.axis_names:
+                raise ValueError(f"fsdp=True splits factors over a 'model' mesh axis; this mesh has axes {mesh.axis_names} (see svft_jax.distributed.make_mesh).")
         nodes = {}
-        for plan in plans:
-            u, s, v = computed[plan.path]
-            rows, cols = _pattern_indices(plan, u, v)
-            m, gate = _initial_values(plan, rows.shape[-1])
-            dtype = jnp.dtype(plan.factor_dtype)
-            meta = SVFTMeta(plan, StaticIndices(rows), StaticIndices(cols), _near_repeated(s))
-            nodes[plan.path] = cls(
-                u=jnp.asarray(u, dtype), s=jnp.asarray(s, dtype), v=jnp.asarray(v, dtype), m=m, gate=gate,
-                base=kernels[plan.path] if plan.keep_base else None, meta=meta,
-            )
-        return nodes
+        for chunk in _factorize.factor_chunks(plans, kernels, factors, batch=batch, progress=progress, mesh=mesh, fsdp=fsdp):
+            for plan, (u, s, v) in chunk:
+                nodes[plan.path] = cls._from_factors(plan, u, s, v, kernels[plan.path], mesh)
+            del chunk
+        return {plan.path: nodes[plan.path] for plan in plans}
+
+    @classmethod
+    def _from_factors(cls, plan, u, s, v, kernel, mesh):
+        needs = plan.spec.needs_factors
+        rows, cols = _pattern_indices(plan, _factorize._host_array(u) if needs else u, _factorize._host_array(v) if needs else v)
+        m, gate = _initial_values(plan, rows.shape[-1])
+        if mesh is not None:
+            from svft_jax.distributed.sharding import _put, replicated
+
+            m, gate = _put(m, replicated(mesh)), _put(gate, replicated(mesh))
+        dtype = jnp.dtype(plan.factor_dtype)
+        meta = SVFTMeta(plan, StaticIndices(rows), StaticIndices(cols), _near_repeated(_factorize._host_array(s)))
+        if mesh is None:
+            u, s, v = jnp.asarray(u, dtype), jnp.asarray(s, dtype), jnp.asarray(v, dtype)
+        return cls(u=u, s=s, v=v, m=m, gate=gate, base=kernel if plan.keep_base else None, meta=meta)
 
 
 def _near_repeated(s) -> int:
@@ -419,7 +437,7 @@ def _plan_target(path: str, leaf, config: dict, svd_backend: str, svd_dtype: str
         warnings.warn(
             f"{where}: factor_dtype={factor_dtype.name} with keep_base=False rounds U, s, V, and U diag(s) Vᵀ "
             "then differs from W0 by ~0.3% at M = 0 (bfloat16 has 8 mantissa bits). Keep W0 (keep_base=True) "
-            "for an exact base model, or use float32 factors.", PrecisionWarning, stacklevel=4)
+            "for an exact base model, or use float32 factors.", PrecisionWarning, stacklevel=5)
     check_finite(target)
     backend = svd_backend if svd_backend != "randomized" or rank < full else _factorize.resolve_backend("auto")
     return SVFTPlan(path=path, layout=layout, pattern=spec.name, d=options.d, k=options.k, seed=seed,
@@ -447,6 +465,170 @@ def _compile_overrides(overrides, base_config: dict):
     return compiled
 
 
+BUDGET_PATTERNS = ("banded", "random", "topk")
+
+
+def _budget_total(value, total_params: int) -> int:
+    """`budget` as an absolute count of trainable scalars."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        raise TypeError(f"`budget` must be a fraction of all parameters (float in (0, 1]) or a count (int), got {value!r}.")
+    if isinstance(value, float | np.floating):
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"`budget`={value!r} as a float is a fraction of all {total_params:,} parameters and must be in (0, 1]; pass an int for an absolute count.")
+        return int(math.floor(value * total_params))
+    if value < 1:
+        raise ValueError(f"`budget` must be a positive count, got {value!r}.")
+    return int(value)
+
+
+def _solve_budget(plans: list, budgeted: list[int], fixed_count: int, limit: int, pattern: str):
+    """Pick the one integer knob x that makes the trainable total the largest ≤ `limit`.
+
+    banded: x = d, the same band half-width on every budgeted target (|Ω| = banded_count(r, d)).
+    random/topk: x = K, the count at the largest rank r_max; each target gets
+      k = clamp(⌊K · r / r_max⌋, 1, r²), i.e. entries proportional to its rank.
+    Returns (new plans, choice dict).
+    """
+    from svft_jax.patterns import banded_count
+
+    r_max = max(plans[i].rank for i in budgeted)
+
+    def per_target(i, x):
+        plan = plans[i]
+        if pattern == "banded":
+            return dataclasses.replace(plan, d=int(x), k=None)
+        return dataclasses.replace(plan, d=None, k=int(min(max(x * plan.rank // r_max, 1), plan.rank * plan.rank)))
+
+    def total(x):
+        count = fixed_count
+        for i in budgeted:
+            plan = plans[i]
+            entries = banded_count(plan.rank, x) if pattern == "banded" else min(max(x * plan.rank // r_max, 1), plan.rank**2)
+            count += plan.layers * (entries + (1 if plan.init == "reference" else 0))
+        return count
+
+    lo, hi = (0, r_max - 1) if pattern == "banded" else (1, r_max * r_max)
+    if total(lo) > limit:
+        knob = "d=0" if pattern == "banded" else "k=1 per target"
+        raise ValueError(f"`budget` allows {limit:,} trainable parameters but the smallest {pattern} pattern ({knob}) needs {total(lo):,}; raise the budget or narrow `targets`.")
+    while lo < hi:  # the total is non-decreasing in x
+        mid = (lo + hi + 1) // 2
+        if total(mid) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    new = list(plans)
+    for i in budgeted:
+        new[i] = per_target(i, lo)
+    choice = {"budget": limit, "trainable": total(lo)}
+    choice.update({"d": lo} if pattern == "banded" else {"k_at_max_rank": lo, "max_rank": r_max})
+    return new, choice
+
+
+def make_plans(
+    params,
+    pattern: str = "plain",
+    *,
+    d: int | None = None,
+    k: int | None = None,
+    rank: int | None = None,
+    targets: str | None = None,
+    exclude: str | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    extra: str | None = None,
+    seed: int = 0,
+    factor_dtype=jnp.float32,
+    init: str = "zeros",
+    svd_dtype: str = "float32",
+    keep_base: bool = True,
+    svd_backend: str = "auto",
+    budget: int | float | None = None,
+):
+    """SVFT's planning step of `apply` (and of `svft_jax.plan`): every target's `SVFTPlan`,
+    validated, with `budget` resolved. Works on `jax.ShapeDtypeStruct` trees. No SVD runs.
+
+    Returns:
+      `svft_jax.transform._plan.Planned`.
+    """
+    from svft_jax.transform._plan import Planned, leaf_size, total_parameters
+
+    seed = _check_seed(seed)
+    if svd_dtype not in _factorize.SVD_DTYPES:
+        raise ValueError(f"`svd_dtype` must be one of {_factorize.SVD_DTYPES}, got {svd_dtype!r}; to store the factors in bfloat16 pass factor_dtype=jnp.bfloat16.")
+    backend = _factorize.resolve_backend(svd_backend)
+    _check_dtype_arg(factor_dtype, "factor_dtype")
+    if budget is not None:
+        if pattern not in BUDGET_PATTERNS:
+            raise ValueError(f"`budget` picks d (banded) or k (random/topk); pattern={pattern!r} has no size to pick. Use one of {BUDGET_PATTERNS}.")
+        if d is not None or k is not None:
+            raise ValueError(f"`budget` picks {'d' if pattern == 'banded' else 'k'} itself; drop d={d!r}/k={k!r} or the budget.")
+        # provisional values so each target validates; the budget replaces them below
+        d, k = (0, None) if pattern == "banded" else (None, 1)
+    base_config = {"pattern": pattern, "d": d, "k": k, "rank": rank, "seed": seed, "init": init,
+                   "factor_dtype": factor_dtype, "layout": None, "keep_base": keep_base}
+    compiled = _compile_overrides(overrides, base_config)
+    layouts = {text: values["layout"] for text, _, values in compiled if "layout" in values}
+    chosen = select_targets(params, targets, exclude, layouts=layouts)
+    unused = [text for text, regex, _ in compiled if not any(matches(regex, p) for p in chosen)]
+    if unused:
+        raise ValueError(f"overrides key {unused[0]!r} matches none of the {len(chosen)} targets (e.g. {chosen[:3]}); fix the regex or drop it.")
+    leaves = flatten_by_path(params)
+
+    def override_for(path):
+        return next((values for _, regex, values in compiled if matches(regex, path)), {})
+
+    plans = [_plan_target(path, leaves[path], {**base_config, **override_for(path)}, backend, svd_dtype) for path in chosen]
+    extra_paths = check_extra(leaves, extra, chosen)
+    choice = {}
+    if budget is not None:
+        limit = _budget_total(budget, total_parameters(leaves))
+        # targets whose pattern or size an override sets keep it; the rest share the budget
+        budgeted = [i for i, path in enumerate(chosen) if not {"pattern", "d", "k"} & set(override_for(path))]
+        if not budgeted:
+            raise ValueError("`budget`: every target's pattern size is set by `overrides`; nothing is left to choose.")
+        fixed = sum(leaf_size(leaves[p]) for p in extra_paths)
+        fixed += sum(plans[i].layers * (plans[i].spec.count(plans[i].rank, plans[i].options) + (plans[i].init == "reference"))
+                     for i in range(len(plans)) if i not in set(budgeted))
+        plans, choice = _solve_budget(plans, budgeted, fixed, limit, pattern)
+    return Planned(plans, SVFTNode, extra_paths, choice)
+
+
+def plan_arrays(plan: SVFTPlan) -> dict:
+    """The arrays `SVFTNode.build` creates for `plan` ({name: ArraySpec})."""
+    from svft_jax.transform._plan import ArraySpec
+
+    layout, stack, r = plan.layout, plan.layout.stack_shape, plan.rank
+    n = plan.spec.count(r, plan.options)
+    arrays = {"u": ArraySpec((*stack, layout.d1, r), plan.factor_dtype, "frozen"),
+              "s": ArraySpec((*stack, r), plan.factor_dtype, "frozen"),
+              "v": ArraySpec((*stack, layout.d2, r), plan.factor_dtype, "frozen"),
+              "m": ArraySpec((*stack, n), "float32", "trainable")}
+    if plan.init == "reference":
+        arrays["gate"] = ArraySpec(tuple(stack), "float32", "trainable")
+    if plan.keep_base:
+        arrays["base"] = ArraySpec(tuple(layout.shape), layout.dtype, "base")
+    return arrays
+
+
+def _describe(plan: SVFTPlan) -> str:
+    detail = {"banded": f"d={plan.d}", "random": f"seed={plan.seed}", "topk": f"k={plan.k}"}.get(plan.pattern, "")
+    if plan.pattern == "random":
+        detail = f"k={plan.spec.count(plan.rank, plan.options)}"
+    return f"svft-{plan.pattern}({detail})" if detail else f"svft-{plan.pattern}"
+
+
+def _register_planner():
+    from svft_jax.transform._plan import Planner, register_planner
+
+    register_planner(Planner(
+        method="svft", make_plans=make_plans, arrays=plan_arrays, update_rank=lambda plan: plan.rank,
+        has_base=lambda plan: plan.keep_base, describe=_describe,
+        entries=lambda plan: plan.spec.count(plan.rank, plan.options)))
+
+
+_register_planner()
+
+
 def apply(
     params,
     pattern: str = "plain",
@@ -467,6 +649,9 @@ def apply(
     factors: Mapping | MutableMapping | None = None,
     svd_batch: int = 16,
     progress: bool = False,
+    budget: int | float | None = None,
+    mesh=None,
+    fsdp: bool = False,
 ):
     """Replace target kernels by SVFT nodes: W = W0 + U M Vᵀ with M sparse on a pattern Ω.
 
@@ -499,41 +684,42 @@ def apply(
         an adapter file reloads with the routine that made its factors.
       factors: a factor store — a Mapping from `svft_jax.checkpoint.factor_key`-style keys to
         (u, s, v) — read before computing an SVD and, if mutable, written after
-        (`svft_jax.checkpoint.load_factor_cache(path)` gives one backed by a file).
-      svd_batch: how many same-shaped matrices one batched SVD call takes.
+        (`svft_jax.checkpoint.load_factor_cache(path)` gives one backed by a file). With a
+        `mesh`, each process writes the factors it computed.
+      svd_batch: how many same-shaped matrices one batched SVD call takes (with a `mesh`, per
+        device).
       progress: show a progress bar over SVD batches.
+      budget: pick the pattern size instead of `d`/`k`: a fraction of all parameters (float in
+        (0, 1]) or an absolute count (int) of trainable scalars (adapters, reference gates and
+        `extra` leaves). "banded": one d for every target, the largest whose total fits;
+        "random"/"topk": k proportional to each target's rank, k = ⌊K·r/r_max⌋ with the largest
+        K that fits. Targets whose pattern/d/k an override sets keep it. `svft_jax.plan`
+        reports the choice.
+      mesh: a `jax.sharding.Mesh`: the SVDs are split over its devices (and processes) — each
+        device factorises its share of every batch of same-shaped matrices, from kernels that
+        may be sharded or non-addressable — and the factors come back as global arrays
+        replicated over the mesh (or FSDP-sharded with `fsdp=True`, as
+        `svft_jax.distributed.shard_params`).
+      fsdp: with `mesh`, split each factor over the mesh's "model" axis (its largest divisible
+        axis) instead of replicating it.
     Returns:
       `params` with each target leaf replaced by an `SVFTNode` (and `extra` leaves marked).
     Raises:
       ValueError/TypeError naming the parameter path, before any SVD runs.
     """
-    seed = _check_seed(seed)
-    if svd_dtype not in _factorize.SVD_DTYPES:
-        raise ValueError(f"`svd_dtype` must be one of {_factorize.SVD_DTYPES}, got {svd_dtype!r}; to store the factors in bfloat16 pass factor_dtype=jnp.bfloat16.")
-    backend = _factorize.resolve_backend(svd_backend)
     if isinstance(svd_batch, bool) or not isinstance(svd_batch, int) or svd_batch < 1:
         raise ValueError(f"`svd_batch` must be a positive int, got {svd_batch!r}.")
-    _check_dtype_arg(factor_dtype, "factor_dtype")
-    base_config = {"pattern": pattern, "d": d, "k": k, "rank": rank, "seed": seed, "init": init,
-                   "factor_dtype": factor_dtype, "layout": None, "keep_base": keep_base}
-    compiled = _compile_overrides(overrides, base_config)
-    layouts = {text: values["layout"] for text, _, values in compiled if "layout" in values}
-    chosen = select_targets(params, targets, exclude, layouts=layouts)
-    unused = [text for text, regex, _ in compiled if not any(matches(regex, p) for p in chosen)]
-    if unused:
-        raise ValueError(f"overrides key {unused[0]!r} matches none of the {len(chosen)} targets (e.g. {chosen[:3]}); fix the regex or drop it.")
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    if fsdp and mesh is None:
+        raise ValueError("`fsdp=True` shards the factors over a mesh; pass mesh= too.")
+    planned = make_plans(params, pattern, d=d, k=k, rank=rank, targets=targets, exclude=exclude, overrides=overrides,
+                         extra=extra, seed=seed, factor_dtype=factor_dtype, init=init, svd_dtype=svd_dtype,
+                         keep_base=keep_base, svd_backend=svd_backend, budget=budget)
     leaves = flatten_by_path(params)
-
-    def config_for(path):
-        config = dict(base_config)
-        for _, regex, values in compiled:
-            if matches(regex, path):
-                config.update(values)
-                break
-        return config
-
-    plans = [_plan_target(path, leaves[path], config_for(path), backend, svd_dtype) for path in chosen]
-    check_extra(leaves, extra, chosen)
-    nodes = SVFTNode.build(plans, leaves, factors=factors, batch=svd_batch, progress=progress)
+    for plan in planned.plans:
+        if isinstance(leaves[plan.path], jax.ShapeDtypeStruct):
+            path = plan.path
+            raise TypeError(f"parameter {path!r} is a jax.ShapeDtypeStruct (a shapes-only tree); `apply` needs the weights. Use `svft_jax.plan` to size a model from shapes.")
+    nodes = SVFTNode.build(planned.plans, leaves, factors=factors, batch=svd_batch, progress=progress, mesh=mesh, fsdp=fsdp)
     return mark_trainable(replace_leaves(params, nodes), extra)
-
