@@ -86,3 +86,15 @@ def test_results_notebook_reads_a_sentiment_results_file(venv_kernel, monkeypatc
     assert "command: synthetic" in text
     assert "0.7900 ± 0.0200  (3 seeds)" in text  # lora_r8's row, as the file gives it
     assert len(images) == 1, "no figure was drawn"
+
+
+def test_nnx_notebook_trains_an_nnx_model_through_split_apply_update(venv_kernel, monkeypatch):
+    """The NNX workflow notebook: without layouts the ambiguous kernels are refused; training
+    raises the accuracy well above its start; the written-back model predicts the same."""
+    text, _ = _execute("nnx", venv_kernel, monkeypatch)
+    before = float(re.search(r"before: accuracy ([\d.]+)", text).group(1))
+    after = float(re.search(r"after:  accuracy ([\d.]+)", text).group(1))
+    assert after > before + 0.2, text[-2000:]
+    written = float(re.search(r"written-back model accuracy: ([\d.]+)", text).group(1))
+    assert written == pytest.approx(after, abs=1e-6)
+    assert "without layouts:" in text and "overrides" in text
