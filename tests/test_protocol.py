@@ -145,3 +145,20 @@ def test_extra_conflicting_with_the_declared_trainable_set_is_refused():
         with pytest.raises(ValueError, match="conflicts with the trainable set"):
             call()
     svft_jax.split(adapted, extra="head/kernel")  # the same set, restated: fine
+
+
+def test_svft_apply_extra_declares_the_head_once_for_split_and_optimizer():
+    """issue 8: split(ad) after apply(..., extra=...) holds the head; optimizer(tx) updates it."""
+    params = _params()
+    adapted = svft_jax.apply(params, "banded", d=1, targets="dense/kernel", extra="head/.*")
+    trainable, frozen = svft_jax.split(adapted)
+    assert trainable["head"]["kernel"].value is params["head"]["kernel"]
+    tx = svft_jax.optimizer(optax.sgd(0.1))
+    x = jnp.ones((3, 5))
+    loss = lambda t: jnp.sum(_model(svft_jax.merge(svft_jax.combine(t, frozen)), x) ** 2)  # noqa: E731
+    updates, _ = tx.update(jax.grad(loss)(trainable), tx.init(trainable), trainable)
+    head_update = np.asarray(updates["head"]["kernel"].value)
+    np.testing.assert_allclose(head_update, -0.1 * np.asarray(jax.grad(loss)(trainable)["head"]["kernel"].value), rtol=1e-6)
+    assert np.abs(head_update).max() > 0
+    counts = svft_jax.count_parameters(adapted)
+    assert counts["trainable"] == svft_jax.banded_count(4, 1) + 8  # |Ω| of the 4×5 kernel (r = 4) + the head
