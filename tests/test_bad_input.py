@@ -232,3 +232,37 @@ def test_count_parameters_counts_a_tied_buffer_once():
     params = {"wte": {"embedding": embedding}, "lm_head": {"kernel": embedding}, "h": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(4, 4)), jnp.float32)}}
     counts = svft_jax.count_parameters(svft_jax.apply(params, targets="h/kernel", svd_backend="numpy"))
     assert counts["total"] == 40 + 16  # the tied head is the embedding, not 40 more parameters
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-20])
+def test_dora_norms_are_scale_safe(scale):
+    """At weight scale 1e20 squares overflow float32 and at 1e-20 they underflow to zero: DoRA's
+    row norms are computed scaled, so the model is finite, starts at W0, and is not refused."""
+    weight = np.random.default_rng(0).normal(size=(6, 4)) * scale
+    params = _params(weight.astype(np.float32))
+    adapted = dora.apply(params, rank=2, targets=QUERY)
+    node = adapted["encoder"]["query"]["kernel"]
+    expected = np.linalg.norm(np.asarray(params["encoder"]["query"]["kernel"], np.float64).T, axis=1)
+    np.testing.assert_allclose(np.asarray(node.magnitude, np.float64), expected, rtol=1e-5)
+    merged = np.asarray(svft_jax.merge(adapted)["encoder"]["query"]["kernel"], np.float64)
+    assert np.all(np.isfinite(merged))
+    np.testing.assert_allclose(merged, np.asarray(params["encoder"]["query"]["kernel"], np.float64), rtol=1e-5)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(3, 6)), jnp.float32)
+    factored = np.asarray(node.matmul(x), np.float64)
+    np.testing.assert_allclose(factored, np.asarray(x, np.float64) @ merged, rtol=1e-4)
+
+
+def test_merged_exports_refuse_a_split_half(tmp_path):
+    from svft_jax.checkpoint import save_merged_safetensors
+
+    trainable, _ = _halves()
+    with pytest.raises(ValueError, match="combine"):
+        save_merged_safetensors(tmp_path / "model.safetensors", trainable)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_models_adapt_with_the_params_forgotten_says_so():
+    import svft_jax.models as svft_models
+
+    with pytest.raises(TypeError, match=r"second argument is the parameter pytree.*adapt\(model, params, 'banded'\)"):
+        svft_models.adapt(_FakeModel(), "banded")
