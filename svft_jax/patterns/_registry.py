@@ -48,8 +48,12 @@ class PatternSpec:
       needs_factors: whether `indices` reads u and v (top-k); then each layer of a stacked
         kernel gets its own indices.
       per_layer: whether each layer of a stacked kernel gets its own indices.
-      left_product: optional structured `(u, coeffs, rows, cols, r) -> U M` of shape (d1, r)
-        that avoids the generic gather/segment_sum.
+      left_product: optional structured `(u, coeffs, rows, cols, options) -> U M`,
+        u: (d1, r) -> (d1, r), that avoids the generic gather/segment_sum (rebuild, factored).
+      coefficient_product: optional structured `(h, coeffs, rows, cols, options) -> h Mᵀ`,
+        h: (..., r) -> (..., r), the r-space product of spectral execution
+        y = ((x V)(Σ + M)ᵀ) Uᵀ; without one, `svft_jax.transform.svft` gathers h at the
+        columns of Ω and segment-sums by row (T·|Ω| work either way).
     """
 
     name: str
@@ -59,6 +63,7 @@ class PatternSpec:
     needs_factors: bool = False
     per_layer: bool = False
     left_product: Callable | None = None
+    coefficient_product: Callable | None = None
 
 
 PATTERNS: Registry[PatternSpec] = Registry("pattern", "pattern")

@@ -1,7 +1,8 @@
 """SVFT^B: the diagonal and `d` off-diagonals on each side of M (|i − j| ≤ d).
 
 Entries are stored offset by offset (−d … d), each offset's entries in column order, so the
-product U M is a sum of 2d+1 shifted, scaled copies of U's columns: static slices, no gather.
+products U M (rebuild, factored) and h Mᵀ (spectral, on r-dimensional activations) are sums of
+2d+1 shifted, scaled slices of one zero-padded array: static slices, no gather, no scatter.
 """
 
 from __future__ import annotations
@@ -50,17 +51,56 @@ def band_coefficients(coeffs, r: int, d: int):
     return jnp.stack(bands, axis=-2)
 
 
+def band_row_coefficients(coeffs, r: int, d: int):
+    """The band indexed by row: a dense (2d+1, r) array whose row o+d holds M[i, i−o] at column
+    i (0 where i − o is outside [0, r)). The layout that h Mᵀ reads: (h Mᵀ)_i = Σ_o M[i, i−o] h_{i−o}."""
+    bands = []
+    for offset, start, length in band_offsets(r, d):
+        values = coeffs[..., start : start + length]
+        lead = max(0, offset)  # offset o stores i = j + o for j in column order, so i starts at max(0, o)
+        pad = [(0, 0)] * (values.ndim - 1) + [(lead, r - length - lead)]
+        bands.append(jnp.pad(values, pad))
+    return jnp.stack(bands, axis=-2)
+
+
+def _shifted_sum(x, bands, shifts, d):
+    """Σ_o bands[o] · x[..., i + shifts[o]] with x zero outside [0, r): (..., r).
+
+    One zero-padded copy of x and 2d+1 static slices of it, multiplied and summed: XLA fuses
+    them into one elementwise loop (and the gradient into one more), where a chain of
+    `.at[].add` updates would write the (..., r) buffer 2d+1 times.
+    """
+    r = x.shape[-1]
+    padded = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(d, d)])
+    total = None
+    for band, shift in zip(bands, shifts, strict=True):
+        term = band * padded[..., d + shift : d + shift + r]
+        total = term if total is None else total + term
+    return total
+
+
 def banded_left_product(u, coeffs, rows, cols, options):
-    """U M for a band: column j of U M is Σ_o M[j+o, j] u_{j+o}. u: (d1, r), coeffs: (|Ω|,)."""
+    """U M for a band: column j of U M is Σ_o M[j+o, j] u_{j+o}. u: (d1, r), coeffs: (|Ω|,).
+
+    Returns (d1, r) in the promoted dtype of u and coeffs. Costs d1·|Ω| multiply-adds.
+    """
     r = u.shape[-1]
-    out = jnp.zeros_like(u, dtype=jnp.result_type(u, coeffs))
-    for offset, start, length in band_offsets(r, options.d):
-        values = coeffs[start : start + length]
-        if offset >= 0:  # i = j + o, j in [0, r − o)
-            out = out.at[:, :length].add(u[:, offset:] * values)
-        else:  # j in [−o, r), i = j + o in [0, r + o)
-            out = out.at[:, -offset:].add(u[:, :length] * values)
-    return out
+    d = min(options.d, r - 1)
+    bands = band_coefficients(coeffs, r, d)  # (2d+1, r), column-indexed
+    return _shifted_sum(u, [bands[o + d] for o in range(-d, d + 1)], list(range(-d, d + 1)), d)
+
+
+def banded_coefficient_product(h, coeffs, rows, cols, options):
+    """h Mᵀ for a band: (h Mᵀ)_i = Σ_o M[i, i−o] h_{i−o}. h: (..., r), coeffs: (|Ω|,).
+
+    Returns (..., r) in the promoted dtype; T·|Ω| multiply-adds for T rows of h, and its
+    gradient w.r.t. the coefficients is T·|Ω| more (read off the two r-dimensional
+    activations, never an r×r matrix).
+    """
+    r = h.shape[-1]
+    d = min(options.d, r - 1)
+    bands = band_row_coefficients(coeffs, r, d)  # (2d+1, r), row-indexed
+    return _shifted_sum(h, [bands[o + d] for o in range(-d, d + 1)], [-o for o in range(-d, d + 1)], d)
 
 
 def _check(options: PatternOptions) -> None:
@@ -78,5 +118,6 @@ BANDED = register_pattern(
         count=lambda r, options: banded_count(r, options.d),
         check=_check,
         left_product=banded_left_product,
+        coefficient_product=banded_coefficient_product,
     )
 )

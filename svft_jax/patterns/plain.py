@@ -18,6 +18,11 @@ def plain_left_product(u, coeffs, rows, cols, options):
     return u * coeffs
 
 
+def plain_coefficient_product(h, coeffs, rows, cols, options):
+    """h diag(m)ᵀ = h * m: (..., r) * (r,) -> (..., r); no gather."""
+    return h * coeffs
+
+
 def _check(options: PatternOptions) -> None:
     if options.d is not None or options.k is not None:
         raise ValueError(f"pattern='plain' (the diagonal) takes no `d` or `k`, got d={options.d}, k={options.k}; use pattern='banded' for d, 'random'/'topk' for k.")
@@ -30,5 +35,6 @@ PLAIN = register_pattern(
         count=lambda r, options: r,
         check=_check,
         left_product=plain_left_product,
+        coefficient_product=plain_coefficient_product,
     )
 )

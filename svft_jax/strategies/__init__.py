@@ -4,8 +4,9 @@
     logits = svft_jax.wrap(hf_model, params_argname="params")(ids, params=adapted).logits
     fast = svft_jax.wrap(model.apply, "factored", overrides={".*head.*": "rebuild"})
 
-Strategies: "rebuild", "rebuild_remat", "factored", "auto", "reference"; the cost model
-behind "auto" is `step_flops`/`choose_strategy`. A strategy is `fn(node, use: KernelUse) -> y`
+Strategies: "rebuild", "rebuild_remat", "factored", "spectral", "auto", "reference"; the cost
+model behind "auto" is `step_flops`/`choose_strategy`; `drop_unused_base` frees W0 where no
+strategy `auto` can choose reads it. A strategy is `fn(node, use: KernelUse) -> y`
 added with `register_strategy`.
 """
 
@@ -18,15 +19,23 @@ from svft_jax.strategies.interpreter import (
     register_layer_slicer,
     slice_layer,
 )
-from svft_jax.strategies.registry import available_strategies, get_strategy, register_strategy
+from svft_jax.strategies.registry import (
+    StrategyFallbackWarning,
+    available_strategies,
+    drop_unused_base,
+    get_strategy,
+    register_strategy,
+)
 
 __all__ = [
     "FallbackError",
     "FallbackWarning",
     "KernelUse",
+    "StrategyFallbackWarning",
     "Wrapped",
     "available_strategies",
     "choose_strategy",
+    "drop_unused_base",
     "get_strategy",
     "register_layer_slicer",
     "register_strategy",

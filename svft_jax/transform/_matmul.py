@@ -1,10 +1,42 @@
 """Matmul building blocks shared by every method's factored `matmul` (paper orientation:
-x: (..., d2) -> y: (..., d1))."""
+x: (..., d2) -> y: (..., d1)), and the precision policy of products that rebuild W.
+
+Numerics (the same on every platform):
+  * accumulation is float32 whenever an operand is narrower (bfloat16/float16);
+  * factors stored in bfloat16 stay bfloat16 in the hot path: the activation is cast down to
+    the factor dtype (one pass over T×d values) instead of U and V being cast up to float32
+    on every step (`compute_dtype`);
+  * products that rebuild W from its factors (`SVFTNode.delta`/`weight`, `merge`, the
+    rebuild strategy) run at `rebuild_precision()`.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+#: Default precision of the products that rebuild W = W0 + (U M) Vᵀ (or U (Σ + M) Vᵀ), per
+#: platform, when neither the call nor `jax.default_matmul_precision` says otherwise. Inputs are
+#: the stored factors; accumulation is float32 everywhere.
+#:   cpu: "highest" — CPU dots are float32 anyway, so it costs nothing.
+#:   gpu: "highest" — float32 multiplies; TF32 ("default"/"high") has a 10-bit mantissa and
+#:        would move a rebuilt U (Σ + M) Vᵀ away from W0 by ~1e-3 relative.
+#:   tpu: "high" — three bfloat16 passes (≈ float32 to ~1e-6 relative), half the cost of
+#:        "highest"'s six; "default" (one bfloat16 pass) would move W by ~4e-3.
+#: Set `jax.default_matmul_precision(...)` (JAX's own config/context manager) to override it
+#: for everything, or pass `precision=` to `delta`/`weight` for one call.
+REBUILD_PRECISION = {"cpu": "highest", "gpu": "highest", "tpu": "high"}
+
+
+def rebuild_precision(precision=None):
+    """The precision for a product that rebuilds W: `precision` if given; None (XLA follows
+    JAX's `default_matmul_precision` setting) when the user set one; else the platform's
+    entry of `REBUILD_PRECISION`."""
+    if precision is not None:
+        return precision
+    if jax.config.jax_default_matmul_precision is not None:
+        return None
+    return jax.lax.Precision(REBUILD_PRECISION.get(jax.default_backend(), "highest"))
 
 
 def accumulation_dtype(dtype, preferred_element_type=None):
@@ -12,6 +44,13 @@ def accumulation_dtype(dtype, preferred_element_type=None):
     if preferred_element_type is not None:
         return preferred_element_type
     return jnp.float32 if jnp.dtype(dtype).itemsize < 4 else None
+
+
+def compute_dtype(x_dtype, factor_dtype):
+    """The operand dtype of a product of an activation with stored factors: the narrower of
+    the two floating dtypes (bfloat16 factors keep bfloat16 matmuls; accumulation is float32)."""
+    x_dtype, factor_dtype = jnp.dtype(x_dtype), jnp.dtype(factor_dtype)
+    return factor_dtype if factor_dtype.itemsize < x_dtype.itemsize else x_dtype
 
 
 def mm(x, w, precision=None, preferred_element_type=None):

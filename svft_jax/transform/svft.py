@@ -49,7 +49,6 @@ from svft_jax.transform._targets import (
     select_targets,
 )
 
-_HIGHEST = jax.lax.Precision.HIGHEST
 INITS = ("zeros", "reference")
 OVERRIDE_KEYS = ("pattern", "d", "k", "rank", "seed", "init", "factor_dtype", "layout", "keep_base")
 # Singular values closer than this (relative to the largest) make their singular vectors
@@ -174,6 +173,32 @@ def gather_left_product(u, coeffs, rows, cols, sorted_cols: bool = False):
     return summed.T
 
 
+def gather_coefficient_product(h, coeffs, rows, cols):
+    """h Mᵀ for a general sparse M: (h Mᵀ)_i = Σ_{(i,j)∈Ω} M_ij h_j, by a gather of h at the
+    columns of Ω and a segment-sum by row (T·|Ω| work, no r×r matrix).
+
+    Args: h: (..., r); coeffs: (n,) values of M on Ω; rows, cols: (n,) static numpy indices.
+    Returns: (..., r) in the promoted dtype of h and coeffs.
+    """
+    order = np.lexsort((cols, rows))  # by row, so the segment-sum sees sorted ids
+    rows, cols = np.asarray(rows)[order], np.asarray(cols)[order]
+    r = h.shape[-1]
+    lead = h.shape[:-1]
+    flat = h.reshape(-1, r)
+    contributions = flat[:, cols] * coeffs[order]  # (T, n)
+    summed = jax.ops.segment_sum(contributions.T, rows, num_segments=r, indices_are_sorted=True)
+    return summed.T.reshape(*lead, r)
+
+
+def sparse_times_rows(values, rows, cols, matrix, r: int):
+    """S @ matrix for a sparse S (r × r) given as (values, rows, cols): gather the rows of
+    `matrix` named by `cols`, scale, segment-sum by `rows` (a COO spmm, as torch_sparse's).
+
+    Args: values: (n,); rows, cols: (n,) int; matrix: (r, d). Returns: (r, d).
+    """
+    return jax.ops.segment_sum(matrix[cols] * values[:, None], rows, num_segments=r)
+
+
 @adapter_node(method="svft")
 class SVFTNode(AdapterNode):
     """One SVFT-adapted kernel. See the module docstring for shapes."""
@@ -237,35 +262,109 @@ class SVFTNode(AdapterNode):
             out = jax.vmap(lambda a, b: one_layer(a, b, rows, cols))(u_flat, c_flat)
         return out.reshape(*stack, *out.shape[1:])
 
-    # ---- the protocol --------------------------------------------------------------------
-    def delta(self):
-        """ΔW = U M Vᵀ, float32: (*stack, d1, d2)."""
-        v = jnp.asarray(self.v, jnp.float32)
-        return jnp.matmul(self.left_product(), jnp.swapaxes(v, -1, -2), precision=_HIGHEST)
+    def coefficient_product(self, h, coeffs=None):
+        """h (Σ + M)ᵀ for an unstacked node: the r-space step of spectral execution, float32.
 
-    def weight(self):
-        """W = W0 + U M Vᵀ, or U (diag(s) + M) Vᵀ without a stored W0. float32 (*stack, d1, d2)."""
+        h: (..., r) -> (..., r). Σ is a scale; M uses the pattern's structured
+        `coefficient_product` (plain: a scale; banded: 2d+1 fused shifted slices) or a
+        gather/segment-sum over Ω, so the work is T·(r + |Ω|) and the gradient of m is read off
+        h and the incoming gradient on Ω only.
+        """
+        meta = self.meta
+        spec = meta.spec
+        coeffs = jnp.asarray(self.coefficients() if coeffs is None else coeffs, jnp.float32)
+        h = jnp.asarray(h, jnp.float32)
+        rows, cols = meta.rows.array, meta.cols.array
+        if spec.coefficient_product is not None:
+            mixed = spec.coefficient_product(h, coeffs, rows, cols, meta.options)
+        else:
+            mixed = gather_coefficient_product(h, coeffs, rows, cols)
+        return h * jnp.asarray(self.s, jnp.float32) + mixed
+
+    @property
+    def spectral_ready(self) -> bool:
+        """Whether U (Σ + M) Vᵀ is the whole adapted W, so spectral execution is exact: full
+        rank (W0 = U Σ Vᵀ to SVD rounding), or no stored W0 (the node's W has no residual)."""
+        return self.meta.full_rank or self.base is None
+
+    # ---- the protocol --------------------------------------------------------------------
+    def delta(self, precision=None):
+        """ΔW = U M Vᵀ, float32: (*stack, d1, d2).
+
+        precision: of the d1×r×d2 product; default `_matmul.rebuild_precision()` (per
+        platform). bfloat16 factors multiply in bfloat16 with float32 accumulation.
+        """
+        from svft_jax.transform._matmul import compute_dtype, rebuild_precision
+
+        dtype = compute_dtype(jnp.float32, self.v.dtype)
+        um = self.left_product().astype(dtype)
+        return jnp.matmul(um, jnp.swapaxes(jnp.asarray(self.v, dtype), -1, -2), precision=rebuild_precision(precision),
+                          preferred_element_type=jnp.float32)
+
+    def weight(self, precision=None):
+        """W = W0 + U M Vᵀ, or U (diag(s) + M) Vᵀ without a stored W0. float32 (*stack, d1, d2).
+
+        precision: as for `delta`.
+        """
+        from svft_jax.transform._matmul import compute_dtype, rebuild_precision
+
         if self.base is not None:
-            return self.base_matrix() + self.delta()
+            return self.base_matrix() + self.delta(precision)
+        dtype = compute_dtype(jnp.float32, self.v.dtype)
         um = self.left_product() + jnp.asarray(self.u, jnp.float32) * jnp.asarray(self.s, jnp.float32)[..., None, :]
-        return jnp.matmul(um, jnp.swapaxes(jnp.asarray(self.v, jnp.float32), -1, -2), precision=_HIGHEST)
+        return jnp.matmul(um.astype(dtype), jnp.swapaxes(jnp.asarray(self.v, dtype), -1, -2),
+                          precision=rebuild_precision(precision), preferred_element_type=jnp.float32)
 
     def matmul(self, x, *, precision=None, preferred_element_type=None):
         """x Wᵀ as x W0ᵀ + (x V)(U M)ᵀ (or (x V)(U (Σ + M))ᵀ without W0), W never formed.
 
         U M (d1 × r) comes from the pattern's structured left product, so no dense r × r M is
         formed and the gradient of m is computed on Ω only. x: (..., d2) -> (..., d1).
+        Operands are in `compute_dtype(x, factors)` (bfloat16 factors stay bfloat16),
+        accumulated in float32.
         """
-        from svft_jax.transform._matmul import base_matmul, mm
+        from svft_jax.transform._matmul import base_matmul, compute_dtype, mm
 
         um = self.left_product()
         if self.base is None:
             um = um + jnp.asarray(self.u, jnp.float32) * jnp.asarray(self.s, jnp.float32)[..., None, :]
-        h = mm(x, self.v, precision, preferred_element_type)  # (..., r)
-        y = mm(h.astype(x.dtype), jnp.swapaxes(um, -1, -2), precision, preferred_element_type)
+        dtype = compute_dtype(x.dtype, self.v.dtype)
+        xc = x.astype(dtype)
+        h = mm(xc, self.v, precision, preferred_element_type)  # (..., r)
+        y = mm(h.astype(dtype), jnp.swapaxes(um, -1, -2), precision, preferred_element_type)
         if self.base is not None:
             y = y + base_matmul(self.base, self.layout, x, precision, preferred_element_type)
         return y
+
+    def spectral_matmul(self, x, *, precision=None, preferred_element_type=None):
+        """x Wᵀ as ((x V)(Σ + M)ᵀ) Uᵀ: never touches W0, never forms W or an r×r M.
+
+        Exact for `spectral_ready` nodes (full rank, or no stored W0); for a full-rank node
+        that keeps W0 the result differs from x (W0 + U M Vᵀ)ᵀ by the SVD's rounding (float32
+        factors: ~1e-6 relative; bfloat16 factors: ~4e-3, as U Σ Vᵀ in bfloat16 is not W0).
+
+        Cost of a training step over T tokens: 2·T·r·(d1 + d2) + T·(3|Ω| + 2r) multiply-adds
+        (`svft_jax.strategies.step_flops`); the gradient of m is the T·|Ω| reduction of the two
+        r-dimensional activations x V and g U, read on Ω only.
+
+        Args:
+          x: (..., d2) activations.
+          precision, preferred_element_type: of the two thin matmuls (the model's own dot's).
+        Returns:
+          (..., d1), accumulated in float32 for half-precision operands.
+        Raises:
+          ValueError for a stacked node or one that is not `spectral_ready`.
+        """
+        from svft_jax.transform._matmul import compute_dtype, mm
+
+        if self.layout.stack_ndim:
+            raise ValueError(f"{self.path}: spectral_matmul takes an unstacked node; this kernel has stack shape {self.layout.stack_shape} (index one layer first).")
+        if not self.spectral_ready:
+            raise ValueError(f"{self.path}: rank {self.meta.rank} < {min(self.layout.d1, self.layout.d2)} with a stored W0 has a residual W0 − U_r Σ_r V_rᵀ that U (Σ + M) Vᵀ omits; use matmul (factored) instead.")
+        dtype = compute_dtype(x.dtype, self.u.dtype)
+        h = mm(x.astype(dtype), self.v, precision, preferred_element_type)  # (..., r)
+        z = self.coefficient_product(h)  # (..., r) float32
+        return mm(z.astype(dtype), jnp.swapaxes(self.u, -1, -2), precision, preferred_element_type)
 
     @property
     def update_rank(self) -> int:
@@ -285,18 +384,35 @@ class SVFTNode(AdapterNode):
         n = self.meta.near_repeated
         return f"{n} near-repeated σ" if n else ""
 
-    def reference_kernel(self):
-        """The authors' forward: dense M from its sparse values, W = U (Σ + M) Vᵀ (+ W0 − UΣVᵀ
-        when W0 is kept), in the kernel's layout."""
-        layout = self.layout
-        dense_m = self.dense_coefficients()
-        u = jnp.asarray(self.u, jnp.float32)
-        v = jnp.asarray(self.v, jnp.float32)
-        if self.base is None:
-            core = dense_m + jnp.eye(self.meta.rank) * jnp.asarray(self.s, jnp.float32)[..., None, :]
-            w = (u @ core) @ jnp.swapaxes(v, -1, -2)
-        else:
-            w = layout.to_matrix(jnp.asarray(self.base, jnp.float32)) + (u @ dense_m) @ jnp.swapaxes(v, -1, -2)
+    def reference_kernel(self, precision=None):
+        """The authors' layer (github.com/VijayLingam95/SVFT, `SVFTLayer`): W rebuilt on every
+        call as U · ((Σ + M) Vᵀ), the inner product a sparse (COO) r×r matrix times Vᵀ — Σ and
+        M's values on Ω scattered into one sparse matrix, never a dense r×r M. With a stored W0
+        (truncated rank) the update U · (M Vᵀ) is added to it. Returns the kernel in its layout.
+
+        Cost per call: d2·(r + |Ω|) for the sparse product, d1·d2·r for U · (...).
+        """
+        from svft_jax.transform._matmul import compute_dtype, rebuild_precision
+
+        meta, layout = self.meta, self.layout
+        r, n, stack = meta.rank, meta.num_entries, layout.stack_shape
+        layers = math.prod(stack)
+        dtype = compute_dtype(jnp.float32, self.v.dtype)
+        coeffs = jnp.asarray(self.coefficients(), jnp.float32).reshape(layers, n)
+        s = jnp.asarray(self.s, jnp.float32).reshape(layers, r)
+        u = jnp.asarray(self.u).reshape(layers, layout.d1, r)
+        vt = jnp.swapaxes(jnp.asarray(self.v, jnp.float32).reshape(layers, layout.d2, r), -1, -2)
+        rows = np.broadcast_to(meta.rows.array, (*stack, n)).reshape(layers, n)
+        cols = np.broadcast_to(meta.cols.array, (*stack, n)).reshape(layers, n)
+        diagonal = np.broadcast_to(np.arange(r, dtype=np.int32), (layers, r))
+        if self.base is None:  # Σ + M in one sparse matrix
+            rows, cols = np.concatenate([diagonal, rows], -1), np.concatenate([diagonal, cols], -1)
+            coeffs = jnp.concatenate([s, coeffs], -1)
+        inner = jax.vmap(lambda c, ro, co, m: sparse_times_rows(c, ro, co, m, r))(coeffs, jnp.asarray(rows), jnp.asarray(cols), vt)
+        w = jnp.matmul(u.astype(dtype), inner.astype(dtype), precision=rebuild_precision(precision),
+                       preferred_element_type=jnp.float32).reshape(*stack, layout.d1, layout.d2)
+        if self.base is not None:
+            w = layout.to_matrix(jnp.asarray(self.base, jnp.float32)) + w
         return layout.from_matrix(w).astype(layout.dtype)
 
     # ---- construction --------------------------------------------------------------------
