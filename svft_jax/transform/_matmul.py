@@ -12,6 +12,8 @@ Numerics (the same on every platform):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -53,12 +55,45 @@ def compute_dtype(x_dtype, factor_dtype):
     return factor_dtype if factor_dtype.itemsize < x_dtype.itemsize else x_dtype
 
 
+def _dot(x, w, precision, preferred_element_type):
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _narrow_dot(x, w, precision, preferred_element_type):
+    return _dot(x, w, precision, preferred_element_type)
+
+
+def _narrow_dot_fwd(x, w, precision, preferred_element_type):
+    return _dot(x, w, precision, preferred_element_type), (x, w)
+
+
+def _narrow_dot_bwd(precision, preferred_element_type, residuals, g):
+    # Autodiff would multiply the float32 cotangent by the bfloat16 factor (a mixed dot that
+    # XLA runs in float32, upcasting the factor every step); round g to the operand dtype instead.
+    x, w = residuals
+    g = g.astype(x.dtype)
+    dx = jax.lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type).astype(x.dtype)
+    lead = tuple(range(x.ndim - 1))
+    dw = jax.lax.dot_general(x, g, ((lead, lead), ((), ())), precision=precision,
+                             preferred_element_type=preferred_element_type).astype(w.dtype)
+    return dx, dw
+
+
+_narrow_dot.defvjp(_narrow_dot_fwd, _narrow_dot_bwd)
+
+
 def mm(x, w, precision=None, preferred_element_type=None):
     """x (..., k) @ w (k, n) in x's dtype, accumulated in float32 for half-precision inputs, so
-    factors stored in bfloat16 lose nothing in the sums."""
+    factors stored in bfloat16 lose nothing in the sums. For half-precision operands the
+    backward products are half precision too (float32 accumulation), never mixed."""
     w = jnp.asarray(w, x.dtype)
-    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
-                               preferred_element_type=accumulation_dtype(x.dtype, preferred_element_type))
+    accumulate = accumulation_dtype(x.dtype, preferred_element_type)
+    if jnp.dtype(x.dtype).itemsize < 4:
+        return _narrow_dot(x, w, precision, accumulate)
+    return _dot(x, w, precision, accumulate)
 
 
 def base_matmul(base, layout, x, precision=None, preferred_element_type=None):
