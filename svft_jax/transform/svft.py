@@ -190,15 +190,6 @@ def gather_coefficient_product(h, coeffs, rows, cols):
     return summed.T.reshape(*lead, r)
 
 
-def sparse_times_rows(values, rows, cols, matrix, r: int):
-    """S @ matrix for a sparse S (r × r) given as (values, rows, cols): gather the rows of
-    `matrix` named by `cols`, scale, segment-sum by `rows` (a COO spmm, as torch_sparse's).
-
-    Args: values: (n,); rows, cols: (n,) int; matrix: (r, d). Returns: (r, d).
-    """
-    return jax.ops.segment_sum(matrix[cols] * values[:, None], rows, num_segments=r)
-
-
 @adapter_node(method="svft")
 class SVFTNode(AdapterNode):
     """One SVFT-adapted kernel. See the module docstring for shapes."""
@@ -386,11 +377,12 @@ class SVFTNode(AdapterNode):
 
     def reference_kernel(self, precision=None):
         """The authors' layer (github.com/VijayLingam95/SVFT, `SVFTLayer`): W rebuilt on every
-        call as U · ((Σ + M) Vᵀ), the inner product a sparse (COO) r×r matrix times Vᵀ — Σ and
-        M's values on Ω scattered into one sparse matrix, never a dense r×r M. With a stored W0
-        (truncated rank) the update U · (M Vᵀ) is added to it. Returns the kernel in its layout.
-
-        Cost per call: d2·(r + |Ω|) for the sparse product, d1·d2·r for U · (...).
+        call as U · ((Σ + M) Vᵀ), the inner product sparse — Σ + M is never a dense r×r matrix
+        (the authors hold it as a torch_sparse COO matrix). Here the sparse product is the
+        pattern's own r-space product applied to the rows of V ((Σ + M) Vᵀ = (V (Σ + M)ᵀ)ᵀ:
+        banded/plain fused slices, random/top-k a gather + sorted segment-sum), d2·(r + |Ω|)
+        work; then U · (...) is d1·d2·r. With a stored W0 (truncated rank) U · (M Vᵀ) is added
+        to it. Returns the kernel in its layout.
         """
         from svft_jax.transform._matmul import compute_dtype, rebuild_precision
 
@@ -398,18 +390,26 @@ class SVFTNode(AdapterNode):
         r, n, stack = meta.rank, meta.num_entries, layout.stack_shape
         layers = math.prod(stack)
         dtype = compute_dtype(jnp.float32, self.v.dtype)
+        spec = meta.spec
         coeffs = jnp.asarray(self.coefficients(), jnp.float32).reshape(layers, n)
         s = jnp.asarray(self.s, jnp.float32).reshape(layers, r)
+        v = jnp.asarray(self.v, jnp.float32).reshape(layers, layout.d2, r)
         u = jnp.asarray(self.u).reshape(layers, layout.d1, r)
-        vt = jnp.swapaxes(jnp.asarray(self.v, jnp.float32).reshape(layers, layout.d2, r), -1, -2)
         rows = np.broadcast_to(meta.rows.array, (*stack, n)).reshape(layers, n)
         cols = np.broadcast_to(meta.cols.array, (*stack, n)).reshape(layers, n)
-        diagonal = np.broadcast_to(np.arange(r, dtype=np.int32), (layers, r))
-        if self.base is None:  # Σ + M in one sparse matrix
-            rows, cols = np.concatenate([diagonal, rows], -1), np.concatenate([diagonal, cols], -1)
-            coeffs = jnp.concatenate([s, coeffs], -1)
-        inner = jax.vmap(lambda c, ro, co, m: sparse_times_rows(c, ro, co, m, r))(coeffs, jnp.asarray(rows), jnp.asarray(cols), vt)
-        w = jnp.matmul(u.astype(dtype), inner.astype(dtype), precision=rebuild_precision(precision),
+
+        def v_times_coefficients_t(v_layer, c_layer, s_layer, rows_layer, cols_layer):  # V (Σ + M)ᵀ: (d2, r)
+            if spec.coefficient_product is not None:
+                out = spec.coefficient_product(v_layer, c_layer, rows_layer, cols_layer, meta.options)
+            else:
+                out = gather_coefficient_product(v_layer, c_layer, rows_layer, cols_layer)
+            return out if self.base is not None else out + v_layer * s_layer
+
+        if meta.per_layer_indices:
+            inner = jnp.stack([v_times_coefficients_t(v[i], coeffs[i], s[i], rows[i], cols[i]) for i in range(layers)])
+        else:
+            inner = jax.vmap(lambda a, b, c: v_times_coefficients_t(a, b, c, rows[0], cols[0]))(v, coeffs, s)
+        w = jnp.matmul(u.astype(dtype), jnp.swapaxes(inner, -1, -2).astype(dtype), precision=rebuild_precision(precision),
                        preferred_element_type=jnp.float32).reshape(*stack, layout.d1, layout.d2)
         if self.base is not None:
             w = layout.to_matrix(jnp.asarray(self.base, jnp.float32)) + w
