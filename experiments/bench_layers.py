@@ -3,6 +3,7 @@ peak memory.
 
     python -m experiments.bench_layers                      # T = 1024, the five shapes
     python -m experiments.bench_layers --tokens 256 4096 --shapes 384x384 1536x384 384x1536 768x768
+    python -m experiments.bench_layers --models bert-16x64 bert-32x128 llama-4x256   # whole models
 
 A step is forward + backward + Adam for one layer y = x Wᵀ (W: out × in) over T tokens, with the
 layer-input gradient on (as inside a network): `dense` trains W itself (full fine-tuning);
@@ -31,8 +32,8 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import svft_jax  # noqa: E402
-from svft_jax import baselines  # noqa: E402
 from experiments._bench_common import machine_description, markdown_table, timed  # noqa: E402
+from svft_jax import baselines  # noqa: E402
 from svft_jax.strategies import drop_unused_base, step_flops, wrap  # noqa: E402
 
 SHAPES = ("384x384", "1536x384", "384x1536", "768x768", "2048x2048")  # out × in
@@ -64,17 +65,23 @@ def _memory_mib(compiled) -> float:
     return (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / 2**20
 
 
-def _run(name, trainable, frozen, loss_of, x, cotangent, repeats):
+def _compile(trainable, frozen, loss_of, x, cotangent):
+    """(timed thunk, memory MiB) of one compiled step."""
     tx = svft_jax.optimizer(optax.adam(1e-3)) if frozen is not None else optax.adam(1e-3)
-    opt_state = tx.init(trainable)
-    step = _step_fn(loss_of, tx)
-    args = (trainable, opt_state, frozen, x, cotangent)
-    start = time.perf_counter()
-    compiled = step.lower(*args).compile()
-    compile_s = time.perf_counter() - start
+    args = (trainable, tx.init(trainable), frozen, x, cotangent)
+    compiled = _step_fn(loss_of, tx).lower(*args).compile()
     jax.block_until_ready(compiled(*args))  # warm-up
-    wall, _ = timed(lambda: compiled(*args), repeats)
-    return wall, _memory_mib(compiled), compile_s
+    return (lambda: compiled(*args)), _memory_mib(compiled)
+
+
+def _round_robin(thunks: dict, repeats: int) -> dict:
+    """Median wall seconds per thunk, timed one call of each per round, so load changes on a
+    shared machine hit every row alike."""
+    times = {name: [] for name in thunks}
+    for _ in range(repeats):
+        for name, thunk in thunks.items():
+            times[name].append(timed(thunk, 1)[0])
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def bench_shape(d_out: int, d_in: int, tokens: int, repeats: int, strategies) -> list[list]:
@@ -85,38 +92,115 @@ def bench_shape(d_out: int, d_in: int, tokens: int, repeats: int, strategies) ->
     cotangent = jnp.asarray(rng.standard_normal((tokens, d_out)), jnp.float32)
     r = min(d_in, d_out)
     dense_flops = 3 * tokens * d_out * d_in
-    rows = []
+    entries = svft_jax.banded_count(r, 2)
+    thunks, memory, floors, runs = {}, {}, {}, {}
 
-    dense_ms, dense_mem, _ = _run("dense", params, None, lambda t, f, x: _layer(t, x), x, cotangent, repeats)
-    dense_ms *= 1e3
-    rows.append(["dense FT", f"{dense_ms:.1f}", "1.00", "1.00", "1.00", f"{dense_mem:.1f}"])
-
+    thunks["dense FT"], memory["dense FT"] = _compile(params, None, lambda t, f, x: _layer(t, x), x, cotangent)
+    floors["dense FT"] = 1.0
     adapted = svft_jax.apply(params, "banded", d=2, svd_backend="numpy")
     dropped = drop_unused_base(adapted)
-    entries = svft_jax.banded_count(r, 2)
     for strategy in strategies:
         tree = adapted if strategy == "factored" else dropped
-        has_base = strategy == "factored"
         trainable, frozen = svft_jax.split(tree)
         run = wrap(_layer, strategy)
-        ms, mem, _ = _run(strategy, trainable, frozen, lambda t, f, x, run=run: run(svft_jax.combine(t, f), x), x, cotangent, repeats)
-        ms *= 1e3
+        name = f"svft-{strategy}"
+        thunks[name], memory[name] = _compile(trainable, frozen, lambda t, f, x, run=run: run(svft_jax.combine(t, f), x), x, cotangent)
+        runs[name] = run
         chosen = "+".join(sorted(set().union(*map(set, run.last_plan.values()))))
-        costs = step_flops(d_out, d_in, r, tokens, has_base=has_base, entries=entries)
-        floor_key = {"reference": "rebuild"}.get(strategy, chosen if strategy == "auto" else strategy)
-        floor = costs.get(floor_key, float("nan")) / dense_flops
-        if strategy == "reference":  # rebuilds W every use: same count as rebuild
-            floor = costs["rebuild"] / dense_flops
-        label = f"svft-{strategy}" + (f" (→ {chosen})" if strategy == "auto" else "")
-        rows.append([label, f"{ms:.1f}", f"{ms / dense_ms:.2f}", f"{floor:.2f}", f"{ms / dense_ms / floor:.2f}", f"{mem:.1f}"])
-
+        costs = step_flops(d_out, d_in, r, tokens, has_base=strategy == "factored", entries=entries)
+        # the authors' layer rebuilds W on every use: rebuild's count; auto: what it chose
+        floors[name] = costs[{"reference": "rebuild", "auto": chosen, "rebuild_remat": "rebuild"}.get(strategy, strategy)] / dense_flops
     lora = baselines.lora.apply(params, rank=8)
     trainable, frozen = svft_jax.split(lora)
     run = wrap(_layer, "factored")
-    ms, mem, _ = _run("lora", trainable, frozen, lambda t, f, x: run(svft_jax.combine(t, f), x), x, cotangent, repeats)
-    ms *= 1e3
-    lora_floor = step_flops(d_out, d_in, 8, tokens)["factored"] / dense_flops
-    rows.append(["lora r=8 (factored)", f"{ms:.1f}", f"{ms / dense_ms:.2f}", f"{lora_floor:.2f}", f"{ms / dense_ms / lora_floor:.2f}", f"{mem:.1f}"])
+    name = "lora r=8 (factored)"
+    thunks[name], memory[name] = _compile(trainable, frozen, lambda t, f, x: run(svft_jax.combine(t, f), x), x, cotangent)
+    floors[name] = step_flops(d_out, d_in, 8, tokens)["factored"] / dense_flops
+
+    wall = _round_robin(thunks, repeats)
+    dense_ms = wall["dense FT"] * 1e3
+    rows = []
+    for name in thunks:
+        ms = wall[name] * 1e3
+        label = name + (f" (→ {'+'.join(sorted(set().union(*map(set, runs[name].last_plan.values()))))})" if name == "svft-auto" else "")
+        rows.append([label, f"{ms:.1f}", f"{ms / dense_ms:.2f}", f"{floors[name]:.2f}",
+                     f"{ms / dense_ms / floors[name]:.2f}", f"{memory[name]:.1f}"])
+    return rows
+
+
+# ---- whole-model steps ------------------------------------------------------------------------
+
+
+def _model(config: str):
+    """(model, input_ids, loss(logits), extra regex) for a randomly initialised transformers model."""
+    rng = np.random.default_rng(0)
+    if config.startswith("bert"):
+        from transformers import BertConfig, FlaxBertForSequenceClassification
+
+        batch, seq = {"bert-16x64": (16, 64), "bert-32x128": (32, 128)}[config]
+        model = FlaxBertForSequenceClassification(
+            BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+                       vocab_size=30522, num_labels=2), seed=0)
+        ids = rng.integers(0, 30522, (batch, seq), dtype=np.int32)
+        labels = jnp.asarray(rng.integers(0, 2, (batch,), dtype=np.int32))
+        loss = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()  # noqa: E731
+        return model, ids, loss, "classifier/.*"
+    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+
+    batch, seq = 4, 256
+    model = FlaxLlamaForCausalLM(
+        LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
+                    intermediate_size=1376, vocab_size=8192, max_position_embeddings=seq), seed=0)
+    ids = rng.integers(0, 8192, (batch, seq), dtype=np.int32)
+    loss = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()  # noqa: E731
+    return model, ids, loss, None
+
+
+def bench_model(config: str, repeats: int) -> list[list]:
+    model, ids, loss_of, extra = _model(config)
+    params = model.params
+    methods = {
+        "full FT": (params, None),
+        "LoRA r=8 (factored)": (baselines.lora.apply(params, rank=8, extra=extra), "factored"),
+    }
+    banded = svft_jax.apply(params, "banded", d=2, svd_backend="numpy", extra=extra)
+    dropped = drop_unused_base(banded)
+    methods["SVFT^B d=2 rebuild (W0 kept)"] = (banded, "rebuild")
+    methods["SVFT^B d=2 spectral"] = (dropped, "spectral")
+    methods["SVFT^B d=2 auto"] = (dropped, "auto")
+    methods["SVFT^B d=2 reference (authors')"] = (dropped, "reference")
+    thunks, memory, plans = {}, {}, {}
+    for name, (tree, strategy) in methods.items():
+        tx = optax.adamw(1e-4)
+        if strategy is None:
+            trainable, frozen = tree, None
+            run = lambda t, f: model(ids, params=t).logits  # noqa: E731
+        else:
+            trainable, frozen = svft_jax.split(tree)
+            wrapped = wrap(model, strategy, params_argname="params")
+            run = lambda t, f, wrapped=wrapped: wrapped(ids, params=svft_jax.combine(t, f)).logits  # noqa: E731
+            plans[name] = wrapped
+
+        def step(trainable, frozen, opt_state, run=run, tx=tx):
+            value, grads = jax.value_and_grad(lambda t: loss_of(run(t, frozen)))(trainable)
+            updates, opt_state = tx.update(grads, opt_state, trainable)
+            return optax.apply_updates(trainable, updates), opt_state, value
+
+        args = (trainable, frozen, tx.init(trainable))
+        compiled = jax.jit(step).lower(*args).compile()
+        jax.block_until_ready(compiled(*args))
+        thunks[name] = lambda compiled=compiled, args=args: compiled(*args)
+        memory[name] = _memory_mib(compiled)
+    wall = _round_robin(thunks, repeats)
+    full, lora = wall["full FT"], wall["LoRA r=8 (factored)"]
+    rows = []
+    for name in thunks:
+        mix = ""
+        if name in plans:
+            used = [s for p in plans[name].last_plan.values() for s in p]
+            mix = ", ".join(f"{s} {used.count(s)}" for s in sorted(set(used)))
+        rows.append([name, f"{wall[name] * 1e3:.0f}", f"{wall[name] / full:.2f}", f"{wall[name] / lora:.2f}",
+                     f"{memory[name]:.0f}", f"{memory[name] / memory['LoRA r=8 (factored)']:.2f}", mix])
     return rows
 
 
@@ -126,6 +210,8 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="out×in, e.g. 1536x384")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--repeats", type=int, default=0, help="timed steps per row (0: 7 / 5 / 3 for T ≤ 256 / ≤ 1024 / more)")
+    parser.add_argument("--models", nargs="*", default=None, choices=["bert-16x64", "bert-32x128", "llama-4x256"],
+                        help="whole-model steps instead of the layer table")
     parser.add_argument("--output", default=None, help="markdown file (default experiments/results/bench_layers-T<tokens>.md)")
     args = parser.parse_args(argv)
     header = ["method", "ms", "÷ dense", "FLOPs ÷ dense", "time ÷ FLOP floor", "memory MiB"]
@@ -133,16 +219,27 @@ def main(argv=None):
     text = [f"# Layer training step (fwd + bwd + Adam, input gradient on), SVFT^B d=2 full rank\n\n"
             f"`python -m experiments.bench_layers --tokens {' '.join(map(str, args.tokens))} --shapes {' '.join(args.shapes)}`\n\n"
             f"{machine_description()}\n"]
+    if args.models:
+        text[0] = (f"# Whole-model training step (fwd + bwd + AdamW), SVFT^B d=2 full rank\n\n"
+                   f"`python -m experiments.bench_layers --models {' '.join(args.models)}`\n\n{machine_description()}\n")
+        model_header = ["method", "ms", "÷ full FT", "÷ LoRA r=8", "memory MiB", "memory ÷ LoRA", "strategies (targets)"]
+        for config in args.models:
+            repeats = args.repeats or 5
+            block = f"\n## {config}, median of {repeats} (round-robin)\n\n" + markdown_table(model_header, bench_model(config, repeats)) + "\n"
+            print(block, flush=True)
+            text.append(block)
+        args.tokens = []
     for tokens in args.tokens:
         repeats = args.repeats or (7 if tokens <= 256 else 5 if tokens <= 1024 else 3)
         for shape in args.shapes:
             d_out, d_in = (int(v) for v in shape.lower().split("x"))
             rows = bench_shape(d_out, d_in, tokens, repeats, args.strategies)
-            block = f"\n## {d_out}×{d_in} (out × in), T = {tokens}, median of {repeats}\n\n" + markdown_table(header, rows) + "\n"
+            block = f"\n## {d_out}×{d_in} (out × in), T = {tokens}, median of {repeats} (round-robin)\n\n" + markdown_table(header, rows) + "\n"
             print(block, flush=True)
             text.append(block)
     text.append(f"\nTotal run time {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}.\n")
-    output = args.output or os.path.join(os.path.dirname(__file__), "results", f"bench_layers-T{'-'.join(map(str, args.tokens))}.md")
+    suffix = "-".join(args.models) if args.models else "T" + "-".join(map(str, args.tokens))
+    output = args.output or os.path.join(os.path.dirname(__file__), "results", f"bench_layers-{suffix}.md")
     with open(output, "w") as handle:
         handle.write("".join(text))
     print(f"wrote {output}")
