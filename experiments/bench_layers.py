@@ -21,8 +21,10 @@ Uses only the public API.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
+import warnings
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -128,6 +130,39 @@ def bench_shape(d_out: int, d_in: int, tokens: int, repeats: int, strategies) ->
     return rows
 
 
+# ---- numerics ---------------------------------------------------------------------------------
+
+
+def numerics(shapes, tokens: int = 256) -> list[list]:
+    """Relative error ‖y − y_exact‖/‖y_exact‖ of one layer's output against float64
+    x (W0 + U M Vᵀ)ᵀ, with M ≠ 0 (m ~ N(0, 0.01·s̄²)), per strategy and factor dtype."""
+    rows = []
+    for shape in shapes:
+        d_out, d_in = (int(v) for v in shape.lower().split("x"))
+        rng = np.random.default_rng(0)
+        kernel = np.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), np.float32)
+        x = np.asarray(rng.standard_normal((tokens, d_in)), np.float32)
+        params = {"layer": {"kernel": jnp.asarray(kernel)}}
+        for dtype in (jnp.float32, jnp.bfloat16):
+            adapted = svft_jax.apply(params, "banded", d=2, svd_backend="numpy", factor_dtype=dtype)
+            node = adapted["layer"]["kernel"]
+            m = rng.standard_normal(node.m.shape).astype(np.float32) * 0.1 * float(np.mean(np.asarray(node.s, np.float32)))
+            node = dataclasses.replace(node, m=jnp.asarray(m))
+            adapted = {"layer": {"kernel": node}}
+            u, v = np.asarray(node.u, np.float64), np.asarray(node.v, np.float64)
+            dense_m = np.zeros((node.meta.rank,) * 2)
+            np.add.at(dense_m, (node.meta.rows.array, node.meta.cols.array), m.astype(np.float64))
+            exact = x.astype(np.float64) @ (kernel.astype(np.float64).T + u @ dense_m @ v.T).T
+            row = [shape, jnp.dtype(dtype).name]
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for strategy in ("rebuild", "factored", "spectral"):
+                    got = np.asarray(jax.jit(wrap(_layer, strategy))(adapted, jnp.asarray(x)), np.float64)
+                    row.append(f"{np.linalg.norm(got - exact) / np.linalg.norm(exact):.1e}")
+            rows.append(row)
+    return rows
+
+
 # ---- whole-model steps ------------------------------------------------------------------------
 
 
@@ -212,6 +247,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=0, help="timed steps per row (0: 7 / 5 / 3 for T ≤ 256 / ≤ 1024 / more)")
     parser.add_argument("--models", nargs="*", default=None, choices=["bert-16x64", "bert-32x128", "llama-4x256"],
                         help="whole-model steps instead of the layer table")
+    parser.add_argument("--numerics", action="store_true", help="output error per strategy and factor dtype instead of timings")
     parser.add_argument("--output", default=None, help="markdown file (default experiments/results/bench_layers-T<tokens>.md)")
     args = parser.parse_args(argv)
     header = ["method", "ms", "÷ dense", "FLOPs ÷ dense", "time ÷ FLOP floor", "memory MiB"]
@@ -219,7 +255,14 @@ def main(argv=None):
     text = [f"# Layer training step (fwd + bwd + Adam, input gradient on), SVFT^B d=2 full rank\n\n"
             f"`python -m experiments.bench_layers --tokens {' '.join(map(str, args.tokens))} --shapes {' '.join(args.shapes)}`\n\n"
             f"{machine_description()}\n"]
-    if args.models:
+    if args.numerics:
+        text[0] = (f"# Numerics: one layer's output vs float64 x (W0 + U M Vᵀ)ᵀ, SVFT^B d=2 full rank, M ≠ 0, T = 256\n\n"
+                   f"`python -m experiments.bench_layers --numerics`\n\n{machine_description()}\n\n")
+        block = markdown_table(["shape", "factors", "rebuild (W0 kept)", "factored (W0 kept)", "spectral (W0 not read)"], numerics(args.shapes)) + "\n"
+        print(block)
+        text.append(block)
+        args.tokens, args.models = [], ["numerics"]
+    elif args.models:
         text[0] = (f"# Whole-model training step (fwd + bwd + AdamW), SVFT^B d=2 full rank\n\n"
                    f"`python -m experiments.bench_layers --models {' '.join(args.models)}`\n\n{machine_description()}\n")
         model_header = ["method", "ms", "÷ full FT", "÷ LoRA r=8", "memory MiB", "memory ÷ LoRA", "strategies (targets)"]
