@@ -305,3 +305,16 @@ def test_bfloat16_factors_stay_bfloat16_in_the_hot_path():
         dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
         assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
         assert all(e.outvars[0].aval.dtype == jnp.float32 for e in dots)  # float32 accumulation
+
+
+def test_bfloat16_rebuild_multiplies_in_bfloat16_and_matches_the_stored_factors():
+    """delta() with bfloat16 factors: only bfloat16 dots (two passes), yet equal to the float64
+    product of the stored factors far below bfloat16's 2⁻⁸ resolution."""
+    params = {"a": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(16, 12)), jnp.float32)}}
+    node = svft_jax.apply(params, "banded", d=1, factor_dtype=jnp.bfloat16, svd_backend="numpy")["a"]["kernel"]
+    node = dataclasses.replace(node, m=jnp.asarray(np.random.default_rng(1).normal(size=node.m.shape), jnp.float32))
+    dots = [e for e in jax.make_jaxpr(lambda n: n.delta())(node).jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert dots and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
+    want = reference.f64(node.u) @ reference.dense_m(node) @ reference.f64(node.v).T
+    got = np.asarray(jax.jit(lambda n: n.delta())(node), np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-4

@@ -41,6 +41,27 @@ def rebuild_precision(precision=None):
     return jax.lax.Precision(REBUILD_PRECISION.get(jax.default_backend(), "highest"))
 
 
+def rebuild_matmul(a, b_t, precision=None):
+    """a (*stack, d1, r) float32 times b_tᵀ for stored factors b_t (*stack, d2, r): (*stack, d1, d2) float32.
+
+    With float32 factors, one float32 matmul. With half-precision factors the product stays in
+    the factors' dtype (float32 accumulation), and a — derived in float32 from the stored
+    factors (U M, or U (Σ + M)) — is split into a high and a low half-precision part,
+    a ≈ hi + lo, multiplied in two passes: the result matches the float32 product of the
+    stored factors to ~2⁻¹⁶ relative instead of bfloat16's 2⁻⁸, at twice a bfloat16
+    matmul's cost (still well below one float32 matmul on GPUs/TPUs).
+    """
+    dtype = jnp.dtype(b_t.dtype)
+    b = jnp.swapaxes(b_t, -1, -2)
+    if dtype.itemsize >= 4:
+        return jnp.matmul(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), precision=precision,
+                          preferred_element_type=jnp.float32)
+    hi = a.astype(dtype)
+    lo = (a - hi.astype(a.dtype)).astype(dtype)
+    return (jnp.matmul(hi, b, precision=precision, preferred_element_type=jnp.float32)
+            + jnp.matmul(lo, b, precision=precision, preferred_element_type=jnp.float32))
+
+
 def accumulation_dtype(dtype, preferred_element_type=None):
     """float32 accumulation for bfloat16/float16 inputs unless told otherwise."""
     if preferred_element_type is not None:

@@ -283,28 +283,24 @@ class SVFTNode(AdapterNode):
         """ΔW = U M Vᵀ, float32: (*stack, d1, d2).
 
         precision: of the d1×r×d2 product; default `_matmul.rebuild_precision()` (per
-        platform). bfloat16 factors multiply in bfloat16 with float32 accumulation.
+        platform). bfloat16 factors multiply in bfloat16 (two passes, float32 accumulation;
+        see `_matmul.rebuild_matmul`), V is never copied to float32.
         """
-        from svft_jax.transform._matmul import compute_dtype, rebuild_precision
+        from svft_jax.transform._matmul import rebuild_matmul, rebuild_precision
 
-        dtype = compute_dtype(jnp.float32, self.v.dtype)
-        um = self.left_product().astype(dtype)
-        return jnp.matmul(um, jnp.swapaxes(jnp.asarray(self.v, dtype), -1, -2), precision=rebuild_precision(precision),
-                          preferred_element_type=jnp.float32)
+        return rebuild_matmul(self.left_product(), self.v, rebuild_precision(precision))
 
     def weight(self, precision=None):
         """W = W0 + U M Vᵀ, or U (diag(s) + M) Vᵀ without a stored W0. float32 (*stack, d1, d2).
 
         precision: as for `delta`.
         """
-        from svft_jax.transform._matmul import compute_dtype, rebuild_precision
+        from svft_jax.transform._matmul import rebuild_matmul, rebuild_precision
 
         if self.base is not None:
             return self.base_matrix() + self.delta(precision)
-        dtype = compute_dtype(jnp.float32, self.v.dtype)
         um = self.left_product() + jnp.asarray(self.u, jnp.float32) * jnp.asarray(self.s, jnp.float32)[..., None, :]
-        return jnp.matmul(um.astype(dtype), jnp.swapaxes(jnp.asarray(self.v, dtype), -1, -2),
-                          precision=rebuild_precision(precision), preferred_element_type=jnp.float32)
+        return rebuild_matmul(um, self.v, rebuild_precision(precision))
 
     def matmul(self, x, *, precision=None, preferred_element_type=None):
         """x Wᵀ as x W0ᵀ + (x V)(U M)ᵀ (or (x V)(U (Σ + M))ᵀ without W0), W never formed.
