@@ -180,7 +180,7 @@ def test_bfloat16_factors_spectral_error_is_bounded_and_warned(flax_case):
     """bfloat16 U, s, V: spectral uses U Σ Vᵀ in bfloat16 for W0. The output moves by a few 1e-3
     relative (8 mantissa bits), and a stored W0 it ignores is flagged."""
     apply_fn, params, x = flax_case
-    adapted = svft_jax.apply(params, "banded", d=2, factor_dtype=jnp.bfloat16, init="reference", svd_backend="numpy")
+    adapted = svft_jax.apply(params, "banded", d=2, factor_dtype=jnp.bfloat16, init="reference", svd_backend="numpy", overrides=_GENERAL)
     exact = apply_fn(svft_jax.merge(adapted), x)  # W0 + ΔW, W0 exact
     with pytest.warns(PrecisionWarning, match="ignores the stored W0"):
         got = wrap(apply_fn, "spectral")(adapted, x)
