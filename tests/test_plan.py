@@ -95,12 +95,12 @@ def _stack(layers=3, seed=0):
     return {
         "q": {"kernel": rng.normal(size=(24, 24)).astype(np.float32)},
         "up": {"kernel": rng.normal(size=(24, 40)).astype(np.float32)},
-        "scan": {"kernel": rng.normal(size=(layers, 40, 24)).astype(np.float32)},
+        "ScanDense_0": {"kernel": rng.normal(size=(layers, 40, 24)).astype(np.float32)},
         "head": {"kernel": rng.normal(size=(24, 5)).astype(np.float32)},
     }
 
 
-TARGETS = "(q|up|scan)/kernel"
+TARGETS = "(q|up|ScanDense_0)/kernel"
 
 
 @pytest.mark.parametrize("pattern, options", [("plain", {}), ("banded", dict(d=3)), ("random", dict(k=50)),
@@ -158,7 +158,7 @@ def test_plan_checks_everything_apply_checks_on_shapes():
 def test_flops_per_token_are_the_cost_models_hand_counts():
     tokens = 256
     report = svft_jax.plan(_stack(), "banded", d=1, targets=TARGETS, tokens=tokens)
-    row = {r.path: r for r in report.rows}["scan/kernel"]
+    row = {r.path: r for r in report.rows}["ScanDense_0/kernel"]
     d1, d2, r, layers = 24, 40, 24, 3  # scan kernel (3, 40, 24) is (layers, in, out): W is 24×40
     assert row.shape == "3×24×40"
     rebuild = layers * (3 * tokens * d1 * d2 + 2 * d1 * d2 * r) / tokens
@@ -167,7 +167,7 @@ def test_flops_per_token_are_the_cost_models_hand_counts():
     assert row.flops_per_token["factored"] == pytest.approx(factored)
     assert row.factor_bytes == layers * 4 * (d1 * r + r + d2 * r)
     assert row.base_bytes == layers * 4 * d1 * d2
-    assert "scan/kernel" in report.table() and "trainable params:" in str(report)
+    assert "ScanDense_0/kernel" in report.table() and "trainable params:" in str(report)
 
 
 # ---- budget ---------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_budget_fraction_counts_all_parameters_and_extra_leaves():
 def test_budget_random_gives_k_proportional_to_rank():
     params = _stack()
     params["small"] = {"kernel": np.ones((12, 8), np.float32) + np.eye(12, 8, dtype=np.float32)}
-    targets = "(q|up|scan|small)/kernel"
+    targets = "(q|up|ScanDense_0|small)/kernel"
     budget = 1000
     report = svft_jax.plan(params, "random", budget=budget, targets=targets)
     big_k = report.choice["k_at_max_rank"]
