@@ -82,8 +82,8 @@ def scan_case():
 
 
 @pytest.mark.parametrize("pattern,options,strategy", [
-    *(("banded", dict(d=1), s) for s in STRATEGIES),
-    ("topk", dict(k=20), "factored"), ("topk", dict(k=20), "reference"),  # per-layer Ω
+    *(("banded", dict(d=1), s) for s in [*STRATEGIES, "spectral"]),  # full rank: spectral applies
+    ("topk", dict(k=20), "factored"), ("topk", dict(k=20), "reference"), ("topk", dict(k=20), "spectral"),  # per-layer Ω
 ])
 def test_nn_scan_stack_matches_merged_and_keeps_strategy(scan_case, pattern, options, strategy):
     apply_fn, params, x = scan_case
