@@ -27,11 +27,11 @@ def build_params():
         "a": {"kernel": rng.normal(size=(8, 12)).astype(np.float32)},
         "b": {"kernel": rng.normal(size=(8, 12)).astype(np.float32)},
         "c": {"kernel": rng.normal(size=(12, 8)).astype(np.float32)},
-        "scan": {"kernel": rng.normal(size=(3, 8, 12)).astype(np.float32)},
+        "ScanDense_0": {"kernel": rng.normal(size=(3, 8, 12)).astype(np.float32)},
     }
 
 
-TARGETS = "(a|b|c|scan)/kernel"
+TARGETS = "(a|b|c|ScanDense_0)/kernel"
 
 
 def main(argv):
@@ -62,7 +62,7 @@ def main(argv):
     store = {}
     adapted = svft_jax.apply(params, targets=TARGETS, mesh=mesh, factors=store, **PATTERN)
     out = {"addressable": np.array(addressable)}
-    for path in ("a", "b", "c", "scan"):
+    for path in ("a", "b", "c", "ScanDense_0"):
         node = adapted[path]["kernel"]
         for field in ("u", "s", "v"):
             value = getattr(node, field)

@@ -96,5 +96,5 @@ def test_nnx_notebook_trains_an_nnx_model_through_split_apply_update(venv_kernel
     after = float(re.search(r"after:  accuracy ([\d.]+)", text).group(1))
     assert after > before + 0.2, text[-2000:]
     written = float(re.search(r"written-back model accuracy: ([\d.]+)", text).group(1))
-    assert written == pytest.approx(after, abs=1e-6)
+    assert written == pytest.approx(after, abs=1e-3)  # "after" is printed with 3 decimals
     assert "without layouts:" in text and "overrides" in text

@@ -36,7 +36,7 @@ def _params(seed=0):
     rng = np.random.default_rng(seed)
     params = {f"w{i}": {"kernel": rng.normal(size=(16, 24)).astype(np.float32)} for i in range(5)}
     params["up"] = {"kernel": rng.normal(size=(24, 40)).astype(np.float32)}
-    params["scan"] = {"kernel": rng.normal(size=(8, 64, 48)).astype(np.float32)}
+    params["ScanDense_0"] = {"kernel": rng.normal(size=(8, 64, 48)).astype(np.float32)}
     return params
 
 
@@ -65,7 +65,7 @@ def test_mesh_apply_equals_single_device_apply(backend, pattern, options):
     reference = svft_jax.apply(params, pattern, svd_backend=backend, targets=".*kernel", **options)
     sharded = svft_jax.apply(params, pattern, svd_backend=backend, targets=".*kernel", mesh=mesh, svd_batch=1, **options)
     _assert_same(sharded, reference)
-    node = sharded["scan"]["kernel"]
+    node = sharded["ScanDense_0"]["kernel"]
     assert node.u.sharding.is_fully_replicated and len(node.u.sharding.device_set) == 8
 
 
@@ -77,7 +77,7 @@ def test_mesh_apply_from_device_sharded_kernels_with_fsdp_factors():
     reference = svft_jax.apply(params, "banded", d=1, svd_backend="numpy", targets=".*kernel")
     sharded = svft_jax.apply(on_mesh, "banded", d=1, svd_backend="numpy", targets=".*kernel", mesh=mesh, fsdp=True)
     _assert_same(sharded, reference)
-    u = sharded["scan"]["kernel"].u  # (8, 48, 48), ≥ 2**12 entries: its largest axis divisible by model=2 is split
+    u = sharded["ScanDense_0"]["kernel"].u  # (8, 48, 48), ≥ 2**12 entries: its largest axis divisible by model=2 is split
     assert u.sharding.spec != PartitionSpec() and "model" in str(u.sharding.spec)
     with pytest.raises(ValueError, match="'model' mesh axis"):
         svft_jax.apply(params, "plain", targets=".*kernel", mesh=jax.make_mesh((8,), ("x",)), fsdp=True, svd_backend="numpy")
@@ -133,7 +133,7 @@ def test_two_processes_factorise_non_addressable_kernels(tmp_path, monkeypatch):
     assert not any(bool(r["addressable"]) for r in results)  # the kernels really spanned both processes
     reference = svft_jax.apply(worker.build_params(), targets=worker.TARGETS, **worker.PATTERN)
     for result in results:
-        for path in ("a", "b", "c", "scan"):
+        for path in ("a", "b", "c", "ScanDense_0"):
             node = reference[path]["kernel"]
             for field in ("u", "s", "v"):
                 np.testing.assert_array_equal(result[f"{path}.{field}"], np.asarray(getattr(node, field)), err_msg=f"{path}.{field}")
