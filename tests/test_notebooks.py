@@ -97,4 +97,4 @@ def test_nnx_notebook_trains_an_nnx_model_through_split_apply_update(venv_kernel
     assert after > before + 0.2, text[-2000:]
     written = float(re.search(r"written-back model accuracy: ([\d.]+)", text).group(1))
     assert written == pytest.approx(after, abs=1e-3)  # "after" is printed with 3 decimals
-    assert "without layouts:" in text and "overrides" in text
+    assert "without layouts: parameter 'mix/kernel/value'" in text  # the ambiguous Einsum kernel is refused
