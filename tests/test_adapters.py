@@ -149,7 +149,7 @@ def _hf_case(model_cls, config, targets, seed):
     return model, params, singles, tree
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", pytest.param("llama", marks=pytest.mark.slow)])
 def test_routing_hf_models_equals_each_example_through_its_own_merged_model(family):
     if family == "bert":
         config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

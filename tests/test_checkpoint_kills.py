@@ -161,11 +161,13 @@ def _checkpoint_kill_loop(tmp_path, kills: int, seed: int = 0) -> Counter:
     return tally
 
 
+@pytest.mark.slow  # subprocess kill loops; the 20-kill versions below are the ones reported
 @pytest.mark.parametrize("kind", ["export-loop", "safetensors-loop"])
 def test_sigkill_during_overwrite_leaves_a_complete_export_and_no_pile_of_leftovers(tmp_path, kind):
     _export_kill_loop(tmp_path, kind, kills=2)
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_and_retention_leaves_a_clean_restorable_directory(tmp_path):
     _checkpoint_kill_loop(tmp_path, kills=2)
 

@@ -88,6 +88,7 @@ def test_results_notebook_reads_a_sentiment_results_file(venv_kernel, monkeypatc
     assert len(images) == 1, "no figure was drawn"
 
 
+@pytest.mark.slow  # tests/test_nnx.py runs the same workflow in CI
 def test_nnx_notebook_trains_an_nnx_model_through_split_apply_update(venv_kernel, monkeypatch):
     """The NNX workflow notebook: without layouts the ambiguous kernels are refused; training
     raises the accuracy well above its start; the written-back model predicts the same."""

@@ -254,6 +254,7 @@ def _gsm8k_example(name, config, i):
             "annotation": "", "short_answer": str(a * b)}
 
 
+@pytest.mark.slow  # the LM tasks compile a decoder twice (train + generate); `make test-slow`
 def test_math_reasoning_end_to_end_tiny_llama(tmp_path):
     math_file = tmp_path / "math.jsonl"
     math_file.write_text("\n".join(json.dumps({"problem": f"What is {k}+1?", "solution": f"It is $\\boxed{{{k + 1}}}$."}) for k in range(3)))
@@ -297,6 +298,7 @@ def _commonsense_example(name, config, i):
     raise AssertionError(name)
 
 
+@pytest.mark.slow
 def test_commonsense_end_to_end_all_eight_tasks(tmp_path):
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=structured_source(_commonsense_example, 4)):
         metrics = commonsense.main([

@@ -70,7 +70,7 @@ def _llama():
     return FlaxLlamaForCausalLM(config, seed=0), dict(pattern="topk", k=50, init="reference")
 
 
-@pytest.mark.parametrize("case", [_bert, _gpt2, _llama], ids=["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("case", [_bert, _gpt2, pytest.param(_llama, marks=pytest.mark.slow)], ids=["bert", "gpt2", "llama"])
 def test_hf_spectral_matches_merged_loss_and_grads(case):
     model, options = case()
     adapted = svft_jax.apply(model.params, svd_backend="numpy", **options)
@@ -107,7 +107,8 @@ def flax_case():
 
 
 @pytest.mark.parametrize("pattern,options", [
-    ("plain", {}), ("banded", dict(d=2)), ("banded", dict(d=30)), ("random", dict(k=25)), ("topk", dict(k=25)),
+    ("plain", {}), ("banded", dict(d=2)), pytest.param("banded", dict(d=30), marks=pytest.mark.slow),  # 61 diagonals: 26 s
+    ("random", dict(k=25)), ("topk", dict(k=25)),
     ("banded", dict(d=1, keep_base=False)),
 ])
 def test_flax_spectral_matches_merged(flax_case, pattern, options):
