@@ -266,3 +266,14 @@ def test_models_adapt_with_the_params_forgotten_says_so():
 
     with pytest.raises(TypeError, match=r"second argument is the parameter pytree.*adapt\(model, params, 'banded'\)"):
         svft_models.adapt(_FakeModel(), "banded")
+
+
+def test_a_layout_in_a_later_override_does_not_apply_when_an_earlier_one_matches():
+    """First match wins for every option, the layout included: select_targets and apply agree,
+    so the kernel the later entry would declare is not silently a target with no layout."""
+    params = {"blocks": {"kernel": jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 16)), jnp.float32)}}
+    overrides = {".*": {"rank": 2}, "blocks/kernel": {"layout": "stacked_in_out"}}
+    with pytest.raises(ValueError, match=r"blocks/kernel.*does not guess"):  # the later layout is not used
+        svft_jax.apply(params, overrides=overrides)
+    ordered = {"blocks/kernel": {"layout": "stacked_in_out"}, ".*": {"rank": 2}}
+    assert svft_jax.apply(params, overrides=ordered)["blocks"]["kernel"].u.shape == (2, 16, 8)

@@ -679,7 +679,8 @@ def make_plans(
     base_config = {"pattern": pattern, "d": d, "k": k, "rank": rank, "seed": seed, "init": init,
                    "factor_dtype": factor_dtype, "layout": None, "keep_base": keep_base}
     compiled = _compile_overrides(overrides, base_config)
-    layouts = {text: values["layout"] for text, _, values in compiled if "layout" in values}
+    # Every override, in order: a path's layout is the first matching entry's (None if it sets none), as for every option.
+    layouts = {text: values.get("layout") for text, _, values in compiled}
     chosen = select_targets(params, targets, exclude, layouts=layouts)
     unused = [text for text, regex, _ in compiled if not any(matches(regex, p) for p in chosen)]
     if unused:
