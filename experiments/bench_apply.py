@@ -25,25 +25,30 @@ SHAPES = {"self_attn/q_proj": (512, 512), "self_attn/k_proj": (512, 512), "self_
           "mlp/down_proj": (1376, 512)}
 
 
-def llama_stack(layers: int, seed: int = 0) -> dict:
-    """{'model': {'layers': {'0': {'self_attn': {'q_proj': {'kernel': (in, out)}}, ...}}}}."""
+def llama_stack(layers: int, seed: int = 0, shapes: dict | None = None) -> dict:
+    """{'model': {'layers': {'0': {'self_attn': {'q_proj': {'kernel': (in, out)}}, ...}}}}.
+
+    shapes: {"group/proj": kernel (in, out)} per layer (default: this benchmark's `SHAPES`).
+    """
     rng = np.random.default_rng(seed)
     tree: dict = {}
     for layer in range(layers):
-        for name, shape in SHAPES.items():
+        for name, shape in (SHAPES if shapes is None else shapes).items():
             group, proj = name.split("/")
             node = tree.setdefault(str(layer), {}).setdefault(group, {}).setdefault(proj, {})
             node["kernel"] = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
     return {"model": {"layers": tree}}
 
 
-def lapack_loop(params) -> list:
-    """The baseline: np.linalg.svd (LAPACK gesdd) of each W = kernelᵀ, one at a time."""
+def lapack_loop(params, keep_factors: bool = False) -> list:
+    """The baseline: np.linalg.svd (LAPACK gesdd) of each W = kernelᵀ, one at a time; keeps the
+    singular values, or every (u, s, vᵀ) with `keep_factors` (a fair peak-memory baseline)."""
     out = []
     for layer in params["model"]["layers"].values():
         for group in layer.values():
             for proj in group.values():
-                out.append(np.linalg.svd(proj["kernel"].T, full_matrices=False)[1])
+                factors = np.linalg.svd(proj["kernel"].T, full_matrices=False)
+                out.append(factors if keep_factors else factors[1])
     return out
 
 

@@ -28,31 +28,22 @@ if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
 
 import numpy as np
 
+from experiments import bench_apply
+from experiments.bench_apply import llama_stack
+
 SHAPES = {"self_attn/q_proj": (576, 576), "self_attn/k_proj": (576, 192), "self_attn/v_proj": (576, 192),
           "self_attn/o_proj": (576, 576), "mlp/gate_proj": (576, 1536), "mlp/up_proj": (576, 1536),
           "mlp/down_proj": (1536, 576)}  # kernels (in, out)
 
 
 def smollm_shapes_params(layers: int, seed: int = 0) -> dict:
-    """{'model': {'layers': {'0': {'self_attn': {'q_proj': {'kernel': (in, out)}}, ...}}}}."""
-    rng = np.random.default_rng(seed)
-    tree: dict = {}
-    for layer in range(layers):
-        for name, shape in SHAPES.items():
-            group, proj = name.split("/")
-            node = tree.setdefault(str(layer), {}).setdefault(group, {}).setdefault(proj, {})
-            node["kernel"] = (rng.standard_normal(shape) / np.sqrt(shape[0])).astype(np.float32)
-    return {"model": {"layers": tree}}
+    """SmolLM2-135M-shaped random kernels, {'model': {'layers': {'0': {...}}}}."""
+    return llama_stack(layers, seed, SHAPES)
 
 
 def lapack_loop(params) -> list:
-    """The baseline: np.linalg.svd (LAPACK gesdd) of each W = kernelᵀ, one at a time."""
-    out = []
-    for layer in params["model"]["layers"].values():
-        for group in layer.values():
-            for proj in group.values():
-                out.append(np.linalg.svd(proj["kernel"].T, full_matrices=False))
-    return out
+    """The baseline, keeping every (u, s, vᵀ) as apply keeps its factors."""
+    return bench_apply.lapack_loop(params, keep_factors=True)
 
 
 def variants(params, devices: list[int]) -> dict:
