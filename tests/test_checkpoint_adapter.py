@@ -289,3 +289,15 @@ def test_adapter_of_another_base_is_refused(tmp_path):
     path = save_adapter(tmp_path / "a.safetensors", _trained(svft_jax.apply(_base(0), "banded", d=1, overrides=STACKED)))
     with pytest.raises(ValueError, match="different base model.*attn/query/kernel"):
         load_adapter(path, _base(1))
+
+
+def test_factor_store_from_a_tree_says_which_targets_it_leaves_out():
+    """bfloat16 factors are not what the SVD computed: left out of the store, and said so."""
+    from svft_jax.checkpoint import factor_store
+
+    base = _base()
+    adapted = svft_jax.apply(base, "banded", d=1, targets=r"attn/.*kernel|mlp/kernel",
+                             overrides={"mlp/kernel": {"factor_dtype": jnp.bfloat16}})
+    with pytest.warns(UserWarning, match=r"1 target\(s\) left out.*'mlp/kernel'"):
+        store = factor_store(adapted)
+    assert len(store) == 2  # the two float32 attention targets

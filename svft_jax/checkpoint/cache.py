@@ -17,6 +17,7 @@ of other weights.
 from __future__ import annotations
 
 import pathlib
+import warnings
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -38,15 +39,23 @@ def factor_store(adapted, base_params=None) -> dict:
     a keep_base=False node needs `base_params` for its key (the kernel's bytes).
     """
     base_leaves = leaves_by_path(base_params) if base_params is not None else {}
-    store = {}
+    store, lossy = {}, []
     for path, node in leaves_by_path(adapted).items():
-        if not isinstance(node, SVFTNode) or node.meta.factor_dtype != node.meta.svd_dtype:
+        if not isinstance(node, SVFTNode):
+            continue
+        if node.meta.factor_dtype != node.meta.svd_dtype:
+            lossy.append(path)
             continue
         kernel = node.base if node.base is not None else base_leaves.get(path)
         if kernel is None:
             raise ValueError(f"factor_store: {path!r} was adapted with keep_base=False; pass base_params= so its key can be computed.")
         key = factor_key(node.layout.to_matrix(np.asarray(kernel)), node.meta.rank, node.meta.svd_dtype, node.meta.svd_backend)
         store[key] = tuple(np.asarray(getattr(node, f)) for f in _FIELDS)
+    if lossy:
+        warnings.warn(
+            f"factor_store: {len(lossy)} target(s) left out (e.g. {lossy[0]!r}): their factors are stored in "
+            "another dtype than the SVD computed, so they would not be the factors `apply` looks up. Fill a store "
+            "with apply(..., factors=store) instead.", UserWarning, stacklevel=2)
     return store
 
 
