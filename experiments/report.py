@@ -136,3 +136,107 @@ def plot(table: list[dict], path: Path, *, title: str, metric: str = "test_accur
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- learning-rate sweeps
+
+
+def learning_rate_grid(preset: presets_lib.Preset, factors: Sequence[float] = (1 / 3, 1.0, 3.0)) -> tuple[float, ...]:
+    """The preset's usual learning rate times each factor (the small sweep of the experiments)."""
+    return tuple(float(f"{preset.learning_rate * factor:.3g}") for factor in factors)
+
+
+def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], methods: Sequence[presets_lib.Preset],
+                     seeds: Sequence[int], learning_rates: Callable[[presets_lib.Preset], Sequence[float]], *,
+                     select: str = "validation_accuracy", mode: str = "max", log=print, on_result=None,
+                     keep_going: bool = False, finished_rows: Sequence[dict] = ()) -> tuple[list[dict], dict[str, float]]:
+    """Pick each method's learning rate on validation with the first seed, then run the other seeds at it.
+
+    Phase 1 runs every method at each of its `learning_rates(preset)` with `seeds[0]`; the
+    learning rate whose row has the best `select` score (validation, never test) is the
+    method's. Phase 2 runs `seeds[1:]` at that rate, seed-major, so a stopped run still covers
+    every method. The first seed's run at the chosen rate is that seed's final run (its test
+    score was not looked at when choosing).
+
+    Args:
+      run_one: (preset, seed, learning_rate) -> row dict with `select` in it.
+      methods, seeds: the grid; learning_rates: the sweep of each method.
+      select, mode: the validation score and "max" | "min".
+      log, on_result, keep_going, finished_rows: as in `run_grid` (rows keyed by method, seed,
+        learning_rate).
+    Returns:
+      (every row, each tagged `learning_rate` and `chosen` (True on the method's final runs),
+       {method: chosen learning rate}).
+    """
+    if mode not in ("max", "min"):
+        raise ValueError(f"sweep_then_seeds: mode must be 'max' or 'min', got {mode!r}.")
+    if not seeds:
+        raise ValueError("sweep_then_seeds: no seeds given.")
+    rows = [dict(row) for row in finished_rows]
+    done = {(row["method"], row["seed"], row["learning_rate"]) for row in rows}
+
+    def attempt(preset, seed, lr):
+        if (preset.name, seed, lr) in done:
+            return
+        log(f"== {preset.name} seed={seed} lr={lr:g}")
+        try:
+            row = run_one(preset, seed, lr)
+        except Exception:  # noqa: BLE001 - one failing run must not cost the others
+            if not keep_going:
+                raise
+            log(f"!! {preset.name} seed={seed} lr={lr:g} failed:\n{traceback.format_exc()}")
+            return
+        rows.append({**row, "method": preset.name, "seed": seed, "learning_rate": lr, "chosen": False})
+        done.add((preset.name, seed, lr))
+        mark_chosen(rows, chosen)
+        if on_result is not None:
+            on_result(rows)
+
+    chosen: dict[str, float] = {}
+    for preset in methods:
+        for lr in learning_rates(preset):
+            attempt(preset, seeds[0], lr)
+        swept = [r for r in rows if r["method"] == preset.name and r["seed"] == seeds[0]
+                 and r["learning_rate"] in learning_rates(preset) and r.get(select) is not None]
+        if not swept:
+            continue
+        best = (max if mode == "max" else min)(swept, key=lambda r: r[select])
+        chosen[preset.name] = best["learning_rate"]
+    mark_chosen(rows, chosen)
+    if on_result is not None:
+        on_result(rows)
+    for seed in seeds[1:]:
+        for preset in methods:
+            if preset.name in chosen:
+                attempt(preset, seed, chosen[preset.name])
+                mark_chosen(rows, chosen)
+    return rows, chosen
+
+
+def mark_chosen(rows: Sequence[dict], chosen: dict[str, float]) -> None:
+    """Set each row's `chosen` flag: True where its learning rate is its method's chosen one."""
+    for row in rows:
+        row["chosen"] = chosen.get(row["method"]) == row["learning_rate"]
+
+
+def final_rows(rows: Sequence[dict]) -> list[dict]:
+    """The rows of each method's chosen learning rate (what `summarise` should see after a sweep)."""
+    return [row for row in rows if row.get("chosen")]
+
+
+def sweep_table(rows: Sequence[dict], select: str = "validation_accuracy", label: str = "validation accuracy") -> str:
+    """Markdown: one line per method, its swept learning rates with `select` (in %), the chosen one in bold."""
+    lines = [f"| method | {label} at each learning rate (first seed; chosen in bold) |", "|---|---|"]
+    by_method: dict[str, dict[float, dict]] = {}
+    first_seed: dict[str, int] = {}
+    for row in rows:
+        first_seed.setdefault(row["method"], row["seed"])
+        if row["seed"] == first_seed[row["method"]]:
+            by_method.setdefault(row["method"], {})[row["learning_rate"]] = row
+    for method, by_lr in by_method.items():
+        cells = []
+        for lr in sorted(by_lr):
+            text = f"{lr:g}: {100 * by_lr[lr][select]:.2f}"
+            cells.append(f"**{text}**" if by_lr[lr].get("chosen") else text)
+        lines.append(f"| {method} | {' · '.join(cells)} |")
+    return "\n".join(lines)

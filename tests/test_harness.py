@@ -148,3 +148,38 @@ def test_full_finetune_trains_weights_and_head_at_their_own_rates(rng):
     body_step = np.abs(np.asarray(result["body"]["kernel"]) - start["body"]["kernel"]).max()
     head_step = np.abs(np.asarray(result["classifier"]["kernel"]) - start["classifier"]["kernel"]).max()
     assert body_step == pytest.approx(1e-3, rel=1e-2) and head_step == pytest.approx(1e-1, rel=1e-2)
+
+
+def test_learning_rate_sweep_chooses_on_validation_and_reruns_only_the_chosen_rate():
+    from experiments import report
+
+    calls = []
+
+    def run_one(preset, seed, lr):
+        calls.append((preset.name, seed, lr))
+        # validation peaks at 1e-2 for SVFT and 1e-3 for LoRA; test would have picked others
+        best = {"svft_plain": 1e-2, "lora_r1": 1e-3}[preset.name]
+        return dict(validation_accuracy=1.0 - abs(math.log10(lr / best)), test_accuracy=lr, seed_echo=seed)
+
+    methods = presets.get_many(["svft_plain", "lora_r1"])
+    lrs = lambda preset: report.learning_rate_grid(preset, (0.1, 1.0, 10.0))  # noqa: E731
+    seen = []
+    rows, chosen = report.sweep_then_seeds(run_one, methods, (0, 1, 2), lrs, on_result=lambda r: seen.append(len(r)),
+                                           log=lambda s: None)
+    assert chosen == {"svft_plain": 1e-2, "lora_r1": 1e-3}
+    # 3 sweep runs per method with seed 0, then seeds 1 and 2 at the chosen rate only, seed-major
+    assert calls[:6] == [("svft_plain", 0, 1e-3), ("svft_plain", 0, 1e-2), ("svft_plain", 0, 0.1),
+                         ("lora_r1", 0, 1e-4), ("lora_r1", 0, 1e-3), ("lora_r1", 0, 1e-2)]
+    assert calls[6:] == [("svft_plain", 1, 1e-2), ("lora_r1", 1, 1e-3), ("svft_plain", 2, 1e-2), ("lora_r1", 2, 1e-3)]
+    final = report.final_rows(rows)
+    assert sorted((r["method"], r["seed"]) for r in final) == sorted((m, s) for m in chosen for s in (0, 1, 2))
+    assert all(r["learning_rate"] == chosen[r["method"]] for r in final)
+    assert seen[-1] == 10
+    table = report.sweep_table(rows)
+    assert "**0.01: 100.00**" in table and "**0.001: 100.00**" in table and "0.1: 0.00" in table
+    # resuming from the first 7 rows runs only the 3 missing ones and chooses the same rates
+    calls.clear()
+    rows2, chosen2 = report.sweep_then_seeds(run_one, methods, (0, 1, 2), lrs, finished_rows=rows[:7], log=lambda s: None)
+    assert chosen2 == chosen and len(calls) == 3 and len(rows2) == 10
+    with pytest.raises(ValueError, match="mode"):
+        report.sweep_then_seeds(run_one, methods, (0,), lrs, mode="best")
