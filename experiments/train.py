@@ -164,11 +164,18 @@ def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None)
 _OPTIMIZERS: dict = {}
 
 
-def make_optimizer(config: TrainConfig, extra: str | None = None, *, full_finetune: bool = False):
+def make_optimizer(config: TrainConfig, extra: str | None = None, *, full_finetune: bool = False,
+                   learning_rate_in_state: bool = False):
     """AdamW on M (and gates) and, with its own LR, on the `extra` leaves; frozen leaves get none.
 
     With `full_finetune`, every leaf trains: the `extra` leaves at `head_learning_rate`, all
     others at `learning_rate` (the tree has no adapter nodes then).
+
+    With `learning_rate_in_state`, each peak learning rate is a value of the optimiser state
+    (`optax.inject_hyperparams(optax.scale)`) times a unit-peak schedule, instead of a constant
+    of the program: runs that differ only in learning rate (a sweep) trace to the same XLA
+    program, so JAX's persistent compilation cache compiles it once. Same updates up to float
+    rounding; the state has one more scalar per rate.
 
     The same settings give the same optimiser object, so a task run again with another seed
     reuses its compiled train step (`jit` caches on the function).
@@ -178,16 +185,26 @@ def make_optimizer(config: TrainConfig, extra: str | None = None, *, full_finetu
     """
     key = (config.steps, config.learning_rate, config.head_learning_rate, config.weight_decay,
            config.head_weight_decay, config.warmup_fraction, config.schedule, config.max_grad_norm,
-           extra, full_finetune)
+           extra, full_finetune, learning_rate_in_state)
     if key not in _OPTIMIZERS:
-        _OPTIMIZERS[key] = _make_optimizer(config, extra, full_finetune)
+        _OPTIMIZERS[key] = _make_optimizer(config, extra, full_finetune, learning_rate_in_state)
     return _OPTIMIZERS[key]
 
 
-def _make_optimizer(config: TrainConfig, extra: str | None, full_finetune: bool):
+def _adamw_peak_in_state(peak: float, unit_schedule, weight_decay: float) -> optax.GradientTransformation:
+    """optax.adamw(peak * unit_schedule, weight_decay) with `peak` held in the state, not the program."""
+    return optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_schedule(unit_schedule), optax.inject_hyperparams(optax.scale)(step_size=-peak))
+
+
+def _make_optimizer(config: TrainConfig, extra: str | None, full_finetune: bool, learning_rate_in_state: bool = False):
     def adamw(peak, weight_decay):
         schedule = make_schedule(config.schedule, peak, config.steps, config.warmup_steps)
-        parts = [optax.adamw(schedule, weight_decay=weight_decay)]
+        if learning_rate_in_state:
+            unit = make_schedule(config.schedule, 1.0, config.steps, config.warmup_steps)
+            parts = [_adamw_peak_in_state(peak, unit, weight_decay)]
+        else:
+            parts = [optax.adamw(schedule, weight_decay=weight_decay)]
         if config.max_grad_norm is not None:
             parts.insert(0, optax.clip_by_global_norm(config.max_grad_norm))
         return optax.chain(*parts), schedule

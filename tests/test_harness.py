@@ -183,3 +183,28 @@ def test_learning_rate_sweep_chooses_on_validation_and_reruns_only_the_chosen_ra
     assert chosen2 == chosen and len(calls) == 3 and len(rows2) == 10
     with pytest.raises(ValueError, match="mode"):
         report.sweep_then_seeds(run_one, methods, (0,), lrs, mode="best")
+
+
+def test_learning_rate_in_state_gives_adamws_updates_and_one_program_for_every_rate(rng):
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)}
+    grads = [{"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32)} for _ in range(6)]
+
+    def updates(tx):
+        state, out = tx.init(params), []
+        for g in grads:
+            u, state = tx.update(g, state, params)
+            out.append(np.asarray(u["w"]))
+        return np.stack(out)
+
+    def optimizer(lr, in_state):
+        cfg = train.TrainConfig(steps=6, learning_rate=lr, weight_decay=0.01, warmup_fraction=0.5)
+        return train.make_optimizer(cfg, full_finetune=True, learning_rate_in_state=in_state)[0]
+
+    np.testing.assert_allclose(updates(optimizer(3e-3, True)), updates(optimizer(3e-3, False)), rtol=1e-5, atol=1e-9)
+
+    def program(tx):
+        state = tx.init(params)
+        return jax.jit(lambda g, s: tx.update(g, s, params)).lower(grads[0], state).as_text()
+
+    assert program(optimizer(1e-3, True)) == program(optimizer(1e-2, True))
+    assert program(optimizer(1e-3, False)) != program(optimizer(1e-2, False))  # the rate is a constant there
