@@ -148,7 +148,8 @@ def learning_rate_grid(preset: presets_lib.Preset, factors: Sequence[float] = (1
 
 def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], methods: Sequence[presets_lib.Preset],
                      seeds: Sequence[int], learning_rates: Callable[[presets_lib.Preset], Sequence[float]], *,
-                     select: str = "validation_accuracy", mode: str = "max", log=print, on_result=None,
+                     select: str = "validation_accuracy", mode: str = "max", tie_break: str | None = None,
+                     log=print, on_result=None,
                      keep_going: bool = False, finished_rows: Sequence[dict] = ()) -> tuple[list[dict], dict[str, float]]:
     """Pick each method's learning rate on validation with the first seed, then run the other seeds at it.
 
@@ -162,6 +163,9 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
       run_one: (preset, seed, learning_rate) -> row dict with `select` in it.
       methods, seeds: the grid; learning_rates: the sweep of each method.
       select, mode: the validation score and "max" | "min".
+      tie_break: a second validation score, lower is better (e.g. the loss), that decides
+        between rates with equal `select` (a small validation set ties often); None: the
+        smallest such rate.
       log, on_result, keep_going, finished_rows: as in `run_grid` (rows keyed by method, seed,
         learning_rate).
     Returns:
@@ -200,7 +204,8 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
                  and r["learning_rate"] in learning_rates(preset) and r.get(select) is not None]
         if not swept:
             continue
-        best = (max if mode == "max" else min)(swept, key=lambda r: r[select])
+        sign = 1.0 if mode == "max" else -1.0
+        best = max(swept, key=lambda r: (sign * r[select], -r[tie_break] if tie_break else 0.0, -r["learning_rate"]))
         chosen[preset.name] = best["learning_rate"]
     mark_chosen(rows, chosen)
     if on_result is not None:
@@ -224,8 +229,14 @@ def final_rows(rows: Sequence[dict]) -> list[dict]:
     return [row for row in rows if row.get("chosen")]
 
 
-def sweep_table(rows: Sequence[dict], select: str = "validation_accuracy", label: str = "validation accuracy") -> str:
-    """Markdown: one line per method, its swept learning rates with `select` (in %), the chosen one in bold."""
+def sweep_table(rows: Sequence[dict], select: str = "validation_accuracy", label: str = "validation accuracy", *,
+                percent: bool = True, also: str | None = None) -> str:
+    """Markdown: one line per method, its swept learning rates with `select`, the chosen one in bold.
+
+    Args:
+      percent: show `select` as a percentage (accuracies) or as is (losses).
+      also: another score shown in brackets, in % (e.g. validation accuracy beside the loss).
+    """
     lines = [f"| method | {label} at each learning rate (first seed; chosen in bold) |", "|---|---|"]
     by_method: dict[str, dict[float, dict]] = {}
     first_seed: dict[str, int] = {}
@@ -236,7 +247,10 @@ def sweep_table(rows: Sequence[dict], select: str = "validation_accuracy", label
     for method, by_lr in by_method.items():
         cells = []
         for lr in sorted(by_lr):
-            text = f"{lr:g}: {100 * by_lr[lr][select]:.2f}"
+            value = by_lr[lr][select]
+            text = f"{lr:g}: {100 * value:.2f}" if percent else f"{lr:g}: {value:.3f}"
+            if also is not None:
+                text += f" ({100 * by_lr[lr][also]:.1f} %)"
             cells.append(f"**{text}**" if by_lr[lr].get("chosen") else text)
         lines.append(f"| {method} | {' · '.join(cells)} |")
     return "\n".join(lines)
