@@ -173,8 +173,11 @@ def prompt_of(a: int, b: int, shots: bool) -> str:
     return f"{prefix}{a}+{b}="
 
 
-def encode(tokenizer, a: int, b: int, *, stop_id: int, length: int, shots: bool = False) -> dict[str, np.ndarray]:
+def encode(tokenizer, a: int, b: int, *, stop_id: int, length: int, shots: bool = False,
+           answer: str | None = None) -> dict[str, np.ndarray]:
     """prompt + answer + stop, right-padded to `length`, with the answer slots' positions.
+
+    `answer` defaults to str(a + b) (another text: tests).
 
     Returns:
       input_ids, attention_mask (length,) int32; positions (ANSWER_SLOTS,) int32: the index
@@ -183,7 +186,7 @@ def encode(tokenizer, a: int, b: int, *, stop_id: int, length: int, shots: bool 
       stop_slot (ANSWER_SLOTS,) int32 (1 on the stop token's slot).
     """
     prompt = tokenizer.encode(prompt_of(a, b, shots))
-    answer = tokenizer.encode(str(a + b)) + [stop_id]
+    answer = tokenizer.encode(str(a + b) if answer is None else answer) + [stop_id]
     if len(prompt) + len(answer) > length or len(answer) > ANSWER_SLOTS:
         raise ValueError(f"addition.encode: {a}+{b} needs {len(prompt) + len(answer)} tokens; length is {length}.")
     ids, mask = pad_to(prompt + answer, length, tokenizer.pad_id)

@@ -1,0 +1,91 @@
+"""The LLM experiment's task (experiments.addition) on the tiny tied Llama: disjoint splits,
+the teacher-forced exact-match rule, the gathered tied head, and a smoke run of the sweep."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from transformers import FlaxLlamaModel
+
+import svft_jax
+from experiments import addition
+
+
+def test_splits_are_disjoint_fixed_and_sized_by_digit_count():
+    test, validation = addition.held_out("test", 200), addition.held_out("validation", 64)
+    assert len(test) == 600 and len(validation) == 192
+    for problems, split, per in ((test, "test", 200), (validation, "validation", 64)):
+        for digits in (2, 3, 4):
+            rows = [(a, b) for a, b, d in problems if d == digits]
+            assert len(rows) == len(set(rows)) == per
+            assert all(len(str(a)) == len(str(b)) == digits for a, b in rows)
+        assert all(addition.split_of(a, b) == split for a, b, _ in problems)
+    assert not {(a, b) for a, b, _ in test} & {(a, b) for a, b, _ in validation}
+    stream = addition.train_stream(0, 4000)
+    assert not set(stream) & {(a, b) for a, b, _ in test + validation}
+    assert {len(str(a)) for a, _ in stream} == {1, 2, 3, 4}
+    assert addition.held_out("test", 200) == test and addition.train_stream(0, 50) == stream[:50]
+    assert addition.train_stream(1, 50) != stream[:50]
+
+
+def test_exact_match_is_greedy_decodings_rule():
+    tok = addition.tiny_model()[2]
+    rows = [addition.encode(tok, a, b, stop_id=tok.eos_id, length=16) for a, b in ((347, 589), (7, 8), (4021, 3377))]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    newline = tok.encode("\n")[0]
+    vocab = tok.vocab_size
+    gold = jax.nn.one_hot(batch["targets"], vocab) * 10.0  # the argmax is every answer token and eos
+    stop_ids = (tok.eos_id, newline)
+    np.testing.assert_array_equal(addition.exact_match(gold, batch, stop_ids), [1, 1, 1])
+    # one wrong digit, in the first row only
+    wrong = gold.at[0, 1].set(jax.nn.one_hot(tok.encode("5")[0], vocab) * 10.0)
+    np.testing.assert_array_equal(addition.exact_match(wrong, batch, stop_ids), [0, 1, 1])
+    # a newline instead of eos after the answer also stops; a digit does not (the answer goes on)
+    stop = np.asarray(batch["stop_slot"]).argmax(-1)
+    as_newline = gold.at[1, stop[1]].set(jax.nn.one_hot(newline, vocab) * 10.0)
+    np.testing.assert_array_equal(addition.exact_match(as_newline, batch, stop_ids), [1, 1, 1])
+    goes_on = gold.at[2, stop[2]].set(jax.nn.one_hot(tok.encode("0")[0], vocab) * 10.0)
+    np.testing.assert_array_equal(addition.exact_match(goes_on, batch, stop_ids), [1, 1, 0])
+    # slots past the stop token are ignored, whatever they predict
+    noise = gold.at[1, stop[1] + 1 :].set(jax.random.normal(jax.random.key(0), (6 - stop[1] - 1, vocab)))
+    np.testing.assert_array_equal(addition.exact_match(noise, batch, stop_ids), [1, 1, 1])
+    assert [int(stop[i]) for i in range(3)] == [3, 2, 4]  # 936, 15, 7398 then eos
+
+
+def test_answer_logits_equal_the_stock_models_logits_at_the_answer_positions():
+    model, params, tok = addition.tiny_model()
+    adapted = svft_jax.apply(params, pattern="banded", d=1, seed=3)
+    trainable, frozen = svft_jax.split(adapted)
+    trainable = jax.tree_util.tree_map(lambda m: m + 0.05, trainable)  # M ≠ 0: the adapted model differs
+    adapted = svft_jax.combine(trainable, frozen)
+    rows = [addition.encode(tok, a, b, stop_id=tok.eos_id, length=16) for a, b in ((347, 589), (7, 8))]
+    batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+    decoder = svft_jax.wrap(FlaxLlamaModel(model.config, _do_init=False), "auto", params_argname="params", strict=True)
+    got = addition.answer_logits(decoder, adapted, batch)
+    full = model(batch["input_ids"], attention_mask=batch["attention_mask"], params=svft_jax.merge(adapted)).logits
+    want = np.take_along_axis(np.asarray(full), np.asarray(batch["positions"])[..., None], axis=1)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.slow  # ~40 s of CPU: five tiny training runs and their evaluations
+def test_smoke_run_chooses_the_rate_on_validation_and_writes_its_tables(tmp_path):
+    addition.main(["--model=tiny", "--methods=frozen_3shot,svft_plain", "--seeds=0,1", "--lr_factors=1,10",
+                   "--steps=3", "--test_per_digits=4", "--validation_per_digits=4", "--eval_batch_size=12",
+                   "--check_generation=6", f"--output_dir={tmp_path}", "--compilation_cache="])
+    payload = json.loads((tmp_path / "addition.json").read_text())
+    runs = [r for r in payload["runs"] if r["method"] == "svft_plain"]
+    assert sorted((r["seed"], r["learning_rate"]) for r in runs) == [(0, 0.01), (0, 0.1), (1, min(runs, key=lambda r: (
+        r["seed"], r["validation_nll"]))["learning_rate"])]
+    chosen = min((r for r in runs if r["seed"] == 0), key=lambda r: r["validation_nll"])["learning_rate"]
+    assert all(r["chosen"] == (r["learning_rate"] == chosen) for r in runs)
+    assert all(r["final_train_loss"] < r["first_train_loss"] for r in runs)
+    frozen = next(r for r in payload["runs"] if r["method"] == "frozen_3shot")
+    assert frozen["generation_check"]["agree"] == frozen["generation_check"]["problems"] == 6
+    md = (tmp_path / "addition.md").read_text()
+    assert f"**{chosen:g}:" in md and "| svft_plain |" in md and "frozen_3shot" in md
+    assert (tmp_path / "addition.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="budget"):
+        addition.main(["--model=tiny", "--methods=svft_plain", "--seeds=0", "--steps=4", f"--output_dir={tmp_path}",
+                       "--resume", "--compilation_cache="])
