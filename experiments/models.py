@@ -6,13 +6,18 @@
   pretrained all-MiniLM-L6-v2 encoder with a new mean-pooled Dense head.
 - `random_bert_classifier(...)`, `random_llama(...)`: the benchmark shapes (MiniLM-shaped
   BERT, a small Llama), randomly initialised.
+- `LinenLlama`, `linen_llama(...)`: a Llama-shaped linen model whose blocks are `nn.scan`ned
+  (or unrolled), optionally remat'ed: the scanned-LLM case of the strategy tests and benchmarks
+  (transformers' Flax Llama has no scanned form).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -97,3 +102,102 @@ def random_llama(*, max_length: int = 256, seed: int = 0):
     config = LlamaConfig(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
                          intermediate_size=1376, vocab_size=8192, max_position_embeddings=max_length)
     return init_tiny(FlaxLlamaForCausalLM, config, (1, 8), seed)
+
+
+# ----------------------------------------------------------------------------- a linen Llama, scanned or not
+
+
+class _LlamaBlock(nn.Module):
+    """One pre-norm Llama block: RMSNorm, grouped-query attention with RoPE, RMSNorm, SwiGLU MLP.
+
+    Kernels (no biases): q_proj (H, H), k_proj / v_proj (H, kv·hd), o_proj (H, H),
+    gate_proj / up_proj (H, mlp), down_proj (mlp, H); hd = H / heads.
+    """
+
+    heads: int
+    kv_heads: int
+    mlp: int
+    theta: float = 1e4
+
+    @nn.compact
+    def __call__(self, h, _):
+        batch, length, hidden = h.shape
+        hd = hidden // self.heads
+        dense = functools.partial(nn.Dense, use_bias=False)
+        x = nn.RMSNorm(name="input_norm")(h)
+        q = dense(self.heads * hd, name="q_proj")(x).reshape(batch, length, self.heads, hd)
+        k = dense(self.kv_heads * hd, name="k_proj")(x).reshape(batch, length, self.kv_heads, hd)
+        v = dense(self.kv_heads * hd, name="v_proj")(x).reshape(batch, length, self.kv_heads, hd)
+        q, k = _rope(q, self.theta), _rope(k, self.theta)
+        group = self.heads // self.kv_heads
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+        logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(hd).astype(q.dtype)
+        causal = jnp.tril(jnp.ones((length, length), bool))
+        weights = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(logits.dtype).min), axis=-1)
+        attended = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(batch, length, hidden)
+        h = h + dense(hidden, name="o_proj")(attended)
+        x = nn.RMSNorm(name="post_norm")(h)
+        h = h + dense(hidden, name="down_proj")(nn.silu(dense(self.mlp, name="gate_proj")(x)) * dense(self.mlp, name="up_proj")(x))
+        return h, None
+
+
+def _rope(x, theta: float):
+    """Rotary embedding over the last axis (half-split pairs, as transformers' Llama): x (B, T, heads, hd)."""
+    half = x.shape[-1] // 2
+    freqs = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = jnp.arange(x.shape[1], dtype=jnp.float32)[:, None] * freqs[None, :]
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    first, second = x[..., :half], x[..., half:]
+    return jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1).astype(x.dtype)
+
+
+class LinenLlama(nn.Module):
+    """A Llama-shaped causal LM in linen, its blocks `nn.scan`ned (kernels stacked (layers, in, out)
+    under "layers/...") or unrolled ("layers_0/...", ...); `remat` recomputes each block in the
+    backward pass (how LLMs are trained). Tied head: logits = h · embedᵀ. ids (B, T) -> (B, T, vocab)."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mlp: int
+    scan: bool = True
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(self.vocab, self.hidden, name="embed")
+        h = embed(ids)
+        block = nn.remat(_LlamaBlock) if self.remat else _LlamaBlock
+        settings = dict(heads=self.heads, kv_heads=self.kv_heads, mlp=self.mlp)
+        if self.scan:
+            stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=self.layers)
+            h, _ = stack(name="layers", **settings)(h, None)
+        else:
+            for i in range(self.layers):
+                h, _ = block(name=f"layers_{i}", **settings)(h, None)
+        return embed.attend(nn.RMSNorm(name="norm")(h))
+
+
+LINEN_LLAMA_TARGETS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)/kernel"
+# Scanned kernels are (layers, in, out): declared, never guessed (`svft_jax.apply(overrides=...)`).
+LINEN_LLAMA_STACKED = {r"layers/.*kernel": {"layout": "stacked_in_out"}}
+
+
+def linen_llama(*, vocab: int = 8192, hidden: int = 512, layers: int = 8, heads: int = 8, kv_heads: int = 8,
+                mlp: int = 1376, scan: bool = True, remat: bool = False, seed: int = 0):
+    """(apply_fn(params, ids) -> logits, params) of a random `LinenLlama` (defaults: bench_step's
+    llama-4x256 shape)."""
+    module = LinenLlama(vocab=vocab, hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads, mlp=mlp,
+                        scan=scan, remat=remat)
+    params = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"]
+    return (lambda p, ids: module.apply({"params": p}, ids)), params
+
+
+def unstack_layers(params: dict, layers: int) -> dict:
+    """A scanned LinenLlama's params as the unrolled model's ("layers" -> "layers_0", ...)."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], params["layers"])
+    return out

@@ -12,21 +12,8 @@ import pytest
 
 import svft_jax
 from svft_jax.strategies import choose_strategy, step_flops, wrap
-
-
-def _loss_and_grads(fn, adapted):
-    """jit(value_and_grad) of sum(out²) w.r.t. the trainable half of `adapted`."""
-    trainable, frozen = svft_jax.split(adapted)
-    loss = lambda t: jnp.sum(jnp.square(fn(svft_jax.combine(t, frozen))))  # noqa: E731
-    return jax.jit(jax.value_and_grad(loss))(trainable)
-
-
-def _assert_same(result, truth, rtol=2e-4):
-    (loss, grads), (loss_ref, grads_ref) = result, truth
-    np.testing.assert_allclose(loss, loss_ref, rtol=rtol)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref), strict=True):
-        scale = float(jnp.max(jnp.abs(want))) + 1e-12
-        np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=rtol)
+from tests.strategy_checks import assert_same as _assert_same
+from tests.strategy_checks import loss_and_grads as _loss_and_grads
 
 
 # --------------------------------------------------------------------------- HF models

@@ -7,7 +7,6 @@ the dense merged kernel would fail here; the plan is checked to name the strateg
 "rebuild", for scanned kernels. `slice_layer` is checked against slicing the merged stack.
 """
 
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -17,37 +16,12 @@ import pytest
 
 import svft_jax
 from svft_jax.strategies import FallbackError, FallbackWarning, slice_layer, wrap
+from tests.strategy_checks import assert_same as _assert_same
+from tests.strategy_checks import loss_and_grads as _loss_and_grads
+from tests.strategy_checks import perturb as _perturb
 
 STRATEGIES = ["factored", "auto", "rebuild", "rebuild_remat", "reference"]
 STACKED = {".*layers/.*kernel": {"layout": "stacked_in_out"}}
-
-
-def _loss_and_grads(fn, adapted):
-    """jit(value_and_grad) of sum(out²) w.r.t. the trainable half of `adapted`."""
-    trainable, frozen = svft_jax.split(adapted)
-    loss = lambda t: jnp.sum(jnp.square(fn(svft_jax.combine(t, frozen))))  # noqa: E731
-    return jax.jit(jax.value_and_grad(loss))(trainable)
-
-
-def _assert_same(result, truth, rtol=2e-4):
-    (loss, grads), (loss_ref, grads_ref) = result, truth
-    np.testing.assert_allclose(loss, loss_ref, rtol=rtol)
-    leaves, leaves_ref = jax.tree.leaves(grads), jax.tree.leaves(grads_ref)
-    assert len(leaves) == len(leaves_ref) > 0
-    for got, want in zip(leaves, leaves_ref, strict=True):
-        scale = float(jnp.max(jnp.abs(want))) + 1e-12
-        np.testing.assert_allclose(np.asarray(got) / scale, np.asarray(want) / scale, atol=rtol)
-
-
-def _perturb(adapted, amount=0.05):
-    """Non-zero trainable values, so the update (and its gradient path) is not trivial."""
-    def bump(node):
-        if not svft_jax.is_node(node):
-            return node
-        changes = {f: getattr(node, f) + amount * (1 + jnp.arange(getattr(node, f).size, dtype=jnp.float32).reshape(getattr(node, f).shape) % 3)
-                   for f in node.trainable_fields() if getattr(node, f) is not None}
-        return dataclasses.replace(node, **changes)
-    return jax.tree.map(bump, adapted, is_leaf=svft_jax.is_node)
 
 
 def _used(plan, path_part):
