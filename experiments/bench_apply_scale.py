@@ -9,7 +9,7 @@ kernel layout. Reported:
 - memory (`--memory`): each variant in a fresh process, peak resident set (VmHWM) above the
   resident set once the parameters exist, i.e. what the SVDs and the adapted tree add.
 
-    python -m experiments.bench_apply_scale --layers 30 --devices 1,8 --repeats 1 --memory
+    python -m experiments.bench_apply_scale --layers=30 --devices=1,8 --repeats=1 --memory
 
 The virtual devices share this machine's cores, so "wall vs devices" measures the overhead of
 splitting (and any core-level parallelism), not a real multi-chip speed-up.
@@ -17,7 +17,7 @@ splitting (and any core-level parallelism), not a real multi-chip speed-up.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -29,6 +29,7 @@ if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
 import numpy as np
 
 from experiments import bench_apply
+from experiments import config as config_lib
 from experiments.bench_apply import llama_stack
 
 SHAPES = {"self_attn/q_proj": (576, 576), "self_attn/k_proj": (576, 192), "self_attn/v_proj": (576, 192),
@@ -89,17 +90,29 @@ def peak_memory(name: str, layers: int, devices: list[int]) -> dict:
             "peak_above_params_mib": peak - before}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--devices", default="1,2,4,8", help="mesh sizes to time, comma-separated")
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--memory", action="store_true", help="also measure peak host memory per variant")
-    parser.add_argument("--memory-only", action="store_true", help="skip the timings")
-    parser.add_argument("--peak-of", default=None, help=argparse.SUPPRESS)  # internal: one variant's peak
-    parser.add_argument("--output", default=None, help="write the markdown here too")
-    args = parser.parse_args()
-    devices = [int(n) for n in args.devices.split(",") if n]
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """layers: decoder layers (7 matrices each); devices: mesh sizes to time; repeats: interleaved
+    timed rounds; memory: also measure each variant's peak host memory (fresh processes);
+    memory_only: skip the timings; peak_of: internal (one variant's peak, in a child process);
+    output: write the markdown here too."""
+
+    layers: int = 30
+    devices: tuple[int, ...] = (1, 2, 4, 8)
+    repeats: int = 1
+    memory: bool = False
+    memory_only: bool = False
+    peak_of: str | None = None
+    output: str | None = None
+
+    def __post_init__(self):
+        if self.layers < 1 or self.repeats < 1 or any(n < 1 for n in self.devices):
+            raise ValueError(f"bench_apply_scale: --layers, --repeats and --devices must be ≥ 1; got {self}.")
+
+
+def main(argv=None) -> None:
+    (args,) = config_lib.parse(argv, Options(), description=__doc__)
+    devices = list(args.devices)
     if args.peak_of is not None:
         print(json.dumps(peak_memory(args.peak_of, args.layers, devices)))
         return
@@ -121,8 +134,8 @@ def main() -> None:
     memory = {}
     if args.memory or args.memory_only:
         for name in table:
-            out = subprocess.run([sys.executable, "-m", "experiments.bench_apply_scale", "--layers", str(args.layers),
-                                  "--devices", args.devices, "--peak-of", name], capture_output=True, text=True,
+            out = subprocess.run([sys.executable, "-m", "experiments.bench_apply_scale", f"--layers={args.layers}",
+                                  f"--devices={','.join(map(str, devices))}", f"--peak_of={name}"], capture_output=True, text=True,
                                  check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
             memory[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_above_params_mib"]
     rows = [[name, f"{wall:.2f}", f"{wall / base_wall:.2f}×", f"{cpu:.2f}", f"{cpu / base_cpu:.2f}×",
@@ -132,8 +145,8 @@ def main() -> None:
     text = (f"# bench_apply_scale: `svft_jax.apply` on SmolLM2-135M-shaped kernels\n\n{machine_description()}\n"
             f"- {args.layers} layers × 7 kernels = {7 * args.layers} matrices, float32, banded d=2, full rank; "
             f"{args.repeats} interleaved repeat(s) after one warm-up. Factors U, s, V in float32: {factors_mib:.0f} MiB.\n"
-            f"- Command: `python -m experiments.bench_apply_scale --layers {args.layers} --devices {args.devices} "
-            f"--repeats {args.repeats}{' --memory' if args.memory else ''}`\n\n"
+            f"- Command: `python -m experiments.bench_apply_scale --layers={args.layers} "
+            f"--devices={','.join(map(str, devices))} --repeats={args.repeats}{' --memory' if args.memory else ''}`\n\n"
             + markdown_table(["variant", "wall s", "wall / LAPACK", "CPU s", "CPU / LAPACK", "peak host MiB above params"], rows)
             + "\n")
     print(text)

@@ -14,6 +14,11 @@ Configs (randomly initialised, transformers Flax classes):
                              batch 16×64 or 32×128 tokens.
   llama-4x256                Llama: hidden 512, 8 layers, 8 heads, MLP 1376, vocab 8192;
                              causal LM; batch 4×256 tokens.
+  linen-llama-scan-4x256     the same shape as a linen model (`experiments.models.LinenLlama`,
+                             tied head) with its blocks `nn.scan`ned and remat'ed, as LLMs are
+                             trained in JAX: kernels stacked (8, in, out);
+  linen-llama-4x256          the same linen model unrolled (no scan, no remat): the ratios of
+                             the two rows show what scanning costs each strategy.
 Adapters target every attention and MLP kernel (the library default); the classifier head
 (BERT) is trained fully by every adapter method.
 
@@ -29,6 +34,7 @@ import dataclasses
 import pathlib
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -49,10 +55,26 @@ class Method:
     strategy: str | None  # None: full FT (no nodes)
     options: dict = dataclasses.field(default_factory=dict)  # extra `apply` keywords
 
-    def build(self, params):
+    def build(self, params, targets=None, stacked=None):
+        """The preset's adapter on `params`; `stacked`: the regex of (layers, in, out) kernels."""
         preset = presets.get(self.preset)
-        extra = {"svd_backend": "numpy", **self.options} if preset.method == "svft" else self.options
-        return preset.adapt(params, **extra)
+        extra = {"svd_backend": "numpy", **self.options} if preset.method == "svft" else dict(self.options)
+        if stacked is not None and preset.method == "svft":
+            extra["overrides"] = {stacked: {"layout": "stacked_in_out"}}
+        elif stacked is not None and preset.method != "full":
+            extra["layouts"] = {stacked: "stacked_in_out"}
+        return preset.adapt(params, targets=targets, **extra)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinenLM:
+    """A linen apply_fn(params, ids) behind the call convention of transformers' models that this
+    benchmark uses: `model(input_ids, params=tree).logits`."""
+
+    apply_fn: object
+
+    def __call__(self, input_ids, params):
+        return types.SimpleNamespace(logits=self.apply_fn(params, input_ids))
 
 
 def methods(selection: str) -> list[Method]:
@@ -85,7 +107,7 @@ def methods(selection: str) -> list[Method]:
 
 
 def build_model(config: str):
-    """(model, params, batch, loss_fn(logits, batch), extra regex, tokens per step)."""
+    """(model, params, batch, loss_fn(logits, batch), extra regex, tokens per step, apply options)."""
     rng = np.random.default_rng(0)
     if config.startswith("bert"):
         batch, seq = {"bert-16x64": (16, 64), "bert-32x128": (32, 128)}[config]
@@ -93,12 +115,17 @@ def build_model(config: str):
         data = {"input_ids": rng.integers(0, 30522, (batch, seq), dtype=np.int32),
                 "labels": rng.integers(0, 2, (batch,), dtype=np.int32)}
         loss = lambda logits, b: losses.classification_loss(logits, b["labels"])[0]  # noqa: E731
-        return model, params, data, loss, "classifier/.*", batch * seq
+        return model, params, data, loss, "classifier/.*", batch * seq, {}
     batch, seq = 4, 256
-    model, params = models.random_llama(max_length=seq)
     data = {"input_ids": rng.integers(0, 8192, (batch, seq), dtype=np.int32)}
     loss = lambda logits, b: losses.causal_lm_loss(logits, b["input_ids"])[0]  # noqa: E731
-    return model, params, data, loss, None, batch * seq
+    if config.startswith("linen"):
+        scan = config == "linen-llama-scan-4x256"
+        apply_fn, params = models.linen_llama(scan=scan, remat=scan)
+        options = {"targets": models.LINEN_LLAMA_TARGETS, "stacked": r"layers/.*kernel" if scan else None}
+        return LinenLM(apply_fn), params, data, loss, None, batch * seq, options
+    model, params = models.random_llama(max_length=seq)
+    return model, params, data, loss, None, batch * seq, {}
 
 
 def make_step(model, method: Method, adapted, loss_of, extra):
@@ -108,7 +135,7 @@ def make_step(model, method: Method, adapted, loss_of, extra):
         run = lambda tree, ids: model(ids, params=tree).logits  # noqa: E731
     else:
         trainable, frozen = svft_jax.split(adapted, extra=extra)
-        wrapped = svft_jax.wrap(model, method.strategy, params_argname="params")
+        wrapped = svft_jax.wrap(model, method.strategy, params_argname="params", strict=True)  # no silent fallback
         run = lambda tree, ids: wrapped(ids, params=tree).logits  # noqa: E731
     tx = optax.adamw(1e-4)
     trainable = jax.tree.map(jnp.array, trainable)  # own copy: the step donates it
@@ -126,7 +153,7 @@ def make_step(model, method: Method, adapted, loss_of, extra):
     return jax.jit(step, donate_argnums=(0, 2)), trainable, frozen, opt_state
 
 
-CONFIGS = ("bert-16x64", "bert-32x128", "llama-4x256")
+CONFIGS = ("bert-16x64", "bert-32x128", "llama-4x256", "linen-llama-scan-4x256", "linen-llama-4x256")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,11 +174,11 @@ def main(argv=None) -> None:
     (args,) = config_lib.parse(argv, Options(), description=__doc__)
     output = pathlib.Path(args.output or f"experiments/results/bench_step_{args.config}.md")
     start = time.perf_counter()
-    model, params, batch, loss_of, extra, tokens = build_model(args.config)
+    model, params, batch, loss_of, extra, tokens, apply_options = build_model(args.config)
 
     states, memory, counts, compile_s = {}, {}, {}, {}
     for method in methods(args.methods):
-        adapted = method.build(params)
+        adapted = method.build(params, **apply_options)
         step, trainable, frozen, opt_state = make_step(model, method, adapted, loss_of, extra)
         t0 = time.perf_counter()
         compiled = step.lower(trainable, frozen, opt_state, batch).compile()
