@@ -29,13 +29,13 @@ def extra_paths(tree, extra: str | None, caller: str) -> set[str]:
       ValueError: `extra` matches no leaf, or disagrees with the markers the tree carries.
     """
     extra_re = compile_regex(extra, "extra")
-    leaves = flatten_by_path(tree)
+    # On one half of `split`, the other half's leaves are None positions: a regex may name them.
+    leaves = flatten_by_path(tree, keep_none=True)
     marked = {p for p, x in leaves.items() if is_marker(x)}
     if extra_re is None:
         return marked
     plain = {p for p, x in leaves.items() if not is_special(x) and x is not None}
-    # On one half of `split`, the other half's leaves are None positions: a regex may name them.
-    holes = {path_to_str(p) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0] if x is None}
+    holes = {p for p, x in leaves.items() if x is None}
     matched = {p for p in plain | marked | holes if matches(extra_re, p)}
     if marked:
         if matched != marked:

@@ -34,15 +34,17 @@ class Target:
     layout: KernelLayout
 
 
-def flatten_by_path(tree) -> dict[str, Any]:
-    """{'/'-joined path: leaf} with nodes and markers as leaves.
+def flatten_by_path(tree, *, keep_none: bool = False) -> dict[str, Any]:
+    """{'/'-joined path: leaf} with nodes and markers as leaves (and None positions with `keep_none`:
+    the holes of one half of `split`).
 
     Raises:
       ValueError when two leaves join to the same path (a key containing '/', like
       {"a/b": x} beside {"a": {"b": y}}): one would silently stand for the other.
     """
     flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_special)[0]:
+    is_leaf = (lambda x: x is None or is_special(x)) if keep_none else is_special
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]:
         name = path_to_str(path)
         if name in flat:
             raise ValueError(f"two parameters share the path {name!r} once keys are joined with '/' (a key contains '/'); rename the key so every path is unique.")

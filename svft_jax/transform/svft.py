@@ -123,6 +123,11 @@ class SVFTPlan(Plan):
         return (zlib.crc32(self.path.encode()),)
 
 
+def _from_plan(name: str) -> property:
+    """A read-only property of SVFTMeta that returns the plan's `name`."""
+    return property(lambda meta: getattr(meta.plan, name), doc=f"`plan.{name}`.")
+
+
 @dataclasses.dataclass(frozen=True)
 class SVFTMeta:
     """Static description of one adapted kernel: its plan, Ω, and what its spectrum showed.
@@ -139,10 +144,24 @@ class SVFTMeta:
     cols: StaticIndices
     near_repeated: int = 0
 
-    def __getattr__(self, name):  # path, layout, pattern, options, rank, init, ... from the plan
-        if name in ("plan", "rows", "cols", "near_repeated"):
-            raise AttributeError(name)
-        return getattr(self.plan, name)
+    # The plan's fields, read through the meta (node.meta.rank, node.meta.layout, ...).
+    path = _from_plan("path")
+    layout = _from_plan("layout")
+    layers = _from_plan("layers")
+    key_id = _from_plan("key_id")
+    pattern = _from_plan("pattern")
+    d = _from_plan("d")
+    k = _from_plan("k")
+    seed = _from_plan("seed")
+    rank = _from_plan("rank")
+    init = _from_plan("init")
+    factor_dtype = _from_plan("factor_dtype")
+    keep_base = _from_plan("keep_base")
+    svd_backend = _from_plan("svd_backend")
+    svd_dtype = _from_plan("svd_dtype")
+    options = _from_plan("options")
+    spec = _from_plan("spec")
+    key = _from_plan("key")
 
     @property
     def num_entries(self) -> int:
