@@ -34,7 +34,7 @@ import dataclasses
 import pathlib
 import statistics
 import time
-import types
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -74,7 +74,11 @@ class LinenLM:
     apply_fn: object
 
     def __call__(self, input_ids, params):
-        return types.SimpleNamespace(logits=self.apply_fn(params, input_ids))
+        return LMOutput(logits=self.apply_fn(params, input_ids))
+
+
+class LMOutput(typing.NamedTuple):  # a pytree, as `wrap` needs of a traced output
+    logits: jax.Array
 
 
 def methods(selection: str) -> list[Method]:
@@ -89,6 +93,7 @@ def methods(selection: str) -> list[Method]:
         Method("SVFT banded d=2, rebuild_remat", "svft_banded_d2", "rebuild_remat"),
         Method("SVFT banded d=2, factored", "svft_banded_d2", "factored"),
         Method("SVFT banded d=2, auto", "svft_banded_d2", "auto"),
+        Method("SVFT banded d=2, auto, no W0", "svft_banded_d2", "auto", {"keep_base": False}),
         Method("SVFT banded d=2, auto, bf16 U/V, no W0", "svft_banded_d2", "auto", {"keep_base": False, "factor_dtype": jnp.bfloat16}),
         Method("SVFT banded d=2, reference (authors' layer)", "svft_banded_d2", "reference", {"keep_base": False, "init": "reference"}),
         Method("SVFT random (k = d=2 budget), auto", "svft_random_d2", "auto"),
@@ -99,8 +104,12 @@ def methods(selection: str) -> list[Method]:
     ]
     if selection == "all":
         return every
+    if selection == "memory":  # what keeping W0 and the factors' dtype cost, against LoRA and full FT
+        return [m for m in every if m.name in ("full FT", "LoRA r=8 (factored)", "SVFT banded d=2, auto",
+                                               "SVFT banded d=2, auto, no W0", "SVFT banded d=2, auto, bf16 U/V, no W0")]
     core = ("full FT", "LoRA r=8 (factored)", "LoRA r=1 (factored)", "SVFT banded d=2, rebuild",
-            "SVFT banded d=2, factored", "SVFT banded d=2, auto", "SVFT banded d=2, auto, bf16 U/V, no W0",
+            "SVFT banded d=2, factored", "SVFT banded d=2, auto", "SVFT banded d=2, auto, no W0",
+            "SVFT banded d=2, auto, bf16 U/V, no W0",
             "SVFT banded d=2 rank=8, factored", "SVFT plain rank=1, factored",
             "SVFT banded d=2, reference (authors' layer)")
     return [m for m in every if m.name in core]
@@ -158,7 +167,7 @@ CONFIGS = ("bert-16x64", "bert-32x128", "llama-4x256", "linen-llama-scan-4x256",
 
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """config: model and batch shape; methods: "all" or "core"; repeats: timed rounds; output: the .md."""
+    """config: model and batch shape; methods: "all", "core" or "memory"; repeats: timed rounds; output: the .md."""
 
     config: str = "bert-16x64"
     methods: str = "all"
@@ -166,8 +175,8 @@ class Options:
     output: str | None = None
 
     def __post_init__(self):
-        if self.config not in CONFIGS or self.methods not in ("all", "core") or self.repeats < 1:
-            raise ValueError(f"bench_step: --config in {CONFIGS}, --methods all|core, --repeats ≥ 1; got {self}.")
+        if self.config not in CONFIGS or self.methods not in ("all", "core", "memory") or self.repeats < 1:
+            raise ValueError(f"bench_step: --config in {CONFIGS}, --methods all|core|memory, --repeats ≥ 1; got {self}.")
 
 
 def main(argv=None) -> None:
