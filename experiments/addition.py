@@ -68,8 +68,9 @@ class Options:
       methods: `frozen_3shot` and preset names (`experiments.presets`).
       seeds: the first seed runs the sweep; every seed sets the adapter's initialisation and the
         training stream.
-      lr_factors: the sweep: each preset's learning rate times these (upwards from the usual
-        rate: a 48-step schedule favours larger rates; a choice at the edge is reported).
+      lr_factors: the sweep: each preset's learning rate times these (a choice at the grid's
+        edge is reported; the rates are not part of the budget, so a changed grid resumes and
+        reuses the finished runs of rates it shares).
       sweep: False runs every seed at the preset's learning rate (no validation pass).
       test_per_digits, validation_per_digits: problems per digit count in the fixed sets.
       eval_batch_size: rows per evaluation batch.
@@ -86,7 +87,7 @@ class Options:
     model: str = "smollm2"
     methods: tuple[str, ...] = METHODS
     seeds: tuple[int, ...] = (0, 1, 2)
-    lr_factors: tuple[float, ...] = (1.0, 3.0, 10.0)
+    lr_factors: tuple[float, ...] = (1 / 3, 1.0, 3.0)
     sweep: bool = True
     test_per_digits: int = 200
     validation_per_digits: int = 64
@@ -122,8 +123,7 @@ ANSWER_SLOTS = 6  # a 5-digit sum + the stop token
 def budget(options: Options, train: TrainConfig) -> dict:
     """What makes two runs comparable (recorded in the results file, checked by --resume)."""
     return dict(model=options.model, steps=train.steps, batch_size=train.batch_size, max_length=MAX_LENGTH,
-                warmup_fraction=train.warmup_fraction, schedule=train.schedule, lr_factors=list(options.lr_factors),
-                sweep=options.sweep, test_per_digits=options.test_per_digits,
+                warmup_fraction=train.warmup_fraction, schedule=train.schedule, sweep=options.sweep, test_per_digits=options.test_per_digits,
                 validation_per_digits=options.validation_per_digits)
 
 
@@ -524,14 +524,16 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
 
 
 def write_results(rows, options: Options, train: TrainConfig, command: str, output_dir: Path, notes: str = "",
-                  expected_runs: int | None = None) -> None:
+                  expected_runs: int | None = None, history: str = "") -> None:
+    """<prefix>.json (budget, every row, summary), .md and .png; `history`: how the run came to be
+    (e.g. a changed sweep grid), kept in both files."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    payload = dict(command=command, config=budget(options, train), runs=list(rows), summary=summary(rows),
+    payload = dict(command=command, config=budget(options, train), history=history, runs=list(rows), summary=summary(rows),
                    expected_runs=expected_runs or len(rows), jax_version=jax.__version__, devices=str(jax.devices()),
                    methods={name: presets_lib.get(name).describe() for name in dict.fromkeys(r["method"] for r in rows)
                             if name != FROZEN})
     (output_dir / f"{options.prefix}.json").write_text(json.dumps(config_lib.json_ready(payload), indent=1))
-    (output_dir / f"{options.prefix}.md").write_text(markdown(rows, options, train, command, notes))
+    (output_dir / f"{options.prefix}.md").write_text(markdown(rows, options, train, command, "\n\n".join(filter(None, [history, notes]))))
     report.plot([r for r in summary(rows) if r["trainable"] > 0], output_dir / f"{options.prefix}.png",
                 title="SmolLM2-135M on addition: exact match vs trainable parameters", ylabel="test exact match (%)",
                 xlabel="trainable parameters (log scale)")
@@ -555,13 +557,14 @@ def main(argv=None):
         jax.config.update("jax_compilation_cache_dir", options.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     command = " ".join(["python -m experiments.addition", *argv])
-    finished = []
+    finished, history = [], ""
     if options.resume:
         earlier = json.loads((output_dir / f"{options.prefix}.json").read_text())
         if earlier["config"] != config_lib.json_ready(budget(options, train)):
             raise ValueError(f"--resume: {options.prefix}.json was made with another budget {earlier['config']}; "
                              f"this run's is {budget(options, train)}. Rerun without --resume or match the flags.")
         finished = [r for r in earlier["runs"] if r["method"] in options.methods and r["seed"] in options.seeds]
+        history = earlier.get("history") or earlier.get("grid_history") or ""
         command = earlier["command"] + "  (interrupted, then completed with --resume)"
     start = time.perf_counter()
     total = expected_runs(options)
@@ -570,7 +573,7 @@ def main(argv=None):
         minutes = (time.perf_counter() - start) / 60
         status = (f"Complete: {len(rows)} runs in {minutes:.1f} min." if len(rows) >= total else
                   f"PARTIAL: {len(rows)} of {total} runs after {minutes:.1f} min (still going or stopped).")
-        write_results(rows, options, train, command, output_dir, status, total)
+        write_results(rows, options, train, command, output_dir, status, total, history)
 
     rows, chosen = run_experiment(options, train, log=lambda s: print(s, flush=True), on_result=write_partial,
                                   finished_rows=finished)
