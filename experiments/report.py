@@ -78,7 +78,9 @@ def summarise(rows: list[dict], metric: str = "test_accuracy", reference: str = 
             method=name, trainable=group[0]["trainable"],
             percent_of_model=100.0 * group[0]["trainable"] / group[0]["total"],
             **{f"{metric}_mean": mean, f"{metric}_sd": float(scores.std(ddof=1)) if len(scores) > 1 else 0.0},
-            validation_accuracy_mean=None if validation[0] is None else float(np.mean(validation)),
+            # a mean over every seed, or None where a seed has none (e.g. a row reused from a run
+            # that did not score validation)
+            validation_accuracy_mean=None if None in validation else float(np.mean(validation)),
             percent_of_full_ft=100.0 * mean / ref_mean if ref_mean else None,
             step_time_s=float(np.median([r["step_time_s"] for r in group])),
             seeds=len(group),

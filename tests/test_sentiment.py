@@ -165,16 +165,98 @@ def test_experiment_end_to_end_beats_the_majority_baseline(tiny_bert, tokenizer,
     assert (tmp_path / "tiny.md").read_text() == before
 
 
-def test_committed_results_file_still_reads():
-    """The committed full run's JSON (older layout) round-trips through --report's reader."""
-    payload = json.loads((sentiment.RESULTS_DIR / "sentiment.json").read_text())
-    options, train = sentiment.from_budget(payload["config"])
-    assert sentiment.budget(options, train) == payload["config"]
-    table = report.summarise(payload["runs"])
-    assert {row["method"] for row in table} == set(sentiment.METHODS)
-    by_name = {row["method"]: row for row in payload["summary"]}
-    for row in table:
-        assert row["test_accuracy_mean"] == pytest.approx(by_name[row["method"]]["test_accuracy_mean"])
+def test_committed_results_files_still_read():
+    """The committed full run's JSON (the sweep) and the single-LR run's it reuses round-trip
+    through --report's reader; the sweep's summary is that of its chosen rates' rows."""
+    for path, select in ((sentiment.RESULTS_DIR / "sentiment.json", report.final_rows),
+                         (sentiment.PREVIOUS, list)):
+        payload = json.loads(path.read_text())
+        options, train = sentiment.from_budget(payload["config"])
+        assert sentiment.budget(options, train) == payload["config"]
+        table = report.summarise(select(payload["runs"]))
+        assert {row["method"] for row in table} <= set(sentiment.METHODS)
+        by_name = {row["method"]: row for row in payload["summary"]}
+        assert set(by_name) == {row["method"] for row in table}
+        for row in table:
+            assert row["test_accuracy_mean"] == pytest.approx(by_name[row["method"]]["test_accuracy_mean"])
+
+
+def test_sweep_chooses_on_validation_where_test_disagrees(tiny_bert, tokenizer, tmp_path):
+    """The validation split here is the test snippets with every label flipped, so each run's
+    validation accuracy is exactly 1 − its test accuracy, and the rate validation prefers is the
+    one the test split likes least: the sweep must pick it (it never reads the test split), run
+    the other seed at it, and report the chosen rows alone in the final table."""
+    module, params = tiny_bert
+    test = _separable(16, 1)
+    flipped = [{"text": r["text"], "label": 1 - r["label"]} for r in test]
+    setting = sentiment.make_setting(module, params, {"train": _separable(64, 0), "test": test,
+                                                      "validation": flipped}, tokenizer)
+    # head_only sweeps the head's rate: ×1e-4 barely moves the random head, ×1 learns the words
+    options = sentiment.Options(methods=("head_only",), seeds=(0, 1), max_length=8, eval_batch_size=8,
+                                sweep=True, sweep_factors=(1e-4, 1.0))
+    train = dataclasses.replace(sentiment.TRAIN, steps=12, batch_size=8, head_learning_rate=0.1, data_parallel=False)
+    rows, table = sentiment.run_experiment(options, train, setting=setting, log=lambda _: None)
+
+    assert [(r["seed"], r["learning_rate"]) for r in rows[:2]] == [(0, 1e-5), (0, 0.1)]
+    for row in rows:
+        assert row["swept"] == "head_learning_rate" and row["head_learning_rate"] == row["learning_rate"]
+        assert row["validation_accuracy"] == pytest.approx(1 - row["test_accuracy"])
+    by_rate = {r["learning_rate"]: r for r in rows if r["seed"] == 0}
+    assert by_rate[0.1]["test_accuracy"] >= 0.9 > by_rate[1e-5]["test_accuracy"]  # test prefers 0.1 ...
+    assert [(r["seed"], r["learning_rate"], r["chosen"]) for r in rows] == [
+        (0, 1e-5, True), (0, 0.1, False), (1, 1e-5, True)]  # ... validation 1e-5: the sweep's choice
+    assert table[0]["seeds"] == 2
+    assert table[0]["test_accuracy_mean"] == pytest.approx(np.mean([r["test_accuracy"] for r in rows if r["chosen"]]))
+
+    payload = sentiment.write_results(rows, table, options, train, "test", tmp_path, prefix="tiny", notes="Complete.")
+    assert payload["chosen_learning_rates"] == {"head_only": {"swept": "head_learning_rate", "learning_rate": 1e-5}}
+    md = (tmp_path / "tiny.md").read_text()
+    assert report.sweep_table(rows) in md and "| head_only | head LR | 0.1 | 1e-05, 0.1 | 1e-05 | lower | — |" in md
+    assert f"**1e-05: {100 * by_rate[1e-5]['validation_accuracy']:.2f}**" in md
+    before = md
+    sentiment.rewrite_report(tmp_path / "tiny.json", tmp_path, "tiny")  # --report: the same file again
+    assert (tmp_path / "tiny.md").read_text() == before
+
+
+def test_sweep_reuses_a_previous_seed_only_where_seed_0_reproduced_it(monkeypatch, tmp_path):
+    """Reuse rule, on a fake runner: a later seed at the usual rate is taken from the single-LR
+    run only where the sweep's seed-0 run at that rate gave exactly that run's test accuracy and
+    the chosen rate is the usual one; everything else is trained."""
+    calls = []
+    # validation peaks at the usual rate for lora_r1 and svft_plain, at ×3 for dora_r1
+    best = {"lora_r1": 1e-3, "svft_plain": 1e-2, "dora_r1": 3e-3}
+
+    def fake_run_one(setting, preset, seed, options, train, log=print, learning_rate=None):
+        calls.append((preset.name, seed, learning_rate))
+        score = 0.7 - abs(np.log10(learning_rate / best[preset.name])) / 10 + seed / 100
+        if preset.name == "svft_plain":
+            score += 1e-6  # does not reproduce the previous run
+        return dict(method=preset.name, seed=seed, learning_rate=learning_rate, swept="learning_rate",
+                    trainable=1, total=10, test_accuracy=score, validation_accuracy=score, step_time_s=0.1)
+
+    monkeypatch.setattr(sentiment, "run_one", fake_run_one)
+    previous = {(m, s): dict(method=m, seed=s, trainable=1, total=10, test_accuracy=0.7 + s / 100,
+                             validation_accuracy=None, step_time_s=9.0)
+                for m in best for s in (0, 1, 2)}
+    options = sentiment.Options(methods=tuple(best), sweep=True)
+    rows, table = sentiment.run_experiment(options, sentiment.TRAIN, setting=object(), log=lambda _: None,
+                                           previous=previous)
+    assert [c for c in calls if c[1] > 0] == [("svft_plain", 1, 1e-2), ("dora_r1", 1, 3e-3),
+                                              ("svft_plain", 2, 1e-2), ("dora_r1", 2, 3e-3)]
+    reused = [r for r in rows if r.get("reused_from_previous_run")]
+    assert [(r["method"], r["seed"], r["test_accuracy"]) for r in reused] == [
+        ("lora_r1", 1, previous[("lora_r1", 1)]["test_accuracy"]), ("lora_r1", 2, previous[("lora_r1", 2)]["test_accuracy"])]
+    checks = {r["method"]: r["reproduces_previous"] for r in rows if "reproduces_previous" in r}
+    assert checks == {"lora_r1": True, "svft_plain": False, "dora_r1": False}  # dora_r1: 1e-3 is not its best
+    assert all(r["chosen"] for r in reused) and len(report.final_rows(rows)) == 9
+    by_name = {row["method"]: row for row in table}
+    assert by_name["lora_r1"]["validation_accuracy_mean"] is None  # reused rows scored no validation
+    assert by_name["dora_r1"]["validation_accuracy_mean"] == pytest.approx(np.mean([0.7, 0.71, 0.72]))
+    # a previous file of another budget is not comparable: nothing reused
+    path = tmp_path / "other.json"
+    path.write_text(json.dumps({"config": {**sentiment.budget(options, sentiment.TRAIN), "steps": 7, "sweep": 0},
+                                "runs": [], "methods": {}}))
+    assert sentiment.load_previous(path, options, sentiment.TRAIN, log=lambda _: None) == {}
 
 
 def test_head_only_leaves_the_encoder_untouched(tiny_bert, tokenizer):
