@@ -34,6 +34,7 @@ import functools
 import json
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 import jax
@@ -348,17 +349,18 @@ def _run_or_reuse(setting, options, train, log, previous, checks, preset, seed, 
 
 def write_results(rows, table, options: Options, train: TrainConfig, command: str, output_dir: Path,
                   prefix: str = "sentiment", notes: str = "", expected_runs: int | None = None,
-                  run_time_min: float | None = None) -> dict:
+                  run_time_min: float | None = None, previous_summary: list[dict] | None = None) -> dict:
     """Write <prefix>.json (budget, per-seed rows, summary), <prefix>.md and <prefix>.png.
 
     With `options.sweep`, `table` is the summary of the chosen rates' rows and the markdown
-    adds the chosen rates, the sweep and the reproduction check."""
+    adds the chosen rates (beside `previous_summary`, the single-LR run's summary, if given),
+    the sweep and the reproduction check."""
     output_dir.mkdir(parents=True, exist_ok=True)
     payload = dict(command=command, config=budget(options, train), runs=rows, summary=table,
                    expected_runs=expected_runs or len(rows),
                    methods={name: presets_lib.get(name).describe() for name in dict.fromkeys(r["method"] for r in rows)},
                    jax_version=jax.__version__, devices=str(jax.devices()), notes=notes, run_time_min=run_time_min,
-                   seeds=list(options.seeds))
+                   seeds=list(options.seeds), previous_summary=previous_summary)
     if options.sweep:
         payload["chosen_learning_rates"] = {r["method"]: {"swept": r["swept"], "learning_rate": r["learning_rate"]}
                                             for r in report.final_rows(rows)}
@@ -366,14 +368,15 @@ def write_results(rows, table, options: Options, train: TrainConfig, command: st
     seeds = sorted({r["seed"] for r in rows})
     rule = "; learning rate chosen per method on validation" if options.sweep else ""
     splits = "all examples" if options.eval_limit is None else f"the first {options.eval_limit} examples"
-    md = [f"# Rotten Tomatoes sentiment with all-MiniLM-L6-v2 ({len(seeds)} seeds: {seeds}{rule})", "",
+    md = [f"# Rotten Tomatoes sentiment with all-MiniLM-L6-v2 ({len(seeds)} seed{'s' * (len(seeds) > 1)}: "
+          f"{seeds}{rule})", "",
           f"Command: `{command}`", "",
           f"Budget (every method): {train.steps} steps × batch {train.batch_size}, max length "
           f"{options.max_length} tokens, AdamW, linear warmup ({train.warmup_fraction:.0%}) and decay, "
           f"head LR {train.head_learning_rate:g}"
           f"{' (head_only: swept)' if options.sweep else ''}. Test split: {splits}.", ""]
     if options.sweep:
-        md += _sweep_sections(rows, table, options, train, splits)
+        md += _sweep_sections(rows, table, options, train, splits, previous_summary)
     else:
         md += [report.markdown_table(table), ""]
     md += ["Trainable parameters include the new classifier head (770). Step time is the median "
@@ -386,21 +389,25 @@ def write_results(rows, table, options: Options, train: TrainConfig, command: st
     return payload
 
 
-def _sweep_sections(rows, table, options: Options, train: TrainConfig, splits: str) -> list[str]:
+def _sweep_sections(rows, table, options: Options, train: TrainConfig, splits: str,
+                    previous_summary: list[dict] | None) -> list[str]:
     """The markdown of a sweep: rule, final table, chosen rates, sweep tables, reproduction check."""
     first, rest = options.seeds[0], list(options.seeds[1:])
-    factors = ", ".join(f"×{f:.3g}" for f in options.sweep_factors)
+    factors = ", ".join(str(Fraction(f).limit_denominator(1000)) for f in options.sweep_factors)
+    single = {row["method"]: row for row in previous_summary or ()}
+    final_by_name = {row["method"]: row for row in table}
     final = report.final_rows(rows)
-    md = [f"Learning rates, the same rule for every method: a sweep of {factors} the method's usual "
-          f"rate with seed {first}; the rate with the best validation accuracy (validation split: "
+    md = [f"Learning rates, the same rule for every method: a sweep of the method's usual rate × "
+          f"({factors}) with seed {first}; the rate with the best validation accuracy (validation split: "
           f"{splits}; the test split is not looked at) is the method's, and seeds {rest} run at it. "
           "The swept rate is the adapter's (all weights' for full_ft); head_only has no adapter, so "
           f"its sweep varies the head's learning rate (the other methods keep the head at "
           f"{train.head_learning_rate:g}).", "",
           "## Final table: each method at its chosen learning rate", "",
           report.markdown_table(table), "",
-          "| method | swept | usual | grid | chosen | at the grid's edge | seeds reused from the single-LR run |",
-          "|---|---|---:|---|---:|---|---|"]
+          "| method | swept | usual | grid | chosen | at the grid's edge | seeds reused from the single-LR run "
+          "| test accuracy: single-LR run → chosen rate |",
+          "|---|---|---:|---|---:|---|---|---|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         preset = presets_lib.get(method)
         swept, usual = swept_rate(preset, train)
@@ -410,9 +417,10 @@ def _sweep_sections(rows, table, options: Options, train: TrainConfig, splits: s
         edge = ("—" if chosen is None else "lower" if chosen == min(grid) else
                 "upper" if chosen == max(grid) else "no")
         reused = [r["seed"] for r in mine if r.get("reused_from_previous_run")]
+        change = " → ".join(_mean_sd(summary.get(method)) for summary in (single, final_by_name))
         md.append(f"| {method} | {'head LR' if swept == 'head_learning_rate' else 'adapter LR'} | {usual:g} | "
                   f"{', '.join(f'{lr:g}' for lr in grid)} | {'—' if chosen is None else f'{chosen:g}'} | "
-                  f"{edge} | {', '.join(map(str, reused)) or '—'} |")
+                  f"{edge} | {', '.join(map(str, reused)) or '—'} | {change} |")
     md += ["", "A chosen rate at the grid's edge means the best rate may lie outside the grid.", "",
            f"## The sweep (seed {first})", "", report.sweep_table(rows), "",
            "Test accuracy of the same runs, for reading only (not used to choose):", "",
@@ -432,6 +440,13 @@ def _sweep_sections(rows, table, options: Options, train: TrainConfig, splits: s
     return md
 
 
+def _mean_sd(row: dict | None) -> str:
+    """'78.56 ± 1.75' (test accuracy in %, seeds' sd) of a summary row, '—' without one."""
+    if row is None:
+        return "—"
+    return f"{100 * row['test_accuracy_mean']:.2f} ± {100 * row['test_accuracy_sd']:.2f}"
+
+
 def rewrite_report(json_path: Path, output_dir: Path, prefix: str) -> None:
     """Regenerate the summary, markdown and plot from the per-seed rows of a results JSON."""
     payload = json.loads(Path(json_path).read_text())
@@ -445,8 +460,12 @@ def rewrite_report(json_path: Path, output_dir: Path, prefix: str) -> None:
     else:
         status = "" if len(rows) >= expected else f"PARTIAL: {len(rows)} of {expected} runs finished."
     table = report.summarise(report.final_rows(rows) if options.sweep else rows)
+    previous_summary = payload.get("previous_summary")
+    if previous_summary is None and options.sweep and load_previous(options.previous, options, train, log=lambda _: None):
+        previous_summary = json.loads(Path(options.previous).read_text())["summary"]  # files without it
     write_results(rows, table, options, train, payload["command"], Path(output_dir), prefix, notes=status,
-                  expected_runs=expected, run_time_min=payload.get("run_time_min"))
+                  expected_runs=expected, run_time_min=payload.get("run_time_min"),
+                  previous_summary=previous_summary)
     print(report.markdown_table(table))
 
 
@@ -469,6 +488,7 @@ def main(argv=None):
         earlier_minutes = earlier.get("run_time_min") or 0.0
         print(f"resuming: {len(finished)} runs already finished", flush=True)
     previous = load_previous(options.previous, options, train) if options.sweep else {}
+    previous_summary = json.loads(Path(options.previous).read_text())["summary"] if previous else None
     if options.sweep:
         print(f"previous single-LR run: {len(previous)} comparable rows from {options.previous}", flush=True)
     start = time.perf_counter()
@@ -484,7 +504,8 @@ def main(argv=None):
         status = (f"Complete: {counted} in {minutes:.1f} min." if len(rows) >= total else
                   f"PARTIAL: {counted} of {total} after {minutes:.1f} min (the run is still going or was stopped).")
         write_results(rows, summary(rows), options, train, command, output_dir, options.prefix,
-                      notes=status, expected_runs=total, run_time_min=minutes)
+                      notes=status, expected_runs=total, run_time_min=minutes,
+                      previous_summary=previous_summary)
 
     rows, table = run_experiment(options, train, log=lambda s: print(s, flush=True), on_result=write_partial,
                                  keep_going=True, finished_rows=finished, previous=previous)

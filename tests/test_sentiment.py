@@ -211,7 +211,7 @@ def test_sweep_chooses_on_validation_where_test_disagrees(tiny_bert, tokenizer, 
     payload = sentiment.write_results(rows, table, options, train, "test", tmp_path, prefix="tiny", notes="Complete.")
     assert payload["chosen_learning_rates"] == {"head_only": {"swept": "head_learning_rate", "learning_rate": 1e-5}}
     md = (tmp_path / "tiny.md").read_text()
-    assert report.sweep_table(rows) in md and "| head_only | head LR | 0.1 | 1e-05, 0.1 | 1e-05 | lower | — |" in md
+    assert report.sweep_table(rows) in md and "| head_only | head LR | 0.1 | 1e-05, 0.1 | 1e-05 | lower | — | — → " in md
     assert f"**1e-05: {100 * by_rate[1e-5]['validation_accuracy']:.2f}**" in md
     before = md
     sentiment.rewrite_report(tmp_path / "tiny.json", tmp_path, "tiny")  # --report: the same file again
