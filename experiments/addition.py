@@ -217,8 +217,8 @@ class Setting:
     factors: dict = dataclasses.field(default_factory=dict)
 
 
-def tiny_model():
-    """A random 2-layer tied Llama with a digit-level byte tokenizer (tests; nothing loaded)."""
+def tiny_model(layers: int = 2):
+    """A random tied Llama (`layers` layers) with a digit-level byte tokenizer (tests; nothing loaded)."""
     from transformers import LlamaConfig
 
     from experiments import models
@@ -226,7 +226,7 @@ def tiny_model():
     from svft_jax.models import hf
 
     tokenizer = ByteTokenizer()
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     model, params = models.init_tiny(hf.FlaxLlamaForCausalLMTied, config, (1, 8))

@@ -55,7 +55,7 @@ def test_exact_match_is_greedy_decodings_rule():
 
 
 def test_answer_logits_equal_the_stock_models_logits_at_the_answer_positions():
-    model, params, tok = addition.tiny_model()
+    model, params, tok = addition.tiny_model(layers=1)
     adapted = svft_jax.apply(params, pattern="banded", d=1, seed=3)
     trainable, frozen = svft_jax.split(adapted)
     trainable = jax.tree_util.tree_map(lambda m: m + 0.05, trainable)  # M ≠ 0: the adapted model differs
