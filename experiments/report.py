@@ -192,6 +192,9 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
                 raise
             log(f"!! {preset.name} seed={seed} lr={lr:g} failed:\n{traceback.format_exc()}")
             return
+        if seed == seeds[0] and row.get(select) is None:  # a sweep run without its score cannot be ranked
+            raise ValueError(f"sweep_then_seeds: the run of {preset.name} (seed {seed}, learning rate {lr:g}) has no "
+                             f"{select!r} score; run_one must return it for the sweep's seed.")
         rows.append({**row, "method": preset.name, "seed": seed, "learning_rate": lr, "chosen": False})
         done.add((preset.name, seed, lr))
         mark_chosen(rows, chosen)

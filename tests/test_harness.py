@@ -183,6 +183,8 @@ def test_learning_rate_sweep_chooses_on_validation_and_reruns_only_the_chosen_ra
     assert chosen2 == chosen and len(calls) == 3 and len(rows2) == 10
     with pytest.raises(ValueError, match="mode"):
         report.sweep_then_seeds(run_one, methods, (0,), lrs, mode="best")
+    with pytest.raises(ValueError, match="no 'validation_nll' score"):  # never a silently skipped method
+        report.sweep_then_seeds(run_one, methods, (0,), lrs, select="validation_nll", log=lambda s: None)
 
 
 def test_learning_rate_in_state_gives_adamws_updates_and_one_program_for_every_rate(rng):
