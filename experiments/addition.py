@@ -483,17 +483,34 @@ def summary(rows: Sequence[dict]) -> list[dict]:
     return table
 
 
+def nll_gain_of_full_ft(table: Sequence[dict]) -> dict[str, float | None]:
+    """Per method, its drop in test answer NLL from the frozen 3-shot model's, as % of full FT's
+    drop (None without both references). At a budget where exact match is a few percent, the
+    NLL is the finer measure of how much of full FT's learning a method recovers."""
+    by = {row["method"]: row for row in table}
+    if FROZEN not in by or "full_ft" not in by:
+        return {row["method"]: None for row in table}
+    start, full = by[FROZEN]["test_nll_mean"], by["full_ft"]["test_nll_mean"]
+    return {row["method"]: 100 * (start - row["test_nll_mean"]) / (start - full) for row in table}
+
+
 def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command: str, notes: str = "") -> str:
     table = summary(rows)
+    gains = nll_gain_of_full_ft(table)
     lines = ["| method | trainable params | % of model | exact match (mean ± sd) | 2-digit | 3-digit | 4-digit | "
-             "% of full FT | answer NLL | LR | step time (s) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "% of full FT (exact) | answer NLL (mean ± sd) | NLL gain, % of full FT's | LR | step time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
+        group = [r["test_nll"] for r in report.final_rows(rows) if r["method"] == row["method"]]
         full = "—" if row["percent_of_full_ft"] is None else f"{row['percent_of_full_ft']:.1f}"
         spread = f"± {100 * row['test_accuracy_sd']:.2f}" if row["seeds"] > 1 else "(1 run)"
+        nll_spread = f" ± {np.std(group, ddof=1):.3f}" if len(group) > 1 else ""
+        gain = "—" if gains[row["method"]] is None else f"{gains[row['method']]:.0f}"
         lines.append(f"| {row['method']} | {row['trainable']:,} | {row['percent_of_model']:.4f} | "
                      f"{100 * row['test_accuracy_mean']:.2f} {spread} | "
                      + " | ".join(f"{100 * row[f'exact_{d}digit_mean']:.1f}" for d in TEST_DIGITS)
-                     + f" | {full} | {row['test_nll_mean']:.3f} | {row['learning_rate']:g} | {row['step_time_s']:.2f} |")
+                     + f" | {full} | {row['test_nll_mean']:.3f}{nll_spread} | {gain} | {row['learning_rate']:g} | "
+                     f"{row['step_time_s']:.2f} |")
     checks = [(r["method"], r["generation_check"]) for r in rows if r.get("generation_check")]
     agree = sum(c["agree"] for _, c in checks)
     total = sum(c["problems"] for _, c in checks)
@@ -512,7 +529,8 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
           f"Exact match is greedy and teacher-forced (one forward pass; see `experiments/addition.py`); real greedy "
           f"decoding with the KV cache agreed on {agree} of {total} checked problems. frozen_3shot is the untouched "
           "model with three solved examples in the prompt. Trainable parameters of full FT count the tied "
-          "embedding once. Step time: median after compilation on a 2-core CPU shared with other jobs.", "",
+          "embedding once. NLL gain: (frozen 3-shot's test answer NLL − the method's) ÷ (frozen 3-shot's − full "
+          "FT's), in %. Step time: median after compilation on a 2-core CPU shared with other jobs.", "",
           "## Learning-rate sweep (first seed): validation answer NLL, nats/token (validation exact match)", "",
           "The rate is chosen on the NLL, not on exact match: at this budget exact match is a few percent, "
           "i.e. a handful of the validation problems, too coarse to rank rates.", "",
@@ -565,7 +583,8 @@ def main(argv=None):
                              f"this run's is {budget(options, train)}. Rerun without --resume or match the flags.")
         finished = [r for r in earlier["runs"] if r["method"] in options.methods and r["seed"] in options.seeds]
         history = earlier.get("history") or earlier.get("grid_history") or ""
-        command = earlier["command"] + "  (interrupted, then completed with --resume)"
+        suffix = "  (interrupted, then completed with --resume)"
+        command = earlier["command"] if earlier["command"].endswith(suffix) else earlier["command"] + suffix
     start = time.perf_counter()
     total = expected_runs(options)
 

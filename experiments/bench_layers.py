@@ -4,6 +4,7 @@ peak memory.
     python -m experiments.bench_layers                      # T = 1024, the five shapes
     python -m experiments.bench_layers --tokens 256 4096 --shapes 384x384 1536x384 384x1536 768x768
     python -m experiments.bench_layers --models bert-16x64 bert-32x128 llama-4x256   # whole models
+    python -m experiments.bench_layers --profile --tokens 1024 4096    # where the time goes (band vs matmuls)
 
 A step is forward + backward + Adam for one layer y = x Wᵀ (W: out × in) over T tokens, with the
 layer-input gradient on (as inside a network): `dense` trains W itself (full fine-tuning);
@@ -67,13 +68,14 @@ def _memory_mib(compiled) -> float:
     return (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / 2**20
 
 
-def _compile(trainable, frozen, loss_of, x, cotangent):
-    """(timed thunk, memory MiB) of one compiled step."""
+def _compile(trainable, frozen, loss_of, x, cotangent, with_program: bool = False):
+    """(timed thunk, memory MiB) of one compiled step (and the compiled program if asked)."""
     tx = svft_jax.optimizer(optax.adam(1e-3)) if frozen is not None else optax.adam(1e-3)
     args = (trainable, tx.init(trainable), frozen, x, cotangent)
     compiled = _step_fn(loss_of, tx).lower(*args).compile()
     jax.block_until_ready(compiled(*args))  # warm-up
-    return (lambda: compiled(*args)), _memory_mib(compiled)
+    thunk = lambda: compiled(*args)  # noqa: E731
+    return (thunk, _memory_mib(compiled), compiled) if with_program else (thunk, _memory_mib(compiled))
 
 
 def _round_robin(thunks: dict, repeats: int) -> dict:
@@ -127,6 +129,53 @@ def bench_shape(d_out: int, d_in: int, tokens: int, repeats: int, strategies) ->
         label = name + (f" (→ {'+'.join(sorted(set().union(*map(set, runs[name].last_plan.values()))))})" if name == "svft-auto" else "")
         rows.append([label, f"{ms:.1f}", f"{ms / dense_ms:.2f}", f"{floors[name]:.2f}",
                      f"{ms / dense_ms / floors[name]:.2f}", f"{memory[name]:.1f}"])
+    return rows
+
+
+# ---- where the time goes ----------------------------------------------------------------------
+
+
+def profile_shape(d_out: int, d_in: int, tokens: int, strategies, repeats: int) -> list[list]:
+    """Where a strategy's time goes, by ablation: each strategy timed with SVFT^B d=2 and with
+    SVFT^P (the same matmuls; M is a scale instead of 2d+1 shifted slices), side by side with
+    dense FT.
+
+    A per-op profile of XLA:CPU does not add up (its dots run on thread pools whose work the
+    trace attributes unevenly), so the split is measured end to end instead: "matmul chain ÷
+    floor" is the plain run's time ÷ (dense FT's × the plain run's FLOP ratio), i.e. how fast
+    the strategy's matmuls run per FLOP against the dense step; "band ÷ dense" is what the band
+    adds (banded − plain) ÷ the dense step; "band share" is that over the banded step.
+    """
+    rng = np.random.default_rng(0)
+    kernel = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), jnp.float32)
+    params = {"layer": {"kernel": kernel}}
+    x = jnp.asarray(rng.standard_normal((tokens, d_in)), jnp.float32)
+    cotangent = jnp.asarray(rng.standard_normal((tokens, d_out)), jnp.float32)
+    r = min(d_in, d_out)
+    dense_flops = 3 * tokens * d_out * d_in
+    thunks, floors = {}, {}
+    thunks["dense FT"], _ = _compile(params, None, lambda t, f, x: _layer(t, x), x, cotangent)
+    patterns = {"banded": dict(pattern="banded", d=2), "plain": dict(pattern="plain")}
+    for strategy in strategies:
+        for label, options in patterns.items():
+            adapted = svft_jax.apply(params, **options, svd_backend="numpy")
+            tree = adapted if strategy == "factored" else drop_unused_base(adapted)
+            trainable, frozen = svft_jax.split(tree)
+            run = wrap(_layer, strategy)
+            thunks[(strategy, label)], _ = _compile(trainable, frozen, lambda t, f, x, run=run: run(svft_jax.combine(t, f), x), x, cotangent)
+            chosen = "+".join(sorted(set().union(*map(set, run.last_plan.values()))))
+            entries = svft_jax.banded_count(r, 2) if label == "banded" else r
+            costs = step_flops(d_out, d_in, r, tokens, has_base=strategy == "factored", entries=entries)
+            floors[(strategy, label)] = costs[{"reference": "rebuild", "auto": chosen, "rebuild_remat": "rebuild"}.get(strategy, strategy)] / dense_flops
+    wall = _round_robin(thunks, repeats)
+    dense = wall["dense FT"]
+    rows = [["dense FT", f"{dense * 1e3:.1f}", "", "1.00", "1.00", "", "", ""]]
+    for strategy in strategies:
+        banded, plain = wall[(strategy, "banded")], wall[(strategy, "plain")]
+        rows.append([f"svft-{strategy}", f"{banded * 1e3:.1f}", f"{plain * 1e3:.1f}", f"{banded / dense:.2f}",
+                     f"{banded / dense / floors[(strategy, 'banded')]:.2f}",
+                     f"{plain / dense / floors[(strategy, 'plain')]:.2f}",
+                     f"{(banded - plain) / dense:+.2f}", f"{(banded - plain) / banded:+.0%}"])
     return rows
 
 
@@ -248,6 +297,8 @@ def main(argv=None):
     parser.add_argument("--models", nargs="*", default=None, choices=["bert-16x64", "bert-32x128", "llama-4x256"],
                         help="whole-model steps instead of the layer table")
     parser.add_argument("--numerics", action="store_true", help="output error per strategy and factor dtype instead of timings")
+    parser.add_argument("--profile", action="store_true",
+                        help="where the time goes: each strategy with SVFT^B d=2 and with SVFT^P (same matmuls), so the band's cost shows")
     parser.add_argument("--output", default=None, help="markdown file (default experiments/results/bench_layers-T<tokens>.md)")
     args = parser.parse_args(argv)
     header = ["method", "ms", "÷ dense", "FLOPs ÷ dense", "time ÷ FLOP floor", "memory MiB"]
@@ -262,6 +313,21 @@ def main(argv=None):
         print(block)
         text.append(block)
         args.tokens, args.models = [], ["numerics"]
+    elif args.profile:
+        text[0] = (f"# Where the time goes: one layer's training step per strategy, SVFT^B d=2 vs SVFT^P, full rank\n\n"
+                   f"`python -m experiments.bench_layers --profile --tokens {' '.join(map(str, args.tokens))} --shapes {' '.join(args.shapes)} --strategies {' '.join(args.strategies)}`\n\n"
+                   f"{machine_description()}\n- {' '.join(profile_shape.__doc__.split(chr(10) + chr(10))[1].split())}\n")
+        profile_header = ["method", "banded ms", "plain ms", "banded ÷ dense", "banded ÷ FLOP floor",
+                          "matmul chain ÷ floor", "band ÷ dense", "band share"]
+        for tokens in args.tokens:
+            repeats = args.repeats or (7 if tokens <= 256 else 5 if tokens <= 1024 else 3)
+            for shape in args.shapes:
+                d_out, d_in = (int(v) for v in shape.lower().split("x"))
+                rows = profile_shape(d_out, d_in, tokens, [s for s in args.strategies if s != "auto"], repeats)
+                block = f"\n## {d_out}×{d_in} (out × in), T = {tokens}, median of {repeats} (round-robin)\n\n" + markdown_table(profile_header, rows) + "\n"
+                print(block, flush=True)
+                text.append(block)
+        args.models, args.tokens = ["profile-T" + "-".join(map(str, args.tokens))], []
     elif args.models:
         text[0] = (f"# Whole-model training step (fwd + bwd + AdamW), SVFT^B d=2 full rank\n\n"
                    f"`python -m experiments.bench_layers --models {' '.join(args.models)}`\n\n{machine_description()}\n")

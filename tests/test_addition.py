@@ -89,3 +89,12 @@ def test_smoke_run_chooses_the_rate_on_validation_and_writes_its_tables(tmp_path
     with pytest.raises(ValueError, match="budget"):
         addition.main(["--model=tiny", "--methods=svft_plain", "--seeds=0", "--steps=4", f"--output_dir={tmp_path}",
                        "--resume", "--compilation_cache="])
+
+
+def test_nll_gain_is_the_share_of_full_fts_drop_from_the_frozen_model():
+    table = [dict(method=addition.FROZEN, test_nll_mean=4.0), dict(method="full_ft", test_nll_mean=2.0),
+             dict(method="svft_banded_d2", test_nll_mean=2.5), dict(method="lora_r8", test_nll_mean=1.5)]
+    gains = addition.nll_gain_of_full_ft(table)
+    # (4 − 2.5) / (4 − 2) = 75 %; beating full FT's NLL is over 100 %; the references are 0 and 100
+    assert gains == {addition.FROZEN: 0.0, "full_ft": 100.0, "svft_banded_d2": 75.0, "lora_r8": 125.0}
+    assert set(addition.nll_gain_of_full_ft(table[1:]).values()) == {None}
