@@ -569,7 +569,10 @@ def main(argv=None):
     output_dir = Path(options.output_dir)
     if options.report:
         payload = json.loads(Path(options.report).read_text())
-        (output_dir / f"{options.prefix}.md").write_text(markdown(payload["runs"], options, train, payload["command"]))
+        runs, expected = payload["runs"], payload.get("expected_runs", len(payload["runs"]))
+        status = f"Complete: {len(runs)} runs." if len(runs) >= expected else f"PARTIAL: {len(runs)} of {expected} runs."
+        notes = "\n\n".join(filter(None, [payload.get("history", ""), status]))
+        (output_dir / f"{options.prefix}.md").write_text(markdown(runs, options, train, payload["command"], notes))
         return
     if options.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", options.compilation_cache)
