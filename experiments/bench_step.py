@@ -181,7 +181,9 @@ class Options:
 
 def main(argv=None) -> None:
     (args,) = config_lib.parse(argv, Options(), description=__doc__)
-    output = pathlib.Path(args.output or f"experiments/results/bench_step_{args.config}.md")
+    # one file per (config, method set): a memory run must not overwrite the core run's table
+    suffix = "" if args.methods == "core" else f"-{args.methods}"
+    output = pathlib.Path(args.output or f"experiments/results/bench_step_{args.config}{suffix}.md")
     start = time.perf_counter()
     model, params, batch, loss_of, extra, tokens, apply_options = build_model(args.config)
 
