@@ -88,12 +88,23 @@ def _round_robin(thunks: dict, repeats: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def bench_shape(d_out: int, d_in: int, tokens: int, repeats: int, strategies) -> list[list]:
+def _layer_problem(d_out: int, d_in: int, tokens: int):
+    """(params {"layer": {"kernel": (d_in, d_out)}}, x (T, d_in), cotangent (T, d_out)), seeded."""
     rng = np.random.default_rng(0)
     kernel = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), jnp.float32)
-    params = {"layer": {"kernel": kernel}}
     x = jnp.asarray(rng.standard_normal((tokens, d_in)), jnp.float32)
     cotangent = jnp.asarray(rng.standard_normal((tokens, d_out)), jnp.float32)
+    return {"layer": {"kernel": kernel}}, x, cotangent
+
+
+def _counted_as(strategy: str, chosen: str) -> str:
+    """The cost-model entry a strategy's FLOP floor is read from: the authors' layer rebuilds W on
+    every use (rebuild's count), rebuild_remat too; auto: what it chose."""
+    return {"reference": "rebuild", "auto": chosen, "rebuild_remat": "rebuild"}.get(strategy, strategy)
+
+
+def bench_shape(d_out: int, d_in: int, tokens: int, repeats: int, strategies) -> list[list]:
+    params, x, cotangent = _layer_problem(d_out, d_in, tokens)
     r = min(d_in, d_out)
     dense_flops = 3 * tokens * d_out * d_in
     entries = svft_jax.banded_count(r, 2)
@@ -112,8 +123,7 @@ def bench_shape(d_out: int, d_in: int, tokens: int, repeats: int, strategies) ->
         runs[name] = run
         chosen = "+".join(sorted(set().union(*map(set, run.last_plan.values()))))
         costs = step_flops(d_out, d_in, r, tokens, has_base=strategy == "factored", entries=entries)
-        # the authors' layer rebuilds W on every use: rebuild's count; auto: what it chose
-        floors[name] = costs[{"reference": "rebuild", "auto": chosen, "rebuild_remat": "rebuild"}.get(strategy, strategy)] / dense_flops
+        floors[name] = costs[_counted_as(strategy, chosen)] / dense_flops
     lora = baselines.lora.apply(params, rank=8)
     trainable, frozen = svft_jax.split(lora)
     run = wrap(_layer, "factored")
@@ -146,11 +156,7 @@ def profile_shape(d_out: int, d_in: int, tokens: int, strategies, repeats: int) 
     the strategy's matmuls run per FLOP against the dense step; "band ÷ dense" is what the band
     adds (banded − plain) ÷ the dense step; "band share" is that over the banded step.
     """
-    rng = np.random.default_rng(0)
-    kernel = jnp.asarray(rng.standard_normal((d_in, d_out)) / np.sqrt(d_in), jnp.float32)
-    params = {"layer": {"kernel": kernel}}
-    x = jnp.asarray(rng.standard_normal((tokens, d_in)), jnp.float32)
-    cotangent = jnp.asarray(rng.standard_normal((tokens, d_out)), jnp.float32)
+    params, x, cotangent = _layer_problem(d_out, d_in, tokens)
     r = min(d_in, d_out)
     dense_flops = 3 * tokens * d_out * d_in
     thunks, floors = {}, {}
@@ -166,7 +172,7 @@ def profile_shape(d_out: int, d_in: int, tokens: int, strategies, repeats: int) 
             chosen = "+".join(sorted(set().union(*map(set, run.last_plan.values()))))
             entries = svft_jax.banded_count(r, 2) if label == "banded" else r
             costs = step_flops(d_out, d_in, r, tokens, has_base=strategy == "factored", entries=entries)
-            floors[(strategy, label)] = costs[{"reference": "rebuild", "auto": chosen, "rebuild_remat": "rebuild"}.get(strategy, strategy)] / dense_flops
+            floors[(strategy, label)] = costs[_counted_as(strategy, chosen)] / dense_flops
     wall = _round_robin(thunks, repeats)
     dense = wall["dense FT"]
     rows = [["dense FT", f"{dense * 1e3:.1f}", "", "1.00", "1.00", "", "", ""]]
