@@ -475,7 +475,9 @@ def summary(rows: Sequence[dict]) -> list[dict]:
     for entry in table:
         group = [r for r in final if r["method"] == entry["method"]]
         entry["learning_rate"] = group[0]["learning_rate"]
-        entry["test_nll_mean"] = float(np.mean([r["test_nll"] for r in group]))
+        nlls = [r["test_nll"] for r in group]
+        entry["test_nll_mean"] = float(np.mean(nlls))
+        entry["test_nll_sd"] = float(np.std(nlls, ddof=1)) if len(nlls) > 1 else 0.0
         for d in TEST_DIGITS:
             entry[f"exact_{d}digit_mean"] = float(np.mean([r[f"test_exact_{d}digit"] for r in group]))
         if entry["method"] == FROZEN:
@@ -494,17 +496,18 @@ def nll_gain_of_full_ft(table: Sequence[dict]) -> dict[str, float | None]:
     return {row["method"]: 100 * (start - row["test_nll_mean"]) / (start - full) for row in table}
 
 
-def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command: str, notes: str = "") -> str:
-    table = summary(rows)
+def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command: str, notes: str = "",
+             table: Sequence[dict] | None = None) -> str:
+    """The results file's text; `table`: `summary(rows)` when the caller has it already."""
+    table = summary(rows) if table is None else table
     gains = nll_gain_of_full_ft(table)
     lines = ["| method | trainable params | % of model | exact match (mean ± sd) | 2-digit | 3-digit | 4-digit | "
              "% of full FT (exact) | answer NLL (mean ± sd) | NLL gain, % of full FT's | LR | step time (s) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
-        group = [r["test_nll"] for r in report.final_rows(rows) if r["method"] == row["method"]]
         full = "—" if row["percent_of_full_ft"] is None else f"{row['percent_of_full_ft']:.1f}"
         spread = f"± {100 * row['test_accuracy_sd']:.2f}" if row["seeds"] > 1 else "(1 run)"
-        nll_spread = f" ± {np.std(group, ddof=1):.3f}" if len(group) > 1 else ""
+        nll_spread = f" ± {row['test_nll_sd']:.3f}" if row["seeds"] > 1 else ""
         gain = "—" if gains[row["method"]] is None else f"{gains[row['method']]:.0f}"
         lines.append(f"| {row['method']} | {row['trainable']:,} | {row['percent_of_model']:.4f} | "
                      f"{100 * row['test_accuracy_mean']:.2f} {spread} | "
@@ -541,20 +544,28 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
     return "\n".join(md)
 
 
+def write_tables(rows, options: Options, train: TrainConfig, command: str, output_dir: Path, notes: str = "",
+                 table: Sequence[dict] | None = None) -> None:
+    """<prefix>.md and <prefix>.png from the rows (and their `summary`, when already computed)."""
+    table = summary(rows) if table is None else table
+    (output_dir / f"{options.prefix}.md").write_text(markdown(rows, options, train, command, notes, table))
+    report.plot([r for r in table if r["trainable"] > 0], output_dir / f"{options.prefix}.png",
+                title="SmolLM2-135M on addition: exact match vs trainable parameters", ylabel="test exact match (%)",
+                xlabel="trainable parameters (log scale)")
+
+
 def write_results(rows, options: Options, train: TrainConfig, command: str, output_dir: Path, notes: str = "",
                   expected_runs: int | None = None, history: str = "") -> None:
     """<prefix>.json (budget, every row, summary), .md and .png; `history`: how the run came to be
     (e.g. a changed sweep grid), kept in both files."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    payload = dict(command=command, config=budget(options, train), history=history, runs=list(rows), summary=summary(rows),
+    table = summary(rows)
+    payload = dict(command=command, config=budget(options, train), history=history, runs=list(rows), summary=table,
                    expected_runs=expected_runs or len(rows), jax_version=jax.__version__, devices=str(jax.devices()),
                    methods={name: presets_lib.get(name).describe() for name in dict.fromkeys(r["method"] for r in rows)
                             if name != FROZEN})
     (output_dir / f"{options.prefix}.json").write_text(json.dumps(config_lib.json_ready(payload), indent=1))
-    (output_dir / f"{options.prefix}.md").write_text(markdown(rows, options, train, command, "\n\n".join(filter(None, [history, notes]))))
-    report.plot([r for r in summary(rows) if r["trainable"] > 0], output_dir / f"{options.prefix}.png",
-                title="SmolLM2-135M on addition: exact match vs trainable parameters", ylabel="test exact match (%)",
-                xlabel="trainable parameters (log scale)")
+    write_tables(rows, options, train, command, output_dir, "\n\n".join(filter(None, [history, notes])), table)
 
 
 def expected_runs(options: Options) -> int:
@@ -569,10 +580,10 @@ def main(argv=None):
     output_dir = Path(options.output_dir)
     if options.report:
         payload = json.loads(Path(options.report).read_text())
-        runs, expected = payload["runs"], payload.get("expected_runs", len(payload["runs"]))
-        status = f"Complete: {len(runs)} runs." if len(runs) >= expected else f"PARTIAL: {len(runs)} of {expected} runs."
-        notes = "\n\n".join(filter(None, [payload.get("history", ""), status]))
-        (output_dir / f"{options.prefix}.md").write_text(markdown(runs, options, train, payload["command"], notes))
+        runs = payload["runs"]
+        status = report.status_line(len(runs), payload.get("expected_runs", len(runs)))
+        write_tables(runs, options, train, payload["command"], output_dir,
+                     "\n\n".join(filter(None, [payload.get("history", ""), status])))
         return
     if options.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", options.compilation_cache)
@@ -580,21 +591,15 @@ def main(argv=None):
     command = " ".join(["python -m experiments.addition", *argv])
     finished, history = [], ""
     if options.resume:
-        earlier = json.loads((output_dir / f"{options.prefix}.json").read_text())
-        if earlier["config"] != config_lib.json_ready(budget(options, train)):
-            raise ValueError(f"--resume: {options.prefix}.json was made with another budget {earlier['config']}; "
-                             f"this run's is {budget(options, train)}. Rerun without --resume or match the flags.")
-        finished = [r for r in earlier["runs"] if r["method"] in options.methods and r["seed"] in options.seeds]
-        history = earlier.get("history") or earlier.get("grid_history") or ""
-        suffix = "  (interrupted, then completed with --resume)"
-        command = earlier["command"] if earlier["command"].endswith(suffix) else earlier["command"] + suffix
+        earlier, finished, command = report.resume(output_dir / f"{options.prefix}.json",
+                                                   config_lib.json_ready(budget(options, train)),
+                                                   options.methods, options.seeds)
+        history = earlier.get("history", "")
     start = time.perf_counter()
     total = expected_runs(options)
 
     def write_partial(rows):
-        minutes = (time.perf_counter() - start) / 60
-        status = (f"Complete: {len(rows)} runs in {minutes:.1f} min." if len(rows) >= total else
-                  f"PARTIAL: {len(rows)} of {total} runs after {minutes:.1f} min (still going or stopped).")
+        status = report.status_line(len(rows), total, (time.perf_counter() - start) / 60)
         write_results(rows, options, train, command, output_dir, status, total, history)
 
     rows, chosen = run_experiment(options, train, log=lambda s: print(s, flush=True), on_result=write_partial,

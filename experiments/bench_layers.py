@@ -68,14 +68,13 @@ def _memory_mib(compiled) -> float:
     return (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes) / 2**20
 
 
-def _compile(trainable, frozen, loss_of, x, cotangent, with_program: bool = False):
-    """(timed thunk, memory MiB) of one compiled step (and the compiled program if asked)."""
+def _compile(trainable, frozen, loss_of, x, cotangent):
+    """(timed thunk, memory MiB) of one compiled step."""
     tx = svft_jax.optimizer(optax.adam(1e-3)) if frozen is not None else optax.adam(1e-3)
     args = (trainable, tx.init(trainable), frozen, x, cotangent)
     compiled = _step_fn(loss_of, tx).lower(*args).compile()
     jax.block_until_ready(compiled(*args))  # warm-up
-    thunk = lambda: compiled(*args)  # noqa: E731
-    return (thunk, _memory_mib(compiled), compiled) if with_program else (thunk, _memory_mib(compiled))
+    return (lambda: compiled(*args)), _memory_mib(compiled)
 
 
 def _round_robin(thunks: dict, repeats: int) -> dict:
@@ -298,7 +297,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="out×in, e.g. 1536x384")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
+    parser.add_argument("--strategies", nargs="+", default=None,
+                        help=f"default: {' '.join(STRATEGIES)} (with --profile: all but auto)")
     parser.add_argument("--repeats", type=int, default=0, help="timed steps per row (0: 7 / 5 / 3 for T ≤ 256 / ≤ 1024 / more)")
     parser.add_argument("--models", nargs="*", default=None, choices=["bert-16x64", "bert-32x128", "llama-4x256"],
                         help="whole-model steps instead of the layer table")
@@ -307,6 +307,12 @@ def main(argv=None):
                         help="where the time goes: each strategy with SVFT^B d=2 and with SVFT^P (same matmuls), so the band's cost shows")
     parser.add_argument("--output", default=None, help="markdown file (default experiments/results/bench_layers-T<tokens>.md)")
     args = parser.parse_args(argv)
+    if args.profile and args.strategies and "auto" in args.strategies:
+        # auto may choose differently for SVFT^B and SVFT^P (their |Ω| differ), so their difference
+        # would not be the band's cost
+        parser.error("--profile ablates a fixed strategy (SVFT^B vs SVFT^P); 'auto' can choose differently "
+                     "for the two, so name the strategies it picks (e.g. --strategies spectral rebuild).")
+    args.strategies = args.strategies or [s for s in STRATEGIES if not (args.profile and s == "auto")]
     header = ["method", "ms", "÷ dense", "FLOPs ÷ dense", "time ÷ FLOP floor", "memory MiB"]
     started = time.perf_counter()
     text = [f"# Layer training step (fwd + bwd + Adam, input gradient on), SVFT^B d=2 full rank\n\n"
@@ -329,7 +335,7 @@ def main(argv=None):
             repeats = args.repeats or (7 if tokens <= 256 else 5 if tokens <= 1024 else 3)
             for shape in args.shapes:
                 d_out, d_in = (int(v) for v in shape.lower().split("x"))
-                rows = profile_shape(d_out, d_in, tokens, [s for s in args.strategies if s != "auto"], repeats)
+                rows = profile_shape(d_out, d_in, tokens, args.strategies, repeats)
                 block = f"\n## {d_out}×{d_in} (out × in), T = {tokens}, median of {repeats} (round-robin)\n\n" + markdown_table(profile_header, rows) + "\n"
                 print(block, flush=True)
                 text.append(block)

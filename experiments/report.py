@@ -9,6 +9,7 @@ score against trainable parameters).
 
 from __future__ import annotations
 
+import json
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,36 @@ from pathlib import Path
 import numpy as np
 
 from experiments import presets as presets_lib
+
+RESUMED = "  (interrupted, then completed with --resume)"
+
+
+def resume(results: Path, budget: dict, methods: Sequence[str], seeds: Sequence[int]) -> tuple[dict, list[dict], str]:
+    """What `--resume` continues from an interrupted run's results file.
+
+    Returns (the file's payload, its finished rows of these methods and seeds, its command marked
+    as resumed — once, however often the run was resumed).
+    Raises:
+      ValueError when the file was made with another budget (its runs would not be comparable).
+    """
+    earlier = json.loads(Path(results).read_text())
+    if earlier["config"] != budget:
+        raise ValueError(f"--resume: {Path(results).name} was made with another budget {earlier['config']}; "
+                         f"this run's is {budget}. Rerun without --resume or match the flags.")
+    finished = [row for row in earlier["runs"] if row["method"] in methods and row["seed"] in seeds]
+    command = earlier["command"] if earlier["command"].endswith(RESUMED) else earlier["command"] + RESUMED
+    return earlier, finished, command
+
+
+def status_line(done: int, total: int, minutes: float | None = None, detail: str = "") -> str:
+    """A results file's run count: "Complete: N runs[detail] in M min." or "PARTIAL: N runs[detail]
+    of T after M min (the run is still going or was stopped)."; without the minutes when unknown."""
+    counted = f"{done} runs{detail}"
+    if done >= total:
+        return f"Complete: {counted}" + (f" in {minutes:.1f} min." if minutes is not None else ".")
+    return f"PARTIAL: {counted} of {total}" + (f" after {minutes:.1f} min (the run is still going or was stopped)."
+                                               if minutes is not None else ".")
+
 
 # (colour, marker) per method family in plots
 STYLES = {"svft": ("tab:red", "o"), "lora": ("tab:blue", "s"), "dora": ("tab:purple", "D"),

@@ -479,12 +479,8 @@ def main(argv=None):
     command = " ".join(["python -m experiments.sentiment", *argv])
     finished, earlier_minutes = [], 0.0
     if options.resume:
-        earlier = json.loads((output_dir / f"{options.prefix}.json").read_text())
-        if earlier["config"] != budget(options, train):
-            raise ValueError(f"--resume: {options.prefix}.json was made with another budget {earlier['config']}; "
-                             f"this run's is {budget(options, train)}. Rerun without --resume or match the flags.")
-        finished = [row for row in earlier["runs"] if row["method"] in options.methods and row["seed"] in options.seeds]
-        command = earlier["command"] + "  (interrupted, then completed with --resume)"
+        earlier, finished, command = report.resume(output_dir / f"{options.prefix}.json", budget(options, train),
+                                                   options.methods, options.seeds)
         earlier_minutes = earlier.get("run_time_min") or 0.0
         print(f"resuming: {len(finished)} runs already finished", flush=True)
     previous = load_previous(options.previous, options, train) if options.sweep else {}
@@ -500,9 +496,8 @@ def main(argv=None):
     def write_partial(rows):
         minutes = earlier_minutes + (time.perf_counter() - start) / 60
         reused = sum(bool(r.get("reused_from_previous_run")) for r in rows)
-        counted = f"{len(rows)} runs" + (f" ({reused} of them reused from the single-LR run)" if reused else "")
-        status = (f"Complete: {counted} in {minutes:.1f} min." if len(rows) >= total else
-                  f"PARTIAL: {counted} of {total} after {minutes:.1f} min (the run is still going or was stopped).")
+        status = report.status_line(len(rows), total, minutes,
+                                    f" ({reused} of them reused from the single-LR run)" if reused else "")
         write_results(rows, summary(rows), options, train, command, output_dir, options.prefix,
                       notes=status, expected_runs=total, run_time_min=minutes,
                       previous_summary=previous_summary)

@@ -8,6 +8,7 @@ real rows; epoch 0 of the data path is grain's own `shuffle(seed)`; presets hand
 options to the library's `apply` unchanged (same nodes as calling it directly)."""
 
 import dataclasses
+import json
 import math
 
 import grain
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 
 import svft_jax
-from experiments import config, data, presets, train
+from experiments import config, data, presets, report, train
 from svft_jax.training import losses
 
 
@@ -210,3 +211,21 @@ def test_learning_rate_in_state_gives_adamws_updates_and_one_program_for_every_r
 
     assert program(optimizer(1e-3, True)) == program(optimizer(1e-2, True))
     assert program(optimizer(1e-3, False)) != program(optimizer(1e-2, False))  # the rate is a constant there
+
+
+def test_resume_marks_the_command_once_and_refuses_another_budget(tmp_path):
+    results = tmp_path / "run.json"
+    runs = [dict(method="lora_r1", seed=0), dict(method="lora_r1", seed=5), dict(method="full_ft", seed=0)]
+    results.write_text(json.dumps(dict(config={"steps": 4}, command="python -m x", runs=runs)))
+    _, finished, command = report.resume(results, {"steps": 4}, ["lora_r1"], [0, 1])
+    assert finished == [runs[0]] and command == "python -m x" + report.RESUMED
+    results.write_text(json.dumps(dict(config={"steps": 4}, command=command, runs=runs)))
+    assert report.resume(results, {"steps": 4}, ["lora_r1"], [0])[2] == command  # resumed again: marked once
+    with pytest.raises(ValueError, match="another budget"):
+        report.resume(results, {"steps": 8}, ["lora_r1"], [0])
+
+
+def test_status_line_counts_runs_against_the_grid():
+    assert report.status_line(3, 3) == "Complete: 3 runs."
+    assert report.status_line(3, 3, 1.25, " (1 reused)") == "Complete: 3 runs (1 reused) in 1.2 min."
+    assert report.status_line(2, 3, 0.5) == "PARTIAL: 2 runs of 3 after 0.5 min (the run is still going or was stopped)."
