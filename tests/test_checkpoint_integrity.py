@@ -156,15 +156,16 @@ def test_read_only_restore_writes_nothing_and_refuses_to_save(tmp_path):
     trained, frozen = _halves(_base(), "banded", d=1)
     with TrainCheckpointer(tmp_path, frozen=frozen) as ckpt:
         ckpt.save(3, trained)
-    before = _snapshot(tmp_path)
     with TrainCheckpointer(tmp_path, frozen=frozen) as writer:  # a live writer holds the lock ...
+        # (taken after the writer opened: it records itself, with the time, in the lock file)
+        before = _snapshot(tmp_path)
         reader = TrainCheckpointer(tmp_path, read_only=True, frozen=frozen)  # ... a reader needs none
         restored = reader.restore_latest(trained)
         with pytest.raises(ValueError, match="read_only=True"):
             reader.save(4, trained)
         reader.close()
+        assert restored.step == 3 and _snapshot(tmp_path) == before
         assert writer.latest_step() == 3
-    assert restored.step == 3 and _snapshot(tmp_path) == before
     with pytest.raises(ValueError, match="needs an existing svft-jax checkpoint directory"):
         TrainCheckpointer(tmp_path / "missing", read_only=True)
 
