@@ -1,4 +1,9 @@
-"""Model adapters: load local Hugging Face Flax checkpoints and pick SVFT targets per architecture.
+"""Model adapters: load Hugging Face Flax checkpoints and pick SVFT targets per architecture.
+
+Loading Hugging Face Flax models (`load_pretrained`, `load_gguf`) needs transformers 4.x: on
+transformers ≥ 5 (which removed its Flax models) they raise `FlaxModelsUnavailableError`
+saying the two ways out; `has_flax_models()` tells which you have. Tokenizers, configs, GGUF
+metadata and tokenizers, targets and generation's helpers work on transformers 4 and 5.
 
     model, params = svft_jax.models.load_pretrained(svft_jax.models.minilm_path(), "FlaxBertModel")
     adapted = svft_jax.models.adapt(model, params, pattern="banded", d=2)
@@ -14,6 +19,7 @@ adapted model); every load makes transformers' Flax Llama/Mistral/Gemma honour
 `config.rope_theta` (`honour_rope_theta`).
 """
 
+from svft_jax.models._transformers import FlaxModelsUnavailableError, has_flax_models
 from svft_jax.models.generation import GenerationOutput, generate, generate_text, left_pad
 from svft_jax.models.gguf import gguf_config, load_gguf, load_gguf_tokenizer, smollm2_path
 from svft_jax.models.hf import load_pretrained, minilm_path
@@ -32,6 +38,7 @@ from svft_jax.models.targets import (
 
 __all__ = [
     "FAMILIES",
+    "FlaxModelsUnavailableError",
     "GenerationOutput",
     "ModelFamily",
     "adapt",
@@ -42,6 +49,7 @@ __all__ = [
     "generate",
     "generate_text",
     "gguf_config",
+    "has_flax_models",
     "honour_rope_theta",
     "left_pad",
     "load_gguf",

@@ -295,6 +295,9 @@ def load_gguf(path, model_class=None, *, dtype=None, **config_overrides) -> tupl
       (model, params): the model is built with `_do_init=False`; call it as
       `model(input_ids, params=params)`. `params` is a nested dict of jax arrays.
     """
+    from svft_jax.models._transformers import require_flax_models
+
+    require_flax_models("svft_jax.models.load_gguf (the GGUF -> FlaxLlama model)")
     import jax.numpy as jnp
     import transformers
 

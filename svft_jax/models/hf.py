@@ -34,6 +34,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from svft_jax.models._transformers import require_flax_models
+
 logger = logging.getLogger(__name__)
 
 FLAX_WEIGHTS = "flax_model.msgpack"
@@ -71,22 +73,33 @@ def minilm_path() -> Path:
     return directory
 
 
-def _resolve_directory(path_or_name) -> tuple[Path, Path | None]:
-    """(model directory, explicit weights file or None) for a directory, a weights file or a cached hub name."""
+# What a model directory needs (config, tokenizer and Flax/safetensors weights): a hub
+# download fetches these, not PyTorch pickles or other frameworks' files.
+HUB_FILES = ("*.json", "*.msgpack", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
+
+
+def _resolve_directory(path_or_name, *, local_files_only: bool = False,
+                       revision: str | None = None) -> tuple[Path, Path | None]:
+    """(model directory, explicit weights file or None) for a directory, a weights file or a hub name
+    (downloaded into the Hugging Face cache unless `local_files_only`)."""
     path = Path(os.fspath(path_or_name)).expanduser()
     if path.is_dir():
         return path, None
     if path.is_file():
         return path.parent, path
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path_or_name), local_files_only=True)), None
-    except Exception as err:  # noqa: BLE001 - any hub error means "not available offline"
+    try:
+        return Path(snapshot_download(str(path_or_name), revision=revision, local_files_only=local_files_only,
+                                      allow_patterns=list(HUB_FILES))), None
+    except Exception as err:  # noqa: BLE001 - the hub client's errors differ by version; say what was tried
+        where = ("the local Hugging Face cache (local_files_only=True: nothing is downloaded; pass "
+                 "local_files_only=False to download it)" if local_files_only
+                 else "the Hugging Face hub (download failed: see the error above)")
         raise FileNotFoundError(
-            f"load_pretrained: {str(path_or_name)!r} is neither a local directory or file nor a model "
-            "in the local Hugging Face cache (nothing is downloaded). Pass the directory that "
-            "holds config.json and the weights, e.g. svft_jax.models.minilm_path()."
+            f"load_pretrained: {str(path_or_name)!r} is neither a local directory or file nor a model in "
+            f"{where}. Pass the directory that holds config.json and the weights, e.g. "
+            "svft_jax.models.minilm_path(), or a hub name such as 'org/name'."
         ) from err
 
 
@@ -258,6 +271,7 @@ def _tied_classes() -> dict[str, type]:
 
 def __getattr__(name):  # FlaxLlamaForCausalLMTied, FlaxMistralForCausalLMTied
     if name in ("FlaxLlamaForCausalLMTied", "FlaxMistralForCausalLMTied"):
+        require_flax_models(f"svft_jax.models.hf.{name}")
         return _tied_classes()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -272,12 +286,17 @@ def _tied_class_for(cls, config):
     return cls
 
 
-def load_pretrained(path_or_name, model_class=None, *, seed: int = 0, ignore_mismatched_sizes: bool = False, **kwargs) -> tuple[Any, dict]:
-    """Load a `transformers` Flax model and its weights from local files (no network, no torch).
+def load_pretrained(path_or_name, model_class=None, *, seed: int = 0, ignore_mismatched_sizes: bool = False,
+                    local_files_only: bool = False, revision: str | None = None, **kwargs) -> tuple[Any, dict]:
+    """Load a `transformers` Flax model and its weights (no torch), as `from_pretrained` does.
+
+    Needs transformers 4.x (transformers 5 removed the Flax models): on 5 it raises
+    `FlaxModelsUnavailableError`, which says the two ways out.
 
     Args:
       path_or_name: a model directory (config.json + weights), a weights file inside one, a
-        hub name already in the local Hugging Face cache, or a llama.cpp `.gguf` file
+        Hugging Face hub name ("org/name": downloaded into the local cache unless
+        `local_files_only`, as `from_pretrained` does), or a llama.cpp `.gguf` file
         (`svft_jax.models.gguf.load_gguf`: `model_class` None / FlaxLlamaModel, `**kwargs`
         config overrides and `dtype`).
       model_class: a Flax model class or its name ("FlaxBertForSequenceClassification");
@@ -285,6 +304,9 @@ def load_pretrained(path_or_name, model_class=None, *, seed: int = 0, ignore_mis
       seed: seeds the initialisation of parameters the checkpoint lacks (e.g. a new head).
       ignore_mismatched_sizes: re-initialise checkpoint tensors whose shape differs from the
         model's (e.g. a classifier trained for another number of labels) instead of raising.
+      local_files_only: for a hub name, use only the local Hugging Face cache (no network);
+        default False, as in `huggingface_hub`.
+      revision: for a hub name, the branch, tag or commit to fetch (default: the main branch).
       **kwargs: config overrides (num_labels=2, ...) and model arguments (dtype=jnp.bfloat16
         for bfloat16 computation), split as `from_pretrained` does.
 
@@ -294,23 +316,26 @@ def load_pretrained(path_or_name, model_class=None, *, seed: int = 0, ignore_mis
       (as stored, e.g. float32), ready for `svft_jax.apply`.
 
     Raises:
-      FileNotFoundError: no such directory / cached model, or no weights in it.
+      FlaxModelsUnavailableError: transformers ≥ 5 (or none) is installed.
+      FileNotFoundError: no such directory / hub model (or not cached, with local_files_only),
+        or no weights in it.
       ValueError: only PyTorch pickle weights, or a tensor whose shape does not fit the model.
     """
-    from flax.core import unfreeze
-    from flax.traverse_util import flatten_dict, unflatten_dict
-    from transformers import AutoConfig
-
-    from svft_jax.models.rope import honour_rope_theta
-
     if os.fspath(path_or_name).endswith(".gguf"):
         from svft_jax.models.gguf import load_gguf
 
         if ignore_mismatched_sizes:
             raise ValueError("load_pretrained: ignore_mismatched_sizes does not apply to a .gguf file (it has no head to re-initialise).")
         return load_gguf(path_or_name, model_class, **kwargs)
+    require_flax_models("svft_jax.models.load_pretrained")
+    from flax.core import unfreeze
+    from flax.traverse_util import flatten_dict, unflatten_dict
+    from transformers import AutoConfig
+
+    from svft_jax.models.rope import honour_rope_theta
+
     honour_rope_theta()
-    directory, explicit = _resolve_directory(path_or_name)
+    directory, explicit = _resolve_directory(path_or_name, local_files_only=local_files_only, revision=revision)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"load_pretrained: {directory} has no config.json.")
     config, model_kwargs = AutoConfig.from_pretrained(

@@ -18,8 +18,9 @@ layout of HF checkpoints) and the parameter tree are unchanged. The patch is:
 - global to the process and idempotent (linen re-runs `setup` on every call, so models built
   before the patch are fixed too; functions jitted before it keep their traced tables);
 - guarded: applied only where the module still has the stock structure (the class exists and
-  the attention `setup` instantiates it by that name) and transformers is < 5; elsewhere a
-  `RopePatchWarning` says what was left alone;
+  the attention `setup` instantiates it by that name); elsewhere a `RopePatchWarning` says what
+  was left alone. On transformers ≥ 5 (no Flax models to patch) it raises
+  `FlaxModelsUnavailableError`;
 - reversible for comparisons: `with stock_rope(): ...` restores transformers' classes.
 
 `svft_jax.models.load_pretrained` calls `honour_rope_theta()`.
@@ -42,6 +43,8 @@ import math
 import warnings
 
 import numpy as np
+
+from svft_jax.models._transformers import require_flax_models
 
 __all__ = [
     "ROPE_FAMILIES",
@@ -161,10 +164,6 @@ def _module(family: _RopeFamily):
 
 def _check_structure(name: str, family: _RopeFamily, module) -> str | None:
     """None if `module` has the structure the patch relies on, else why not."""
-    import transformers
-
-    if int(transformers.__version__.split(".")[0]) >= 5:
-        return f"transformers {transformers.__version__} (>= 5 has no Flax models)"
     rotary, attention = getattr(module, family.rotary, None), getattr(module, family.attention, None)
     if rotary is None or attention is None:
         return f"{module.__name__} has no {family.rotary} / {family.attention}"
@@ -187,6 +186,7 @@ def honour_rope_theta() -> tuple[str, ...]:
       The families now patched (a subset of `ROPE_FAMILIES`); a family whose transformers
       module does not have the expected structure is skipped with a `RopePatchWarning`.
     """
+    require_flax_models("svft_jax.models.honour_rope_theta (it patches transformers' Flax Llama/Mistral/Gemma)")
     patched = []
     for name, family in ROPE_FAMILIES.items():
         if name in _STOCK:

@@ -43,16 +43,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import ClosedJaxpr, Literal
 
+from svft_jax.strategies import _jaxpr
+from svft_jax.strategies._jaxpr import Literal
 from svft_jax.transform._protocol import AdapterNode
 from svft_jax.transform.layout import KernelLayout
 from svft_jax.transform.svft import StaticIndices, SVFTNode
 
 # Primitives that only relabel the kernel, followed on the proxy without touching data.
 _PASS_THROUGH = ("copy", "copy_p", "optimization_barrier")
-# Call-like primitives whose body we interpret with proxies inside (they only inline jit).
-_CALLS = ("pjit", "jit", "closed_call", "core_call")
 # Strategies whose whole point is the dense kernel: their merges are choices, not fallbacks.
 _DENSE_STRATEGIES = ("rebuild", "rebuild_remat")
 
@@ -431,10 +430,7 @@ def _is_proxy(value) -> bool:
     return isinstance(value, KernelProxy)
 
 
-def _bind(eqn, invals):
-    params = eqn.primitive.get_bind_params(eqn.params)
-    with eqn.ctx.manager:
-        return eqn.primitive.bind(*invals, **params)
+_bind = _jaxpr.bind
 
 
 def _dense_outputs(values, primitive: str, why: str) -> list:
@@ -483,9 +479,8 @@ def _passes_through(jaxpr, in_index: int, out_index: int) -> bool:
 
 
 def _eval_scan(eqn, invals):
-    params = eqn.params
-    n_consts, n_carry = params["num_consts"], params["num_carry"]
-    body: ClosedJaxpr = params["jaxpr"]
+    params = _jaxpr.scan_params(eqn)
+    n_consts, n_carry, body = params.num_consts, params.num_carry, params.body
     consts = list(invals[:n_consts])
     carry = list(invals[n_consts:n_consts + n_carry])
     xs = list(invals[n_consts + n_carry:])
@@ -540,17 +535,17 @@ def _eval_scan(eqn, invals):
         ys = _dense_outputs(outs[n_carry:], "scan", "the scan stacks a kernel as an output")
         return carry_out, ys
 
-    carry_out, ys = jax.lax.scan(step, dynamic_carry, scanned, length=params["length"],
-                                 reverse=params["reverse"], unroll=params["unroll"])
+    carry_out, ys = jax.lax.scan(step, dynamic_carry, scanned, length=params.length,
+                                 reverse=params.reverse, unroll=params.unroll)
     it = iter(carry_out)
     full = [fixed[i] if i in fixed else next(it) for i in range(n_carry)]
     return [*full, *ys]
 
 
 def _eval_while(eqn, invals):
-    params = eqn.params
-    cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
-    n_cond, n_body = params["cond_nconsts"], params["body_nconsts"]
+    params = _jaxpr.while_params(eqn)
+    cond_jaxpr, body_jaxpr = params.cond, params.body
+    n_cond, n_body = params.cond_nconsts, params.body_nconsts
     cond_consts = list(invals[:n_cond])
     body_consts = list(invals[n_cond:n_cond + n_body])
     carry = list(invals[n_cond + n_body:])
@@ -594,26 +589,25 @@ def _eval_cond(eqn, invals):
             return _dense_outputs(outs, "cond", "a branch returns a kernel")
         return run
 
-    return list(jax.lax.switch(index, [branch_fn(b) for b in eqn.params["branches"]], operands.arrays))
+    return list(jax.lax.switch(index, [branch_fn(b) for b in _jaxpr.cond_branches(eqn)], operands.arrays))
 
 
 def _eval_remat(eqn, invals):
-    params = eqn.params
-    body = params["jaxpr"]  # an open Jaxpr without constants
+    body, prevent_cse, policy = _jaxpr.remat_params(eqn)  # body: an open Jaxpr without constants
     operands = _Split(invals)
 
     def run(nodes, arrays):
         outs = interpret(body, (), operands.fill(nodes, arrays))
         return _dense_outputs(outs, "checkpoint", "the remat body returns a kernel")
 
-    remat = jax.checkpoint(run, prevent_cse=params.get("prevent_cse", True), policy=params.get("policy"))
+    remat = jax.checkpoint(run, prevent_cse=prevent_cse, policy=policy)
     return list(remat(operands.nodes, operands.arrays))
 
 
 def _eval_custom_vjp(eqn, invals):
     """Primal: the interpreted body. Backward: the user's rule on the merged kernel (its
     forward recomputed there, as remat would), the kernel's cotangent pulled back to the node."""
-    body: ClosedJaxpr = eqn.params["call_jaxpr"]
+    body = _jaxpr.custom_call_body(eqn)
     operands = _Split(invals)
 
     def primal(nodes, arrays):
@@ -639,7 +633,7 @@ def _eval_custom_vjp(eqn, invals):
 def _eval_custom_jvp(eqn, invals):
     """Primal: the interpreted body. Tangents: the user's rule on the merged kernel, with the
     kernel's tangent the merged kernel's JVP in the node."""
-    body: ClosedJaxpr = eqn.params["call_jaxpr"]
+    body = _jaxpr.custom_call_body(eqn)
     operands = _Split(invals)
 
     def primal(nodes, arrays):
@@ -662,10 +656,9 @@ _HIGHER_ORDER = {
     "scan": _eval_scan,
     "while": _eval_while,
     "cond": _eval_cond,
-    "remat2": _eval_remat,
-    "checkpoint": _eval_remat,
-    "custom_vjp_call": _eval_custom_vjp,
-    "custom_jvp_call": _eval_custom_jvp,
+    **dict.fromkeys(_jaxpr.REMATS, _eval_remat),
+    **dict.fromkeys(_jaxpr.CUSTOM_VJP, _eval_custom_vjp),
+    **dict.fromkeys(_jaxpr.CUSTOM_JVP, _eval_custom_jvp),
 }
 
 
@@ -768,8 +761,8 @@ def _eval_eqn(eqn, invals):
             use = KernelUse(proxy, x, kernel_is_lhs=index == 0, params=dict(eqn.params),
                             out_dtype=eqn.outvars[0].aval.dtype)
             return [proxy.strategy(proxy.node, use)]
-        if name in _CALLS and isinstance(eqn.params.get("jaxpr"), ClosedJaxpr):
-            inner = eqn.params["jaxpr"]
+        inner = _jaxpr.call_body(eqn)
+        if inner is not None:
             return interpret(inner.jaxpr, inner.consts, invals)
         if name in _HIGHER_ORDER:
             return _HIGHER_ORDER[name](eqn, invals)
