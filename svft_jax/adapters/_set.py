@@ -314,8 +314,9 @@ def with_weights(set_tree, weights):
     k = len(names(set_tree))
     if jnp.ndim(weights) not in (1, 2) or jnp.shape(weights)[-1] != k:
         raise ValueError(f"with_weights: `weights` must be (K,) or (batch, K) with K = {k} adapters {list(names(set_tree))}, got shape {jnp.shape(weights)}.")
-    if not jnp.issubdtype(jnp.result_type(weights), jnp.number) or jnp.issubdtype(jnp.result_type(weights), jnp.complexfloating):
-        raise TypeError(f"with_weights: `weights` must be real numbers, got dtype {jnp.result_type(weights)}.")
+    dtype = jnp.result_type(weights)
+    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"with_weights: `weights` must be real numbers, got dtype {dtype}.")
     weights = jnp.asarray(weights, jnp.float32)
     try:
         concrete = np.asarray(weights)
