@@ -21,7 +21,15 @@ from collections.abc import Mapping
 import jax.numpy as jnp
 
 from svft_jax.adapters._node import AdapterSetNode
-from svft_jax.adapters._set import _bank_of, _nodes, _replace_nodes, _set_node, names, weights_for
+from svft_jax.adapters._set import (
+    _bank_of,
+    _mapping,
+    _nodes,
+    _replace_nodes,
+    _set_node,
+    names,
+    weight_vector,
+)
 from svft_jax.transform.svft import SVFTMeta
 
 
@@ -70,7 +78,7 @@ def combine(set_tree, weights: Mapping[str, float], name: str):
     Returns:
       The set with the combination as a new (inactive) adapter; its ΔW is Σ_k w_k ΔW_k exactly.
     """
-    vector = weights_for(set_tree, dict(weights))
+    vector = weight_vector(set_tree, _mapping(weights, "combine", "weights"), "combine")
     used = [i for i, w in enumerate(vector) if w != 0] or [0]
 
     def make(x):
@@ -90,7 +98,7 @@ def transformer2_mix(set_tree, alphas: Mapping[str, float], name: str):
     Raises:
       ValueError when a named adapter is not plain on some target.
     """
-    vector = weights_for(set_tree, dict(alphas))
+    vector = weight_vector(set_tree, _mapping(alphas, "transformer2_mix", "alphas"), "transformer2_mix")
     total = float(vector.sum())
     for path, x in _nodes(set_tree, AdapterSetNode, "transformer2_mix").items():
         for i, w in enumerate(vector):

@@ -34,7 +34,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from svft_jax.transform._matmul import base_matmul, mm
-from svft_jax.transform._protocol import AdapterNode, adapter_node, frozen_field, trainable_field
+from svft_jax.transform._protocol import (
+    AdapterNode,
+    adapter_node,
+    digest,
+    frozen_field,
+    trainable_field,
+)
 from svft_jax.transform.layout import KernelLayout
 from svft_jax.transform.svft import StaticIndices, SVFTMeta, SVFTPlan
 
@@ -191,6 +197,12 @@ class AdapterSetNode(AdapterNode):
         if self.base is not None:
             y = y + base_matmul(self.base, self.layout, x, precision, preferred_element_type).astype(y.dtype)
         return y
+
+    def bank_fingerprint(self) -> dict:
+        """{"bank_sha256": hex}: what the mixing weights mean beyond the base. Weights trained over
+        one bank are another model over another (an adapter re-trained or replaced under the same
+        name), so `TrainCheckpointer(frozen=)` records this and refuses a restore onto another bank."""
+        return {"bank_sha256": digest(np.asarray(jax.device_get(self.bank)))}
 
     @property
     def update_rank(self) -> int:

@@ -8,6 +8,7 @@ V or W0 (the new nodes hold the same arrays).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -17,7 +18,7 @@ import numpy as np
 from svft_jax._paths import path_to_str
 from svft_jax.adapters._node import AdapterSetNode, SetMeta
 from svft_jax.transform._merge import check_whole
-from svft_jax.transform._protocol import is_node, is_special
+from svft_jax.transform._protocol import is_marker, is_node, is_special
 from svft_jax.transform.svft import StaticIndices, SVFTMeta, SVFTNode
 
 # Plan fields that every adapter of one set shares (they fix U, s, V and W0); the pattern
@@ -131,6 +132,61 @@ def _check_same_base(set_node: AdapterSetNode, node: SVFTNode, where: str) -> No
                          "another SVD); adapt the same base params with the same svd_backend, or pass factors=.")
 
 
+def _outside_leaves(tree) -> dict:
+    """{path: (value, marked)} of every leaf that is not an adapter node (`Trainable` unwrapped)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_special)[0]
+    return {path_to_str(p): (x.value, True) if is_marker(x) else (x, False) for p, x in leaves if not is_node(x)}
+
+
+def _same_leaf(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return (np.shape(a) == np.shape(b) and jnp.result_type(a) == jnp.result_type(b)
+                and bool(jnp.array_equal(a, b, equal_nan=True)))
+    except TypeError:  # not an array (a static leaf)
+        return type(a) is type(b) and a == b
+
+
+def _check_shared(set_tree, adapted, name: str, where: str) -> None:
+    """Refuse an adapter whose leaves outside the SVFT targets differ from the set's.
+
+    A set varies only the SVFT coefficients; every other leaf — a head trained with `extra=`
+    included — is one value shared by all its adapters (`select`, `route` and `mix` run it for
+    every adapter, `extract` and `save` hand it to every adapter). An adapter with its own value
+    there would silently run (and be saved) with another adapter's.
+    """
+    mine, theirs = _outside_leaves(set_tree), _outside_leaves(adapted)
+    if set(mine) != set(theirs):
+        raise ValueError(f"{where}: adapter {name!r} is another parameter tree than the set's (leaves only in the set "
+                         f"{sorted(set(mine) - set(theirs))[:3]}, only in the adapter {sorted(set(theirs) - set(mine))[:3]}); "
+                         "adapt the same base params.")
+    for path, (value, marked) in theirs.items():
+        held, held_marked = mine[path]
+        if not _same_leaf(value, held):
+            kind = "a leaf it trained in full (extra=)" if marked or held_marked else "a parameter outside the SVFT targets"
+            raise ValueError(
+                f"{where}: adapter {name!r} has its own value of {path!r} ({kind}), which differs from the one the set's "
+                f"adapters {list(names(set_tree))} share. An adapter set varies only the SVFT coefficients: every other leaf "
+                f"is shared, so {name!r} would run and be saved with another adapter's {path!r}. Train the adapters of one "
+                "set with that leaf frozen (e.g. from adapters.extract(tree, name) with "
+                "svft_jax.optimizer(tx, extra_tx=optax.set_to_zero())), or keep one set per head.")
+
+
+def _adapter_nodes(set_tree, adapted, name: str, where: str) -> dict:
+    """{path: SVFT node} of `adapted`, checked against the set: same targets, same base and SVD."""
+    set_nodes = _nodes(set_tree, AdapterSetNode, where)
+    check_whole(adapted, where)
+    nodes = _nodes(adapted, SVFTNode, where)
+    if set(nodes) != set(set_nodes):
+        raise ValueError(f"{where}: adapter {name!r} adapts other targets than the set: only in the set "
+                         f"{sorted(set(set_nodes) - set(nodes))[:3]}, only in the adapter {sorted(set(nodes) - set(set_nodes))[:3]}.")
+    for p, node in nodes.items():
+        _check_svft(node, f"{where}({name!r})")
+        _check_same_base(set_nodes[p], node, f"{where}({name!r})")
+    return nodes
+
+
 def add(set_tree, name: str, adapted=None):
     """Add adapter `name` to the set (inactive; `select` or `route` turns it on).
 
@@ -142,6 +198,8 @@ def add(set_tree, name: str, adapted=None):
         first adapter's Ω.
     Raises:
       ValueError naming the target: an existing name, other targets, another base or SVD.
+      ValueError naming the leaf: `adapted` has its own value of a leaf outside the SVFT targets
+        (a head it trained with `extra=`): the set shares one value of every such leaf.
     """
     _check_name(name, "add")
     if name in names(set_tree):
@@ -150,16 +208,9 @@ def add(set_tree, name: str, adapted=None):
     if adapted is None:
         new = {p: (x.meta.members[0], jnp.zeros_like(_bank_of(x, 0))) for p, x in set_nodes.items()}
     else:
-        check_whole(adapted, "add")
-        nodes = _nodes(adapted, SVFTNode, "add")
-        if set(nodes) != set(set_nodes):
-            raise ValueError(f"add: adapter {name!r} adapts other targets than the set: only in the set "
-                             f"{sorted(set(set_nodes) - set(nodes))[:3]}, only in the adapter {sorted(set(nodes) - set(set_nodes))[:3]}.")
-        new = {}
-        for p, node in nodes.items():
-            _check_svft(node, f"add({name!r})")
-            _check_same_base(set_nodes[p], node, f"add({name!r})")
-            new[p] = (node.meta, node.m)
+        nodes = _adapter_nodes(set_tree, adapted, name, "add")
+        _check_shared(set_tree, adapted, name, "add")
+        new = {p: (node.meta, node.m) for p, node in nodes.items()}
 
     def grow(x):
         k = len(x.meta.names)
@@ -191,20 +242,42 @@ def _with_weights(set_tree, weights):
 
 def weights_for(set_tree, active) -> np.ndarray:
     """The (K,) weight vector that `select`/`mix` install: for hot-swapping one jitted function,
-    pass a new vector as data (`with_weights`)."""
+    pass a new vector as data (`with_weights`).
+
+    Raises:
+      ValueError for an unknown name or a weight that is not finite in float32 (NaN, ±inf);
+      TypeError for a weight that is not a number.
+    """
+    return weight_vector(set_tree, active, "weights_for")
+
+
+def weight_vector(set_tree, active, caller: str) -> np.ndarray:
+    """`weights_for`, with `caller` naming the public function in its refusals."""
     known = names(set_tree)
     if active is None:
         return np.zeros(len(known), np.float32)
     if isinstance(active, str):
         active = {active: 1.0}
     if not isinstance(active, Mapping):
-        raise TypeError(f"`active` must be an adapter name, a {{name: weight}} mapping or None (the base model), got {active!r}.")
+        raise TypeError(f"{caller}: `active` must be an adapter name, a {{name: weight}} mapping or None (the base model), got {active!r}.")
     unknown = [n for n in active if n not in known]
     if unknown:
-        raise ValueError(f"no adapter named {unknown[0]!r}; the set holds {list(known)}.")
+        raise ValueError(f"{caller}: no adapter named {unknown[0]!r}; the set holds {list(known)}.")
     vector = np.zeros(len(known), np.float32)
     for n, w in active.items():
-        vector[known.index(n)] = float(w)
+        if isinstance(w, jax.core.Tracer):
+            raise TypeError(f"{caller}: the weight of adapter {n!r} is traced (inside jit); pass traced weights as one "
+                            "vector with svft_jax.adapters.with_weights(tree, weights).")
+        try:
+            value = float(w)
+        except (TypeError, ValueError):
+            raise TypeError(f"{caller}: the weight of adapter {n!r} must be a number, got {w!r}.") from None
+        with np.errstate(over="ignore"):
+            value = np.float32(value)
+        if not math.isfinite(value):
+            raise ValueError(f"{caller}: the weight of adapter {n!r} is {w!r} ({value} in float32); mixing weights must "
+                             "be finite, or the whole model is NaN. Pass finite weights.")
+        vector[known.index(n)] = value
     return vector
 
 
@@ -214,7 +287,13 @@ def select(set_tree, active):
     The choice is an array (one-hot weights), so a jitted function called with the result does not
     retrace when `active` changes.
     """
-    return _with_weights(set_tree, jnp.asarray(weights_for(set_tree, active)))
+    return _with_weights(set_tree, jnp.asarray(weight_vector(set_tree, active, "select")))
+
+
+def _mapping(weights, caller: str, argument: str) -> dict:
+    if not isinstance(weights, Mapping):
+        raise TypeError(f"{caller}: `{argument}` must be a {{adapter name: weight}} mapping, got {weights!r}.")
+    return dict(weights)
 
 
 def mix(set_tree, weights: Mapping[str, float]):
@@ -223,15 +302,31 @@ def mix(set_tree, weights: Mapping[str, float]):
     ΔW is linear in M, so this is exactly Σ_k w_k ΔW_k: task arithmetic in coefficient space
     (on the union of the adapters' Ω). Weights are data: no retrace between mixes.
     """
-    return _with_weights(set_tree, jnp.asarray(weights_for(set_tree, dict(weights))))
+    return _with_weights(set_tree, jnp.asarray(weight_vector(set_tree, _mapping(weights, "mix", "weights"), "mix")))
 
 
 def with_weights(set_tree, weights):
-    """The set with mixing weights `weights`: (K,) for the whole batch or (B, K) per example."""
+    """The set with mixing weights `weights`: (K,) for the whole batch or (B, K) per example.
+
+    Concrete weights must be finite (in float32); traced ones (inside `jit`) are data and are not
+    checked: a non-finite traced weight makes the outputs it touches NaN.
+    """
     k = len(names(set_tree))
     if jnp.ndim(weights) not in (1, 2) or jnp.shape(weights)[-1] != k:
         raise ValueError(f"with_weights: `weights` must be (K,) or (batch, K) with K = {k} adapters {list(names(set_tree))}, got shape {jnp.shape(weights)}.")
-    return _with_weights(set_tree, jnp.asarray(weights, jnp.float32))
+    dtype = jnp.result_type(weights)
+    if not (jnp.issubdtype(dtype, jnp.bool_) or jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+        raise TypeError(f"with_weights: `weights` must be real numbers, got dtype {dtype}.")
+    weights = jnp.asarray(weights, jnp.float32)
+    try:
+        concrete = np.asarray(weights)
+    except jax.errors.TracerArrayConversionError:  # traced weights: data, checked by the caller
+        concrete = None
+    if concrete is not None and not np.all(np.isfinite(concrete)):
+        where = tuple(int(i) for i in np.argwhere(~np.isfinite(concrete))[0])
+        raise ValueError(f"with_weights: weights{list(where)} is {concrete[where]} (adapter {names(set_tree)[where[-1]]!r}); mixing "
+                         "weights must be finite in float32, or the model is NaN. Pass finite weights.")
+    return _with_weights(set_tree, weights)
 
 
 def route(set_tree, adapter_ids):
@@ -244,6 +339,10 @@ def route(set_tree, adapter_ids):
     Returns:
       The set with (batch, K) one-hot weights. Run it with `svft_jax.wrap(fn, strategy="routed")`;
       every adapted layer's input must have the batch as its leading axis.
+    Raises:
+      ValueError for concrete ids outside [-1, K). A traced id outside [-1, K) (inside `jit`,
+      where it cannot be refused) gets a row of NaN weights, so its example's outputs are NaN —
+      visibly wrong, never silently the base model; the other examples are unaffected.
     """
     k = len(names(set_tree))
     ids = jnp.asarray(adapter_ids)
@@ -257,7 +356,10 @@ def route(set_tree, adapter_ids):
         bad = concrete[(concrete < -1) | (concrete >= k)]
         if bad.size:
             raise ValueError(f"route: adapter id {int(bad[0])} is out of range; the set holds {k} adapters {list(names(set_tree))} (ids 0..{k - 1}, -1 = base).")
-    return _with_weights(set_tree, jax.nn.one_hot(ids, k, dtype=jnp.float32))
+    weights = jax.nn.one_hot(ids, k, dtype=jnp.float32)
+    if concrete is None:  # one_hot maps an out-of-range id to a zero row, i.e. the base model: poison it
+        weights = jnp.where(((ids >= -1) & (ids < k))[:, None], weights, jnp.nan)
+    return _with_weights(set_tree, weights)
 
 
 def extract(set_tree, name: str | None):
@@ -282,12 +384,20 @@ def extract(set_tree, name: str | None):
 def insert(set_tree, name: str, adapted):
     """The set with adapter `name` replaced by (or, if new, extended with) the SVFT tree `adapted`.
 
-    The weights keep their values (a new adapter starts off)."""
+    The weights keep their values (a new adapter starts off). `adapted` must adapt the same
+    targets of the same base as the set (as `add` requires). Leaves outside the SVFT targets (a
+    head trained with `extra=`) are shared by a set's adapters: replacing the only adapter of a
+    one-adapter set takes `adapted`'s; in a larger set they must equal the set's (see `add`).
+    """
     if name not in names(set_tree):
         return add(set_tree, name, adapted)
     current = names(set_tree)
     weights = next(iter(_nodes(set_tree, AdapterSetNode, "insert").values())).weights
-    rebuilt = add(remove(set_tree, name), name, adapted) if len(current) > 1 else create(adapted, name)
+    if len(current) > 1:
+        rebuilt = add(remove(set_tree, name), name, adapted)
+    else:
+        _adapter_nodes(set_tree, adapted, name, "insert")  # same targets, base and SVD as K ≥ 2 requires
+        rebuilt = create(adapted, name)
     order = [names(rebuilt).index(n) for n in current]
     return _replace_nodes(rebuilt, lambda x: _reorder(x, order, weights))
 

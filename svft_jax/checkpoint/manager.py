@@ -154,9 +154,11 @@ def _frozen_fingerprints(frozen) -> dict[str, dict]:
     for path, node in leaves_by_path(frozen).items():
         if not is_node(node):
             continue
+        # An adapter set's mixing weights are relative to its frozen bank too.
+        bank = node.bank_fingerprint() if hasattr(node, "bank_fingerprint") and node.bank is not None else {}
         base = getattr(node, "base", None)
         if base is not None:
-            prints[path] = kernel_fingerprint(base)
+            prints[path] = {**kernel_fingerprint(base), **bank}
             continue
         factors = [getattr(node, name, None) for name in ("u", "s", "v")]
         if any(f is None for f in factors):
@@ -164,7 +166,7 @@ def _frozen_fingerprints(frozen) -> dict[str, dict]:
         digest = hashlib.sha256()
         for f in factors:
             digest.update(np.ascontiguousarray(jax.device_get(f)).tobytes())
-        prints[path] = {"factors_sha256": digest.hexdigest()}
+        prints[path] = {"factors_sha256": digest.hexdigest(), **bank}
     if not prints:
         raise ValueError("`frozen` has no adapter nodes; pass the frozen half of svft_jax.split(adapted) (or the whole adapted tree).")
     return prints
@@ -668,8 +670,14 @@ class TrainCheckpointer:
             raise ValueError(f"{where} records the base weights it was trained on; pass `frozen=` (the frozen half of svft_jax.split(adapted)) to TrainCheckpointer so the restore can check them.")
         for path, want in saved.items():
             have = self._base.get(path)
+            unrecorded = sorted(set(have or {}) - set(want))
+            if unrecorded:  # a step saved before these fields were recorded
+                warnings.warn(f"{where} was saved without {unrecorded} of target {path!r}, so that part of what it was trained on cannot be verified.", CheckpointWarning, stacklevel=4)
+                have = {k: v for k, v in have.items() if k in want}
             if have != want:
                 fields = sorted(k for k in {*want, *(have or {})} if (have or {}).get(k) != want.get(k))
+                if fields == ["bank_sha256"]:
+                    raise ValueError(f"{where} holds mixing weights trained over another adapter bank: target {path!r} of the adapter set has the same base but a different bank (an adapter re-trained or replaced under the same name). The weights mean something only over the adapters they were trained with; rebuild the set from those adapters.")
                 raise ValueError(f"{where} was trained on different base weights: target {path!r} differs in {fields} (checkpoint {_short(want)}, this model {_short(have)}). M is only meaningful with the singular vectors of the exact base weights; rebuild the template from the base model used for training.")
 
 
