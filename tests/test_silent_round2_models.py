@@ -223,6 +223,7 @@ def test_generate_int_rng_is_a_seed(tiny):
     model, params = tiny
     np.testing.assert_array_equal(sample(model, params, rng=42), sample(model, params, rng=jax.random.key(42)))
     np.testing.assert_array_equal(sample(model, params, rng=np.int64(42)), sample(model, params, rng=42))
+    assert not np.array_equal(sample(model, params, rng=43), sample(model, params, rng=42))  # the seed is used
     for bad in ("42", 4.2, jax.random.split(jax.random.key(0), 2)):
         with pytest.raises(TypeError, match="rng"):
             sample(model, params, rng=bad)
