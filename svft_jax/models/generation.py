@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,14 +65,51 @@ class GenerationOutput:
         return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths, strict=True)]
 
 
+_TEXT_HINT = "generate takes token ids: for strings use generate_text(model, params, tokenizer, texts, ...)"
+
+
+def _check_integer_ids(ids: np.ndarray, caller: str, what: str) -> None:
+    # Refused rather than cast: np.asarray(..., np.int32) truncates 5.7 to 5 without a word.
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"{caller}: token ids must be integers; {what} has dtype {ids.dtype} "
+                        "(pass the tokenizer's integer ids).")
+
+
+def _token_lists(prompts, caller: str) -> list[np.ndarray]:
+    """Ragged prompts as 1-D integer arrays, or a TypeError/ValueError saying what the caller passed instead."""
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"{caller}: prompts is one string; {_TEXT_HINT}, or tokenize first.")
+    if isinstance(prompts, (np.ndarray, jax.Array)) and np.ndim(prompts) != 2:
+        raise TypeError(f"{caller}: a prompts array must be (B, T) token ids, got shape {np.shape(prompts)}; "
+                        "pass ids[None] for one prompt, or a list of token-id lists.")
+    if not isinstance(prompts, (Sequence, np.ndarray, jax.Array)) or not len(prompts):
+        raise ValueError(f"{caller}: prompts must be a non-empty list of token-id lists, got {prompts!r}.")
+    if any(isinstance(p, (str, bytes)) for p in prompts):
+        raise TypeError(f"{caller}: prompts are strings; {_TEXT_HINT}.")
+    if all(np.ndim(p) == 0 for p in prompts):
+        shown = ", ".join(str(p) for p in list(prompts)[:8]) + (", ..." if len(prompts) > 8 else "")
+        raise TypeError(f"{caller}: prompts must be a list of token-id lists (one per row), got one flat list of "
+                        f"ids; pass [[{shown}]] for a single prompt.")
+    arrays = []
+    for row, prompt in enumerate(prompts):
+        ids = np.asarray(prompt)
+        if ids.ndim != 1:
+            raise TypeError(f"{caller}: prompt {row} must be a list of token ids, got shape {ids.shape}.")
+        if ids.size == 0:
+            raise ValueError(f"{caller}: prompt {row} is empty; every prompt needs at least one token.")
+        _check_integer_ids(ids, caller, f"prompt {row}")
+        arrays.append(ids)
+    return arrays
+
+
 def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Left-pad ragged token-id lists: ((B, T) int32 ids, (B, T) int32 attention mask), T = longest prompt."""
-    if isinstance(prompts, (str, bytes)) or not len(prompts):
-        raise ValueError("left_pad: prompts must be a non-empty list of token-id lists (tokenize text first).")
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError(f"left_pad: prompt {lengths.index(0)} is empty; every prompt needs at least one token.")
-    width = max(lengths)
+    """Left-pad ragged token-id lists: ((B, T) int32 ids, (B, T) int32 attention mask), T = longest prompt.
+
+    Raises:
+      TypeError: text, a flat id list, or non-integer ids. ValueError: no prompt, or an empty one.
+    """
+    prompts = _token_lists(prompts, "left_pad")
+    width = max(len(p) for p in prompts)
     ids = np.full((len(prompts), width), pad_token_id, np.int32)
     mask = np.zeros((len(prompts), width), np.int32)
     for row, prompt in enumerate(prompts):
@@ -153,6 +191,59 @@ def _stop_ids(stop_token_id, config) -> tuple[int, ...]:
     return tuple(int(i) for i in ids)
 
 
+def _real(name: str, value) -> float:
+    """A Python / numpy / 0-d jax real scalar as a float (bools refused)."""
+    if not isinstance(value, (bool, np.bool_)):
+        if isinstance(value, (int, float, np.integer, np.floating)):
+            return float(value)
+        if (isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0
+                and (jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer))):
+            return float(value)
+    raise TypeError(f"generate: {name} must be a real number (Python, numpy or 0-d jax scalar), got {value!r}.")
+
+
+def _integer(name: str, value) -> int | None:
+    """A Python / numpy / 0-d jax integer as an int; None for anything else (bools included)."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0 and jnp.issubdtype(value.dtype, jnp.integer):
+        return int(value)
+    return None
+
+
+def _rng_key(rng):
+    """One PRNG key from `rng`: a typed key, a legacy uint32 key, or an int seed (checked here, not inside jit)."""
+    seed = _integer("rng", rng)
+    if seed is not None:
+        return jax.random.key(seed)
+    if isinstance(rng, (np.ndarray, jax.Array)):
+        if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.shape == ():
+            return rng
+        if rng.dtype == np.uint32 and rng.ndim == 1:
+            return jnp.asarray(rng)  # jax.random.PRNGKey(seed)
+    raise TypeError(f"generate: rng must be one key (jax.random.key(seed) or jax.random.PRNGKey(seed)) or an int "
+                    f"seed, got {rng!r}.")
+
+
+def _pad_id(pad_token_id, config, stop: tuple[int, ...]) -> int:
+    """The pad id, checked and blamed on where it came from (the argument, the config, or the stop ids)."""
+    if pad_token_id is not None:
+        where, value = "pad_token_id", pad_token_id
+    elif getattr(config, "pad_token_id", None) is not None:
+        where, value = "config.pad_token_id", config.pad_token_id
+    else:
+        return stop[0] if stop else 0  # stop ids are checked against the vocabulary already
+    pad = _integer(where, value)
+    if pad is None:
+        raise TypeError(f"generate: {where} must be an int token id, got {value!r}.")
+    if not 0 <= pad < config.vocab_size:
+        raise ValueError(f"generate: {where} = {pad} lies outside the vocabulary [0, {config.vocab_size}); pass "
+                         "pad_token_id=<an id in range> (pad positions are masked out, so any id will do).")
+    return pad
+
+
 def generate(model, params, prompts, *, max_new_tokens: int, attention_mask=None, stop_token_id=None,
              pad_token_id: int | None = None, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, rng=None) -> GenerationOutput:
@@ -163,17 +254,20 @@ def generate(model, params, prompts, *, max_new_tokens: int, attention_mask=None
       params: its parameters, plain or SVFT/LoRA-adapted (merged once per call).
       prompts: a list of token-id lists (ragged; left-padded here), or a (B, T) int array of
         left-padded ids with `attention_mask` (B, T) (1 = token, 0 = pad). Right padding is
-        refused: the last prompt position must be a real token.
+        refused: the last prompt position must be a real token. Integer ids only (floats
+        are refused, not truncated); for text use `generate_text`.
       max_new_tokens: decoding steps (≥ 1); T + max_new_tokens ≤ config.max_position_embeddings.
       stop_token_id: an id or ids that end a row (kept in the output); default the config's
         `eos_token_id`; `()` disables stopping.
-      pad_token_id: written after a row stops and used for left padding; default the config's
-        `pad_token_id`, else the first stop id, else 0.
-      temperature: 0 for greedy (argmax); > 0 samples from softmax(logits / temperature).
+      pad_token_id: written after a row stops and used for left padding, an id in the
+        vocabulary; default the config's `pad_token_id`, else the first stop id, else 0.
+      temperature: 0 for greedy (argmax); > 0 (finite) samples from softmax(logits / temperature).
+        temperature, top_k and top_p may be Python, numpy or 0-d jax scalars.
       top_k: sample among the k most likely tokens only (k ≥ 1).
       top_p: sample from the smallest set of most likely tokens whose probability reaches p
         (0 < p ≤ 1); applied after top_k. Tokens tied at the threshold are all kept.
-      rng: a `jax.random` key, required when temperature > 0; step i uses `fold_in(rng, i)`.
+      rng: a `jax.random.key` (or legacy `PRNGKey`), or an int seed (= `jax.random.key(seed)`),
+        required when temperature > 0; step i uses `fold_in(rng, i)`.
     Returns:
       A `GenerationOutput` (numpy tokens, lengths, stopped).
     Raises:
@@ -183,28 +277,45 @@ def generate(model, params, prompts, *, max_new_tokens: int, attention_mask=None
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise ValueError(f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}.")
     stop = _stop_ids(stop_token_id, config)
-    if pad_token_id is None:
-        pad_token_id = getattr(config, "pad_token_id", None)
-        pad_token_id = pad_token_id if pad_token_id is not None else (stop[0] if stop else 0)
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"generate: temperature must be a number >= 0 (0 = greedy), got {temperature!r}.")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
-                              or not 1 <= top_k <= config.vocab_size):
-        raise ValueError(f"generate: top_k must be an int in [1, {config.vocab_size}] or None, got {top_k!r}.")
-    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
-        raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}.")
+    pad_token_id = _pad_id(pad_token_id, config, stop)
+    temperature = _real("temperature", temperature)
+    # NaN compares False both ways: unchecked it decoded greedily and ignored top_k / top_p.
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"generate: temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}.")
+    if top_k is not None:
+        k = _integer("top_k", top_k)
+        if k is None:
+            raise TypeError(f"generate: top_k must be an int (or None), got {top_k!r}.")
+        if not 1 <= k <= config.vocab_size:
+            raise ValueError(f"generate: top_k must be an int in [1, {config.vocab_size}] or None, got {top_k!r}.")
+        top_k = k
+    if top_p is not None:
+        top_p = _real("top_p", top_p)
+        if not 0 < top_p <= 1:
+            raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}.")
     if temperature == 0 and (top_k is not None or top_p is not None):
         raise ValueError("generate: top_k / top_p apply to sampling; pass temperature > 0 (or drop them for greedy).")
     if temperature > 0 and rng is None:
-        raise ValueError("generate: sampling (temperature > 0) needs rng=jax.random.key(seed).")
+        raise ValueError("generate: sampling (temperature > 0) needs rng=jax.random.key(seed) (or an int seed).")
+    rng = _rng_key(jax.random.key(0) if rng is None else rng)
 
-    if attention_mask is None and not (isinstance(prompts, np.ndarray | jax.Array) and np.ndim(prompts) == 2):
-        ids, mask = left_pad(prompts, pad_token_id)
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError(f"generate: prompts is one string; {_TEXT_HINT}.")
+    if attention_mask is None and not isinstance(prompts, np.ndarray | jax.Array):
+        ids, mask = left_pad(_token_lists(prompts, "generate"), pad_token_id)
     else:
-        ids = np.asarray(prompts, np.int32)
-        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
-        if ids.ndim != 2 or mask.shape != ids.shape:
+        ids = np.asarray(prompts)
+        if ids.ndim != 2:
+            raise TypeError(f"generate: a prompts array must be (B, T) token ids, got shape {ids.shape}; pass "
+                            "ids[None] for one prompt (with attention_mask[None]), or a list of token-id lists.")
+        _check_integer_ids(ids, "generate", "the prompts array")
+        ids = ids.astype(np.int32)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask)
+        if mask.shape != ids.shape:
             raise ValueError(f"generate: prompts {ids.shape} and attention_mask {mask.shape} must be the same (B, T).")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("generate: attention_mask must hold only 0 (pad) and 1 (token).")
+        mask = mask.astype(np.int32)
         if not np.all(np.diff(mask, axis=1) >= 0) or not mask[:, -1].all():
             raise ValueError("generate: attention_mask must be left padding (0s then 1s, last column 1); "
                              "tokenize with padding_side='left' or pass ragged token-id lists.")
@@ -214,7 +325,6 @@ def generate(model, params, prompts, *, max_new_tokens: int, attention_mask=None
     if limit is not None and ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"generate: prompt length {ids.shape[1]} + max_new_tokens {max_new_tokens} exceeds "
                          f"config.max_position_embeddings = {limit}.")
-    rng = jax.random.key(0) if rng is None else rng
     # A -1 sentinel keeps the stop array's shape (1,) for "no stop" and one stop id: one compile.
     stop_array = jnp.asarray(stop or (-1,), jnp.int32)
     tokens, done = _decode(model, int(max_new_tokens), temperature > 0, params, jnp.asarray(ids), jnp.asarray(mask),

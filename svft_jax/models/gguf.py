@@ -93,6 +93,11 @@ def _reader(path_or_reader):
     if isinstance(path_or_reader, gguf.GGUFReader):
         return path_or_reader
     path = Path(os.fspath(path_or_reader)).expanduser()
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob("*.gguf") if p.is_file())
+        hint = (f"pass one of the .gguf files inside it: {inside[:4]}" if inside
+                else "pass the .gguf file itself (this folder has none)")
+        raise IsADirectoryError(f"GGUF path {str(path)!r} is a folder, not a .gguf file; {hint}.")
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {str(path)!r} does not exist.")
     try:
@@ -101,14 +106,64 @@ def _reader(path_or_reader):
         raise OSError(f"{path} is not a readable GGUF file ({err}).") from err
 
 
+def _source(reader) -> str:
+    """The file a reader reads, for messages."""
+    filename = getattr(reader.data, "filename", None)
+    return str(filename) if filename else "GGUF"
+
+
 def _field(reader, key: str, default: Any = ...):
     field = reader.fields.get(key)
     if field is None:
         if default is ...:
-            raise ValueError(f"{reader.data.filename if hasattr(reader.data, 'filename') else 'GGUF'}: "
-                             f"required metadata {key!r} is missing.")
+            raise ValueError(f"{_source(reader)}: required metadata {key!r} is missing.")
         return default
     return field.contents()
+
+
+def _check_token_ids(source: str, ids: dict[str, Any], vocab: int, fix: str) -> None:
+    """Each {metadata key or override: id} must be an int in [0, vocab)."""
+    for where, token_id in ids.items():
+        if token_id is None:
+            continue
+        if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)) or not 0 <= token_id < vocab:
+            raise ValueError(f"{source}: {where} = {token_id!r} lies outside the vocabulary [0, {vocab}); {fix}")
+
+
+def _check_config(source: str, arch: str, kwargs: dict, overrides: dict) -> None:
+    """Range-check the config about to be built (metadata and overrides), before any tensor is read."""
+    keys = {
+        "num_hidden_layers": f"{arch}.block_count", "hidden_size": f"{arch}.embedding_length",
+        "intermediate_size": f"{arch}.feed_forward_length", "num_attention_heads": f"{arch}.attention.head_count",
+        "num_key_value_heads": f"{arch}.attention.head_count_kv", "vocab_size": f"{arch}.vocab_size",
+        "max_position_embeddings": f"{arch}.context_length", "bos_token_id": "tokenizer.ggml.bos_token_id",
+        "eos_token_id": "tokenizer.ggml.eos_token_id", "pad_token_id": "tokenizer.ggml.padding_token_id",
+    }
+
+    def where(attr):
+        return f"gguf_config override {attr}" if attr in overrides else f"metadata {keys[attr]}"
+
+    for attr in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "max_position_embeddings"):
+        value = kwargs[attr]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{source}: {where(attr)} = {value!r} must be an int >= 1; the file is not a usable "
+                             f"llama model (fix its metadata, or pass {attr}=<int> to gguf_config/load_gguf).")
+    heads, kv_heads = kwargs["num_attention_heads"], kwargs["num_key_value_heads"]
+    if heads % kv_heads:
+        raise ValueError(f"{source}: {where('num_key_value_heads')} = {kv_heads} does not divide "
+                         f"{where('num_attention_heads')} = {heads}; grouped-query attention needs each KV head "
+                         "shared by a whole number of query heads (fix the file's metadata).")
+    for attr in ("rms_norm_eps", "rope_theta"):
+        value = kwargs.get(attr)
+        if value is not None and not (np.isfinite(value) and (value > 0 or (attr == "rms_norm_eps" and value == 0))):
+            raise ValueError(f"{source}: {attr} = {value!r} must be a finite number "
+                             f"{'>= 0' if attr == 'rms_norm_eps' else '> 0'} (from the file's metadata or an override).")
+    vocab = kwargs["vocab_size"]
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        _check_token_ids(source, {where(attr): kwargs.get(attr)}, vocab,
+                         f"pass {attr}=<id in [0, {vocab})> to gguf_config / load_gguf / load_pretrained to "
+                         "override the file's value, or fix the file's metadata.")
 
 
 def _float32(value) -> float:
@@ -127,8 +182,11 @@ def gguf_config(path_or_reader, **overrides):
       A `LlamaConfig` with `tie_word_embeddings` True when the file has no `output.weight`.
     Raises:
       ValueError: an architecture other than "llama", RoPE applied to part of a head, RoPE
-        scaling other than linear, per-frequency RoPE factors (`rope_freqs.weight`), or
-        head sizes that FlaxLlama cannot represent.
+        scaling other than linear, per-frequency RoPE factors (`rope_freqs.weight`), head
+        sizes that FlaxLlama cannot represent, a size or head count below 1, KV heads that
+        do not divide the heads, or a bos / eos / pad id outside the vocabulary (metadata or
+        override; each named with the file).
+      OSError: no such file, a folder (`IsADirectoryError`), or not a GGUF file.
     """
     from transformers import LlamaConfig
 
@@ -140,15 +198,20 @@ def gguf_config(path_or_reader, **overrides):
     if "rope_freqs.weight" in tensors:
         raise ValueError("GGUF has per-frequency RoPE factors (rope_freqs.weight, Llama-3.1 'llama3' scaling) "
                          "without the parameters needed to rebuild config.rope_scaling; not supported.")
+    source = _source(reader)
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     hidden = int(_field(reader, f"{arch}.embedding_length"))
+    for key, value in ((f"{arch}.attention.head_count", heads), (f"{arch}.embedding_length", hidden)):
+        if value < 1:
+            raise ValueError(f"{source}: metadata {key} = {value} must be >= 1; the file is not a usable llama "
+                             "model (fix its metadata).")
     head_dim = hidden // heads
     if head_dim * heads != hidden:
-        raise ValueError(f"GGUF: embedding_length {hidden} is not a multiple of head_count {heads}.")
+        raise ValueError(f"{source}: embedding_length {hidden} is not a multiple of head_count {heads}.")
     for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length", f"{arch}.rope.dimension_count"):
         value = _field(reader, key, None)
         if value is not None and int(value) != head_dim:
-            raise ValueError(f"GGUF: {key} = {value} differs from embedding_length / head_count = {head_dim}; "
+            raise ValueError(f"{source}: {key} = {value} differs from embedding_length / head_count = {head_dim}; "
                              "FlaxLlama rotates and attends over the full head of hidden_size // heads.")
     tokens = _field(reader, "tokenizer.ggml.tokens", None)
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
@@ -173,16 +236,18 @@ def gguf_config(path_or_reader, **overrides):
     scaling = _field(reader, f"{arch}.rope.scaling.type", None)
     if scaling not in (None, "none"):
         if scaling != "linear":
-            raise ValueError(f"GGUF: RoPE scaling {scaling!r} is not supported (only linear).")
+            raise ValueError(f"{source}: RoPE scaling {scaling!r} is not supported (only linear).")
         kwargs["rope_scaling"] = {"rope_type": "linear", "factor": _float32(_field(reader, f"{arch}.rope.scaling.factor"))}
-    for name in ("bos", "eos", "pad"):
-        token_id = _field(reader, f"tokenizer.ggml.{name}_token_id", None)
+    # gguf's key names (Keys.Tokenizer.BOS_ID / EOS_ID / PAD_ID): the pad id is "padding_token_id".
+    for name, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding")):
+        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id", None)
         if token_id is not None:
             kwargs[f"{name}_token_id"] = int(token_id)
     unknown = sorted(set(overrides) - set(LlamaConfig().to_dict()) - {"rope_scaling", "head_dim"})
     if unknown:
         raise ValueError(f"gguf_config: unknown LlamaConfig overrides {unknown}.")
     kwargs.update(overrides)
+    _check_config(source, arch, kwargs, overrides)
     return LlamaConfig(**kwargs)
 
 
@@ -202,6 +267,33 @@ def unpermute_rope_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     if rows % (2 * heads):
         raise ValueError(f"unpermute_rope_rows: {rows} rows do not split into {heads} heads of an even size.")
     return weight.reshape(heads, rows // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _unsupported_message(reader, tensors) -> str:
+    import gguf
+
+    shown = ", ".join(f"{t.name!r} ({gguf.GGMLQuantizationType(t.tensor_type).name})" for t in tensors[:6])
+    version = getattr(gguf, "__version__", "")
+    many = len(tensors) > 1
+    return (f"{_source(reader)}: tensor{'s' if many else ''} {shown}{' ...' if len(tensors) > 6 else ''} "
+            f"{'are' if many else 'is'} stored in a type that "
+            f"the installed gguf package{' ' + version if version else ''} cannot dequantise; convert the file to "
+            "a supported type (F32, F16, BF16, Q8_0, Q4_0/Q4_1/Q5_0/Q5_1, K-quants) with llama.cpp's "
+            "llama-quantize, or upgrade gguf.")
+
+
+def _check_tensor_types(reader) -> None:
+    """Refuse a file with tensors gguf cannot dequantise before any tensor is read (the names, type and file)."""
+    import gguf
+
+    # `_type_traits` is gguf's registry of dequantisable block types (F32 / F16 are handled apart).
+    traits = getattr(gguf.quants, "_type_traits", None)
+    if traits is None:
+        return  # another gguf layout: each tensor's NotImplementedError is reworded as it is read
+    readable = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, *traits}
+    bad = [t for t in reader.tensors if t.tensor_type not in readable]
+    if bad:
+        raise ValueError(_unsupported_message(reader, bad))
 
 
 def _layer_names(i: int) -> dict[str, tuple[str, ...]]:
@@ -237,12 +329,14 @@ def read_gguf_weights(path_or_reader, config=None) -> dict:
       "norm": {"weight": (hidden,)}}} plus {"lm_head": {"kernel": (hidden, vocab)}} only when
       the file has `output.weight` (untied). Kernels are (in, out); Q and K un-permuted.
     Raises:
-      ValueError: a tensor that the Llama tree has no place for, or a missing one.
+      ValueError: a tensor that the Llama tree has no place for, a missing one, or one stored
+        in a type that `gguf.quants.dequantize` cannot read (checked before any is read).
     """
     import gguf
 
     reader = _reader(path_or_reader)
     config = gguf_config(reader) if config is None else config
+    _check_tensor_types(reader)
     names = {"token_embd.weight": ("embed_tokens", "embedding"), "output_norm.weight": ("norm", "weight")}
     for i in range(config.num_hidden_layers):
         names.update(_layer_names(i))
@@ -250,7 +344,10 @@ def read_gguf_weights(path_or_reader, config=None) -> dict:
     unexpected = []
     for tensor in reader.tensors:
         # numpy order of GGUF dims (ne1, ne0): rows = out features, PyTorch's (out, in).
-        value = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        try:
+            value = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        except NotImplementedError as err:
+            raise ValueError(_unsupported_message(reader, [tensor])) from err
         value = value.reshape(tuple(int(n) for n in reversed(tensor.shape)))
         if tensor.name == "output.weight":
             flat[("lm_head", "kernel")] = np.ascontiguousarray(value.T)
@@ -358,8 +455,9 @@ def load_gguf_tokenizer(path_or_reader):
     padding side is guessed: it is "left", what decoder generation needs.
 
     Raises:
-      ValueError: a SentencePiece (`llama`) or other non-BPE tokenizer model, or an
-        unsupported pre-tokenizer.
+      ValueError: a SentencePiece (`llama`) or other non-BPE tokenizer model, an
+        unsupported pre-tokenizer, or a bos / eos / unk / pad id outside the token list.
+      OSError: no such file, a folder (`IsADirectoryError`), or not a GGUF file.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
@@ -368,12 +466,20 @@ def load_gguf_tokenizer(path_or_reader):
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
         raise ValueError(f"GGUF tokenizer.ggml.model = {kind!r} is not supported (only byte-level BPE, 'gpt2').")
+    source = _source(reader)
     tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     types = np.asarray(_field(reader, "tokenizer.ggml.token_type", [1] * len(tokens)))
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise ValueError("GGUF tokenizer.ggml.tokens has duplicate tokens.")
+        raise ValueError(f"{source}: tokenizer.ggml.tokens has duplicate tokens.")
+    if types.shape != (len(tokens),):
+        raise ValueError(f"{source}: tokenizer.ggml.token_type has {types.size} entries for {len(tokens)} tokens.")
+    special_ids = {f"tokenizer.ggml.{name}_token_id": _field(reader, f"tokenizer.ggml.{name}_token_id", None)
+                   for name in ("bos", "eos", "unknown", "padding")}
+    _check_token_ids(source, special_ids, len(tokens),
+                     "the file's metadata is inconsistent with its token list (fix the file, e.g. with gguf's "
+                     "gguf_set_metadata.py).")
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     tokenizer.pre_tokenizer = _pre_tokenizer(_field(reader, "tokenizer.ggml.pre", "gpt2"))
     tokenizer.decoder = decoders.ByteLevel()

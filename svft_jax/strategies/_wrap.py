@@ -62,6 +62,10 @@ def _leaf_key(leaf):
     return ("static", type(leaf).__qualname__, leaf)
 
 
+def _has_node(tree) -> bool:
+    return any(is_node(leaf) for leaf in jax.tree_util.tree_leaves(tree, is_leaf=is_node))
+
+
 def _is_hf_model(fn) -> bool:
     """A transformers Flax model object (its __call__ takes params as a keyword)."""
     return any(klass.__name__ == "FlaxPreTrainedModel" for klass in type(fn).__mro__)
@@ -135,10 +139,33 @@ class Wrapped:
         if self._params_argname is not None:
             if self._params_argname not in kwargs:
                 raise TypeError(f"wrapped function expects the adapted tree as keyword {self._params_argname!r}; got keywords {sorted(kwargs)}.")
-            return kwargs[self._params_argname]
-        if self._params_argnum >= len(args):
+            tree = kwargs[self._params_argname]
+        elif self._params_argnum >= len(args):
             raise TypeError(f"wrapped function expects the adapted tree as positional argument {self._params_argnum}, but got {len(args)} positional arguments (use params_argname= for keyword params).")
-        return args[self._params_argnum]
+        else:
+            tree = args[self._params_argnum]
+        if not _has_node(tree):
+            self._refuse_misplaced(args, kwargs)
+        return tree
+
+    def _refuse_misplaced(self, args, kwargs) -> None:
+        """The designated argument has no adapter node: if another one has, say where (the
+        model would otherwise meet a node in its matmul and raise a raw TypeError)."""
+        found = next((i for i, arg in enumerate(args) if _has_node(arg)), None)
+        if found is not None:
+            where, fix = f"positional argument {found}", f"params_argnum={found}"
+        else:
+            name = next((k for k, v in kwargs.items() if _has_node(v)), None)
+            if name is None:
+                return  # plain parameters: they pass through unchanged
+            where, fix = f"keyword {name!r}", f"params_argname={name!r}"
+        if self._params_argname is not None:
+            points = f"params_argname={self._params_argname!r} points to keyword {self._params_argname!r}"
+            fix += " (and no params_argname)" if found is not None else ""
+        else:
+            points = f"params_argnum={self._params_argnum} points to positional argument {self._params_argnum}"
+        raise TypeError(f"wrap: {points}, which holds no adapted kernel, but the adapted tree was passed as "
+                        f"{where}; wrap the function with {fix}.")
 
     def _key(self, args, kwargs):
         self._adapted(args, kwargs)  # the same TypeError as a call, before any tracing
