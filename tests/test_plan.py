@@ -26,9 +26,13 @@ import svft_jax.models as svft_models
 from svft_jax.baselines import dora, lora, vera  # noqa: F401  (registers the planners)
 from svft_jax.transform import _factorize
 from svft_jax.transform._plan import node_arrays
+from tests.stack import FLAX_MODELS, needs_flax_models
 
 transformers = pytest.importorskip("transformers")
-from test_models_hf import FAMILIES  # noqa: E402
+if FLAX_MODELS:  # the HF families' tiny models (transformers 4 only)
+    from test_models_hf import FAMILIES
+else:
+    FAMILIES = {}
 
 SVD = dict(svd_backend="numpy")
 
@@ -62,6 +66,7 @@ def built():
     return {name: (f.shapes(1), f.build(1).params) for name, f in FAMILIES.items()}
 
 
+@needs_flax_models
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_plan_on_shapes_equals_apply_on_every_hf_family(family, built):
     shapes, params = built[family]
@@ -75,6 +80,7 @@ def test_plan_on_shapes_equals_apply_on_every_hf_family(family, built):
     assert concrete.plans == report.plans and concrete.totals == report.totals
 
 
+@needs_flax_models
 @pytest.mark.parametrize("method, options", [("lora", dict(rank=4)), ("dora", dict(rank=2)), ("vera", dict(rank=16))])
 @pytest.mark.parametrize("family", ["gpt2", "llama", "vit"])
 def test_plan_equals_apply_for_baselines(family, method, options, built):

@@ -1,3 +1,4 @@
+# ruff: noqa: E402  (the module skips on transformers 5 before importing Flax models)
 """RoPE θ honoured (`svft_jax.models.rope`): transformers' Flax Llama / Mistral / Gemma against a float64 reference.
 
 Truth: RoPE as defined for HF checkpoints (Su et al.; half-split pairs (x[i], x[i + d/2])
@@ -8,6 +9,10 @@ fails if the fix is removed. RoPE scaling is checked by its defining properties 
 position p with factor f is position p/f unscaled; llama3: high frequencies kept, low ones
 divided by the factor).
 """
+
+from tests.stack import skip_module_without_flax_models  # noqa: I001 - before the Flax model imports
+
+skip_module_without_flax_models()
 
 import jax
 import jax.numpy as jnp

@@ -16,6 +16,7 @@ import pytest
 
 import svft_jax
 from experiments import data, models, presets, report, rotten_tomatoes, sentiment
+from tests.stack import needs_flax_models
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +126,7 @@ def _separable(n, seed):
     return records
 
 
+@needs_flax_models
 def test_experiment_end_to_end_beats_the_majority_baseline(tiny_bert, tokenizer, tmp_path):
     module, params = tiny_bert
     sources = {"train": _separable(64, 0), "test": _separable(21, 1), "validation": _separable(10, 2)}
@@ -181,6 +183,7 @@ def test_committed_results_files_still_read():
             assert row["test_accuracy_mean"] == pytest.approx(by_name[row["method"]]["test_accuracy_mean"])
 
 
+@needs_flax_models
 def test_sweep_chooses_on_validation_where_test_disagrees(tiny_bert, tokenizer, tmp_path):
     """The validation split here is the test snippets with every label flipped, so each run's
     validation accuracy is exactly 1 − its test accuracy, and the rate validation prefers is the
@@ -259,6 +262,7 @@ def test_sweep_reuses_a_previous_seed_only_where_seed_0_reproduced_it(monkeypatc
     assert sentiment.load_previous(path, options, sentiment.TRAIN, log=lambda _: None) == {}
 
 
+@needs_flax_models
 def test_head_only_leaves_the_encoder_untouched(tiny_bert, tokenizer):
     """Head-only trains the head alone: the encoder's leaves come out bit-identical."""
     module, params = tiny_bert

@@ -24,6 +24,7 @@ import svft_jax
 import svft_jax.models as svft_models
 from svft_jax.models import hf
 from svft_jax.strategies import wrap
+from tests.stack import FLAX_MODELS, FLAX_MODELS_REASON, needs_flax_models
 
 # ---- GGUF ----------------------------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ def dequantized(monkeypatch):
     return calls
 
 
+@needs_flax_models
 def test_gguf_control_file_loads(tmp_path, dequantized):
     """The writer's file without a fault loads: model config ids, padding id, tokenizer eos."""
     path = write_gguf(tmp_path / "ok.gguf")
@@ -97,15 +99,17 @@ def test_gguf_control_file_loads(tmp_path, dequantized):
     (4, 3, "llama.attention.head_count_kv"),
     (2, 4, "llama.attention.head_count_kv"),
 ])
-def test_gguf_bad_head_counts_refused_before_any_tensor(tmp_path, dequantized, heads, kv_heads, key):
+@pytest.mark.parametrize("load", [pytest.param(svft_models.load_pretrained, marks=needs_flax_models, id="load_pretrained"),
+                                  pytest.param(svft_models.gguf_config, id="gguf_config")])
+def test_gguf_bad_head_counts_refused_before_any_tensor(tmp_path, dequantized, heads, kv_heads, key, load):
     path = write_gguf(tmp_path / "heads.gguf", heads=heads, kv_heads=kv_heads)
-    for load in (svft_models.load_pretrained, svft_models.gguf_config):
-        with pytest.raises(ValueError, match=key) as err:
-            load(str(path))
-        assert "heads.gguf" in str(err.value)
+    with pytest.raises(ValueError, match=key) as err:
+        load(str(path))
+    assert "heads.gguf" in str(err.value)
     assert dequantized == []
 
 
+@needs_flax_models
 def test_gguf_eos_outside_vocabulary_refused(tmp_path, dequantized):
     path = write_gguf(tmp_path / "eos.gguf", eos=len(TOKENS))
     with pytest.raises(ValueError, match=r"tokenizer\.ggml\.eos_token_id = 14 .*\[0, 14\)") as err:
@@ -121,6 +125,7 @@ def test_gguf_eos_outside_vocabulary_refused(tmp_path, dequantized):
         svft_models.gguf_config(path, eos_token_id=99)
 
 
+@needs_flax_models
 def test_gguf_unsupported_quantisation_names_tensor_and_file(tmp_path, dequantized):
     path = write_gguf(tmp_path / "f64.gguf", float64_tensor="blk.0.ffn_down.weight")  # the last tensor
     with pytest.raises(ValueError, match=r"blk\.0\.ffn_down\.weight.*F64") as err:
@@ -129,6 +134,7 @@ def test_gguf_unsupported_quantisation_names_tensor_and_file(tmp_path, dequantiz
     assert dequantized == []  # checked before the ten readable tensors were dequantised
 
 
+@needs_flax_models
 def test_gguf_folder_passed_as_file(tmp_path):
     write_gguf(tmp_path / "model.gguf")
     folder = tmp_path / "weights.gguf"  # a folder whose name load_pretrained routes to the GGUF loader
@@ -151,6 +157,8 @@ CONFIG = LlamaConfig(vocab_size=48, hidden_size=16, intermediate_size=32, num_hi
 
 @pytest.fixture(scope="module")
 def tiny():
+    if not FLAX_MODELS:
+        pytest.skip(FLAX_MODELS_REASON)
     svft_models.honour_rope_theta()
     model = hf.FlaxLlamaForCausalLMTied(CONFIG, _do_init=False)
     rng = np.random.default_rng(0)

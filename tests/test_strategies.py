@@ -12,6 +12,7 @@ import pytest
 
 import svft_jax
 from svft_jax.strategies import choose_strategy, step_flops, wrap
+from tests.stack import needs_flax_models
 from tests.strategy_checks import assert_same as _assert_same
 from tests.strategy_checks import loss_and_grads as _loss_and_grads
 
@@ -48,6 +49,7 @@ def hf_case(request):
     return model, adapted, ids, truth
 
 
+@needs_flax_models
 @pytest.mark.parametrize("strategy", ["factored", "auto"])
 def test_hf_strategy_matches_merged_loss_and_grads(hf_case, strategy):
     model, adapted, ids, truth = hf_case
@@ -58,6 +60,7 @@ def test_hf_strategy_matches_merged_loss_and_grads(hf_case, strategy):
     assert used and used <= expected, run.last_plan
 
 
+@needs_flax_models
 def test_bert_module_apply_with_positional_params_dict():
     """`module.apply({'params': p}, ...)`: the adapted tree nested in a positional dict."""
     model, options = _bert()

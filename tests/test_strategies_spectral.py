@@ -27,6 +27,7 @@ from svft_jax.strategies import (
 from svft_jax.transform import _matmul
 from svft_jax.transform.svft import PrecisionWarning
 from tests import reference
+from tests.stack import needs_flax_models
 from tests.strategy_checks import assert_same as _assert_same
 from tests.strategy_checks import loss_and_grads as _loss_and_grads
 
@@ -58,6 +59,7 @@ def _llama():
     return FlaxLlamaForCausalLM(config, seed=0), dict(pattern="topk", k=50, init="reference")
 
 
+@needs_flax_models
 @pytest.mark.parametrize("case", [_bert, _gpt2, pytest.param(_llama, marks=pytest.mark.slow)], ids=["bert", "gpt2", "llama"])
 def test_hf_spectral_matches_merged_loss_and_grads(case):
     model, options = case()

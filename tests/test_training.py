@@ -17,6 +17,7 @@ import pytest
 
 import svft_jax
 from svft_jax.training import losses, make_eval_step, make_train_step, schedules
+from tests.stack import needs_flax_models
 
 HEAD = "head/.*"
 
@@ -410,6 +411,7 @@ class RecordingCheckpointManager:
         return None
 
 
+@needs_flax_models
 def test_driver_trains_tiny_bert_data_parallel_and_writes_logs(tmp_path):
     train = _driver()
     config = train.parse_config(

@@ -16,6 +16,7 @@ import pytest
 
 import svft_jax
 from svft_jax.strategies import FallbackError, FallbackWarning, slice_layer, wrap
+from tests.stack import needs_flax_models
 from tests.strategy_checks import assert_same as _assert_same
 from tests.strategy_checks import loss_and_grads as _loss_and_grads
 from tests.strategy_checks import perturb as _perturb
@@ -327,6 +328,7 @@ def test_overrides_regex_matching_nothing_raises():
         wrap(_cond_fn, "factored", overrides={".*q_proj.*": "rebuild"})(adapted, x)
 
 
+@needs_flax_models
 def test_hf_model_without_params_argname_is_a_clear_type_error():
     from transformers import BertConfig, FlaxBertModel
 

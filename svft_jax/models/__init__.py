@@ -24,7 +24,12 @@ from svft_jax.models.generation import GenerationOutput, generate, generate_text
 from svft_jax.models.gguf import gguf_config, load_gguf, load_gguf_tokenizer, smollm2_path
 from svft_jax.models.hf import load_pretrained, minilm_path
 from svft_jax.models.layouts import attention_layouts, nnx_layouts, stacked_layouts
-from svft_jax.models.rope import honour_rope_theta, rope_inverse_frequencies, stock_rope
+from svft_jax.models.rope import (
+    honour_rope_theta,
+    rope_inverse_frequencies,
+    rope_theta_of,
+    stock_rope,
+)
 from svft_jax.models.targets import (
     FAMILIES,
     ModelFamily,
@@ -59,6 +64,7 @@ __all__ = [
     "model_type_of",
     "nnx_layouts",
     "rope_inverse_frequencies",
+    "rope_theta_of",
     "smollm2_path",
     "stacked_layouts",
     "stock_rope",

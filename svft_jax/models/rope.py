@@ -53,6 +53,7 @@ __all__ = [
     "is_rope_patched",
     "rope_inverse_frequencies",
     "rope_table",
+    "rope_theta_of",
     "stock_rope",
 ]
 
@@ -78,8 +79,20 @@ ROPE_FAMILIES: dict[str, _RopeFamily] = {
 _STOCK: dict[str, type] = {}  # family -> transformers' original class, while patched
 
 
+def rope_theta_of(config) -> float:
+    """The config's RoPE base θ: `config.rope_theta` (transformers 4) or
+    `config.rope_parameters["rope_theta"]` (transformers 5); 10000 when the config sets none."""
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict) and "rope_theta" in parameters:
+        return float(parameters["rope_theta"])
+    return float(getattr(config, "rope_theta", 10000.0))
+
+
 def _scaling(config) -> dict | None:
-    scaling = getattr(config, "rope_scaling", None)
+    parameters = getattr(config, "rope_parameters", None)
+    # transformers 5 keeps the scaling in `rope_parameters` beside θ; 4 in `rope_scaling`.
+    scaling = parameters if isinstance(parameters, dict) and "rope_theta" in parameters else getattr(
+        config, "rope_scaling", None)
     if not scaling:
         return None
     if not isinstance(scaling, dict):
@@ -93,7 +106,8 @@ def rope_inverse_frequencies(config, head_dim: int) -> np.ndarray:
 
     Args:
       config: a transformers config with `rope_theta` (default 10000) and optionally
-        `rope_scaling` ({"rope_type": "linear", "factor": f} or Llama-3.1's "llama3").
+        `rope_scaling` ({"rope_type": "linear", "factor": f} or Llama-3.1's "llama3"); on
+        transformers 5 both live in `config.rope_parameters`.
       head_dim: d, the rotated dimension (even).
     Returns:
       (d/2,) float64.
@@ -102,7 +116,7 @@ def rope_inverse_frequencies(config, head_dim: int) -> np.ndarray:
         other than default / linear / llama3 (dynamic, yarn, longrope are not implemented, and
         running with plain RoPE instead would silently mis-run the checkpoint).
     """
-    theta = float(getattr(config, "rope_theta", 10000.0))
+    theta = rope_theta_of(config)
     if head_dim % 2 or head_dim <= 0:
         raise ValueError(f"RoPE head_dim must be a positive even number, got {head_dim}.")
     if not theta > 0:
