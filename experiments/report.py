@@ -140,8 +140,14 @@ def _family(name: str) -> str:
 
 
 def plot(table: list[dict], path: Path, *, title: str, metric: str = "test_accuracy",
-         ylabel: str = "test accuracy (%)", xlabel: str = "trainable parameters (log scale; head included)") -> None:
-    """Score vs trainable parameters (log x), one marker per method, error bars = sd."""
+         ylabel: str = "test accuracy (%)", xlabel: str = "trainable parameters (log scale; head included)",
+         reference: tuple[str, float] | None = None) -> None:
+    """Score vs trainable parameters (log x), one marker per method, error bars = sd over seeds.
+
+    Args:
+      table: `summarise` rows (every row needs trainable > 0: the x axis is logarithmic).
+      reference: (label, score) drawn as a horizontal dashed line (e.g. an untrained baseline).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,6 +167,10 @@ def plot(table: list[dict], path: Path, *, title: str, metric: str = "test_accur
             # labels of one budget are stacked beside the group's best point, best first
             ax.annotate(row["method"], (trainable, top), textcoords="offset points",
                         xytext=(8, 4 - 11 * rank), fontsize=8)
+    if reference is not None:
+        ax.axhline(100 * reference[1], color="tab:gray", linestyle="--", linewidth=1)
+        ax.annotate(reference[0], (0.01, 100 * reference[1]), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 3), fontsize=8, color="tab:gray")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -182,7 +192,7 @@ def learning_rate_grid(preset: presets_lib.Preset, factors: Sequence[float] = (1
 def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], methods: Sequence[presets_lib.Preset],
                      seeds: Sequence[int], learning_rates: Callable[[presets_lib.Preset], Sequence[float]], *,
                      select: str = "validation_accuracy", mode: str = "max", tie_break: str | None = None,
-                     log=print, on_result=None,
+                     extend_at_edge: int = 0, log=print, on_result=None,
                      keep_going: bool = False, finished_rows: Sequence[dict] = ()) -> tuple[list[dict], dict[str, float]]:
     """Pick each method's learning rate on validation with the first seed, then run the other seeds at it.
 
@@ -199,6 +209,10 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
       tie_break: a second validation score, lower is better (e.g. the loss), that decides
         between rates with equal `select` (a small validation set ties often); None: the
         smallest such rate.
+      extend_at_edge: how many times a method's sweep may grow past its edge: when the best rate
+        is the grid's lowest (highest), the rate one step below (above) it runs too — the step
+        is the ratio of the edge rate to its neighbour, so ×(1/3, 1, 3) grows to ×1/9 or ×9 —
+        and the choice is made again over the grown grid. 0 (the default): the grid as given.
       log, on_result, keep_going, finished_rows: as in `run_grid` (rows keyed by method, seed,
         learning_rate).
     Returns:
@@ -209,6 +223,8 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
         raise ValueError(f"sweep_then_seeds: mode must be 'max' or 'min', got {mode!r}.")
     if not seeds:
         raise ValueError("sweep_then_seeds: no seeds given.")
+    if isinstance(extend_at_edge, bool) or not isinstance(extend_at_edge, int) or extend_at_edge < 0:
+        raise ValueError(f"sweep_then_seeds: extend_at_edge must be an int ≥ 0, got {extend_at_edge!r}.")
     rows = [dict(row) for row in finished_rows]
     done = {(row["method"], row["seed"], row["learning_rate"]) for row in rows}
 
@@ -233,16 +249,23 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
             on_result(rows)
 
     chosen: dict[str, float] = {}
+    sign = 1.0 if mode == "max" else -1.0
     for preset in methods:
-        for lr in learning_rates(preset):
-            attempt(preset, seeds[0], lr)
-        swept = [r for r in rows if r["method"] == preset.name and r["seed"] == seeds[0]
-                 and r["learning_rate"] in learning_rates(preset) and r.get(select) is not None]
-        if not swept:
-            continue
-        sign = 1.0 if mode == "max" else -1.0
-        best = max(swept, key=lambda r: (sign * r[select], -r[tie_break] if tie_break else 0.0, -r["learning_rate"]))
-        chosen[preset.name] = best["learning_rate"]
+        grid = sorted(learning_rates(preset))
+        for extensions in range(extend_at_edge + 1):
+            for lr in grid:
+                attempt(preset, seeds[0], lr)
+            swept = [r for r in rows if r["method"] == preset.name and r["seed"] == seeds[0]
+                     and r["learning_rate"] in grid and r.get(select) is not None]
+            if not swept:
+                break
+            best = max(swept, key=lambda r: (sign * r[select], -r[tie_break] if tie_break else 0.0, -r["learning_rate"]))
+            chosen[preset.name] = best["learning_rate"]
+            beyond = edge_extension(grid, best["learning_rate"])
+            if extensions == extend_at_edge or beyond is None:
+                break
+            log(f"   {preset.name}: the best rate {best['learning_rate']:g} is at the grid's edge; adding {beyond:g}")
+            grid = sorted([*grid, beyond])
     mark_chosen(rows, chosen)
     if on_result is not None:
         on_result(rows)
@@ -252,6 +275,17 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
                 attempt(preset, seed, chosen[preset.name])
                 mark_chosen(rows, chosen)
     return rows, chosen
+
+
+def edge_extension(rates: Sequence[float], best: float) -> float | None:
+    """The rate one grid step beyond `best` when it is the lowest or highest of `rates` (≥ 2 of them),
+    else None. The step is the ratio of the edge rate to its neighbour; 3 significant digits, as
+    `learning_rate_grid`."""
+    grid = sorted(rates)
+    if len(grid) < 2 or best not in (grid[0], grid[-1]):
+        return None
+    edge, neighbour = (grid[0], grid[1]) if best == grid[0] else (grid[-1], grid[-2])
+    return float(f"{edge * edge / neighbour:.3g}")
 
 
 def mark_chosen(rows: Sequence[dict], chosen: dict[str, float]) -> None:
