@@ -139,6 +139,37 @@ def _family(name: str) -> str:
         return ""
 
 
+def _separate(fig, ax, labels, rounds: int = 200) -> None:
+    """Move labels that would overprint (methods with equal or near-equal counts and scores) apart
+    vertically: each round, every overlapping pair is pushed apart by half its overlap each (the
+    lower label down, the upper up) and kept inside the axes. Each label keeps a thin line to its
+    point."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    frame = ax.get_window_extent(renderer)
+    y0 = np.array([box.y0 for box in boxes])
+    height = np.array([box.height + 2 for box in boxes])  # 2 px between labels
+    for _ in range(rounds):
+        moved = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                if not (boxes[i].x0 < boxes[j].x1 and boxes[j].x0 < boxes[i].x1):
+                    continue
+                low, high = (i, j) if (y0[i], i) <= (y0[j], j) else (j, i)
+                overlap = y0[low] + height[low] - y0[high]
+                if overlap > 0:
+                    y0[low] -= overlap / 2
+                    y0[high] += overlap / 2
+                    moved = True
+        y0 = np.clip(y0, frame.y0, frame.y1 - height)
+        if not moved:
+            break
+    for label, box, new in zip(labels, boxes, y0, strict=True):
+        dx, dy = label.xyann
+        label.xyann = (dx, dy + (new - box.y0) * 72.0 / fig.dpi)
+
+
 def plot(table: list[dict], path: Path, *, title: str, metric: str = "test_accuracy",
          ylabel: str = "test accuracy (%)", xlabel: str = "trainable parameters (log scale; head included)",
          reference: tuple[str, float] | None = None) -> None:
@@ -154,27 +185,22 @@ def plot(table: list[dict], path: Path, *, title: str, metric: str = "test_accur
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[int, list[dict]] = {}  # methods with the same budget share an x position
-    for row in table:
-        groups.setdefault(row["trainable"], []).append(row)
-    for trainable, rows in sorted(groups.items()):
-        rows = sorted(rows, key=lambda r: -r[f"{metric}_mean"])
-        top = 100 * rows[0][f"{metric}_mean"]
-        for rank, row in enumerate(rows):
-            color, marker = STYLES.get(_family(row["method"]), ("k", "x"))
-            ax.errorbar(trainable, 100 * row[f"{metric}_mean"], yerr=100 * row[f"{metric}_sd"],
-                        fmt=marker, color=color, capsize=3, markersize=8)
-            # labels of one budget are stacked beside the group's best point, best first
-            ax.annotate(row["method"], (trainable, top), textcoords="offset points",
-                        xytext=(8, 4 - 11 * rank), fontsize=8)
+    labels = []
+    for row in sorted(table, key=lambda r: (r["trainable"], -r[f"{metric}_mean"])):
+        color, marker = STYLES.get(_family(row["method"]), ("k", "x"))
+        point = (row["trainable"], 100 * row[f"{metric}_mean"])
+        ax.errorbar(*point, yerr=100 * row[f"{metric}_sd"], fmt=marker, color=color, capsize=3, markersize=8)
+        labels.append(ax.annotate(row["method"], point, textcoords="offset points", xytext=(8, -3), fontsize=8,
+                                  arrowprops=dict(arrowstyle="-", color="tab:gray", linewidth=0.5, shrinkA=0, shrinkB=4)))
     if reference is not None:
         ax.axhline(100 * reference[1], color="tab:gray", linestyle="--", linewidth=1)
-        ax.annotate(reference[0], (0.01, 100 * reference[1]), xycoords=("axes fraction", "data"),
-                    textcoords="offset points", xytext=(0, 3), fontsize=8, color="tab:gray")
+        ax.annotate(reference[0], (0.99, 100 * reference[1]), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 3), fontsize=8, color="tab:gray", ha="right")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    _separate(fig, ax, labels)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
