@@ -12,6 +12,8 @@ projections the paper adapts with it:
 | lora_r1, lora_r8 | LoRA | rank r, α = 2r | 1e-3 | all six |
 | dora_r1 | DoRA | rank 1, α = 2 | 1e-3 | all six |
 | vera_r256 | VeRA | rank 256 | 1e-2 | query + value |
+| svft_banded_eq_lora_r1 | SVFT^B | banded, d solved so the count ≤ lora_r1's | 1e-2 | all six (lora_r1's) |
+| svft_random_eq_vera_r256 | SVFT^R | random, k solved so the count ≤ vera_r256's | 1e-2 | query + value (vera_r256's) |
 | full_ft | full fine-tuning | every weight trains | 5e-5 | — |
 | head_only | the new head only | nothing adapted | 0 | — |
 
@@ -25,6 +27,13 @@ that is what reproduces the paper's parameter counts (LoRA r=8 1.32M, SVFT^B d=2
 ViT-B). SVFT^R and SVFT^T, absent from that table, follow SVFT^B (same budget). A task either
 honours the scope (`Preset.targets(model_type)`, the ViT task) or adapts the same kernels with
 every method (the sentiment task, by design: one protocol for all).
+
+Equal-budget presets (`budget_of`): `svft_<banded|random|topk>_eq_<preset>` trains at most as many
+parameters as the named adapter preset on the same targets (its scope). The count is not written
+down: `Preset.adapt` computes the reference's trainable count on the targets it is given
+(`svft_jax.plan`, shapes only) and hands it to `svft_jax.apply(budget=)`, which solves d (banded)
+or k (random/top-k). On SmolLM2-135M: lora_r1 305,280 → banded d=1, 293,340; vera_r256 38,400 →
+random k = 960 per q_proj and 320 per v_proj, 38,400 (banded there would be d=0, SVFT^P itself).
 
 Other widths parse too: `svft_<banded|random|topk>_d<N>` and `<lora|dora|vera>_r<N>`
 (`get("svft_random_d16")`), with the same rules.
@@ -53,6 +62,8 @@ class Preset:
       options: keyword arguments of the adapter's `apply`, as sorted (name, value) pairs.
       learning_rate: the usual peak learning rate of the method's trainable weights.
       scope: 'all' or 'query_value': the projections the paper adapts with this method.
+      budget_of: (SVFT only) the name of an adapter preset whose trainable count on the same
+        targets is this preset's `budget=` (the pattern size is solved, not set); None: none.
     """
 
     name: str
@@ -60,12 +71,19 @@ class Preset:
     options: tuple[tuple[str, Any], ...] = ()
     learning_rate: float
     scope: str = "all"
+    budget_of: str | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"Preset {self.name!r}: method must be one of {METHODS}, got {self.method!r}.")
         if self.scope not in SCOPES:
             raise ValueError(f"Preset {self.name!r}: scope must be one of {SCOPES}, got {self.scope!r}.")
+        if self.budget_of is not None:
+            if self.method != "svft" or {"d", "k", "budget"} & set(self.kwargs):
+                raise ValueError(f"Preset {self.name!r}: budget_of solves an SVFT pattern's size; it needs method "
+                                 f"'svft' without d/k/budget options, got {self.method!r} with {self.kwargs}.")
+            if get(self.budget_of).method not in ("svft", "lora", "dora", "vera"):
+                raise ValueError(f"Preset {self.name!r}: budget_of must name an adapter preset, got {self.budget_of!r}.")
 
     @property
     def kwargs(self) -> dict:
@@ -94,6 +112,8 @@ class Preset:
         """
         if self.method in ("full", "head"):
             return params
+        if self.budget_of is not None and "budget" not in overrides:
+            overrides = {**overrides, "budget": self.reference_count(params, targets=targets)}
         kwargs = {**self.kwargs, **overrides}
         if self.method == "svft":
             return svft_jax.apply(params, targets=targets, seed=seed, **kwargs)
@@ -101,10 +121,22 @@ class Preset:
 
         return getattr(baselines, self.method).apply(params, targets=targets, seed=seed, **kwargs)
 
+    def reference_count(self, params, *, targets: str | None = None) -> int | None:
+        """The trainable count of the `budget_of` preset on `targets` (None without one), from
+        shapes alone (`svft_jax.plan`): this preset's budget."""
+        if self.budget_of is None:
+            return None
+        reference = get(self.budget_of)
+        options = dict(reference.kwargs)
+        if reference.method == "svft":
+            options["pattern"] = options.get("pattern", "plain")
+        return int(svft_jax.plan(params, method=reference.method, targets=targets, **options).totals["trainable"])
+
     def describe(self) -> dict:
         """A JSON-ready description (what results files record)."""
-        return {"name": self.name, "method": self.method, "options": self.kwargs,
-                "learning_rate": self.learning_rate, "scope": self.scope}
+        described = {"name": self.name, "method": self.method, "options": self.kwargs,
+                     "learning_rate": self.learning_rate, "scope": self.scope}
+        return described if self.budget_of is None else {**described, "budget_of": self.budget_of}
 
 
 def _svft(pattern: str, d: int | None) -> Preset:
@@ -112,6 +144,12 @@ def _svft(pattern: str, d: int | None) -> Preset:
     name = "svft_plain" if pattern == "plain" else f"svft_{pattern}_d{d}"
     return Preset(name=name, method="svft", options=options, learning_rate=1e-2,
                   scope="query_value" if pattern == "plain" else "all")
+
+
+def _svft_at_budget_of(pattern: str, reference: str) -> Preset:
+    """SVFT with `pattern`, its size solved so the count is ≤ `reference`'s on the reference's scope."""
+    return Preset(name=f"svft_{pattern}_eq_{reference}", method="svft", options=(("pattern", pattern),),
+                  learning_rate=1e-2, scope=get(reference).scope, budget_of=reference)
 
 
 def _low_rank(method: str, rank: int) -> Preset:
@@ -137,6 +175,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 
 _SVFT_RE = re.compile(r"svft_(banded|random|topk)_d(\d+)")
 _LOW_RANK_RE = re.compile(r"(lora|dora|vera)_r([1-9]\d*)")
+_EQUAL_BUDGET_RE = re.compile(r"svft_(banded|random|topk)_eq_(\w+)")
 
 
 def get(name: str) -> Preset:
@@ -153,6 +192,9 @@ def get(name: str) -> Preset:
     match = _LOW_RANK_RE.fullmatch(name)
     if match:
         return _low_rank(match.group(1), int(match.group(2)))
+    match = _EQUAL_BUDGET_RE.fullmatch(name)
+    if match:
+        return _svft_at_budget_of(match.group(1), match.group(2))
     hint = ""
     if name.startswith("svft_plain_"):
         hint = " ('svft_plain' takes no _d suffix: it is banded d=0)"
@@ -160,8 +202,13 @@ def get(name: str) -> Preset:
         hint = f" (pattern {name[5:]!r} needs a width/budget, e.g. '{name}_d2')"
     raise ValueError(
         f"unknown method preset {name!r}{hint}; presets: {', '.join(PRESETS)}; "
-        "other widths: svft_<banded|random|topk>_d<N>, <lora|dora|vera>_r<N>."
+        "other widths: svft_<banded|random|topk>_d<N>, <lora|dora|vera>_r<N>; "
+        "equal budgets: svft_<banded|random|topk>_eq_<adapter preset>."
     )
+
+
+# the equal-budget presets of the LLM experiment (defined after `get`: they look up their reference)
+PRESETS.update({p.name: p for p in [_svft_at_budget_of("banded", "lora_r1"), _svft_at_budget_of("random", "vera_r256")]})
 
 
 def get_many(names) -> list[Preset]:

@@ -139,32 +139,68 @@ def _family(name: str) -> str:
         return ""
 
 
+def _separate(fig, ax, labels, rounds: int = 200) -> None:
+    """Move labels that would overprint (methods with equal or near-equal counts and scores) apart
+    vertically: each round, every overlapping pair is pushed apart by half its overlap each (the
+    lower label down, the upper up) and kept inside the axes. Each label keeps a thin line to its
+    point."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for label in labels]
+    frame = ax.get_window_extent(renderer)
+    y0 = np.array([box.y0 for box in boxes])
+    height = np.array([box.height + 2 for box in boxes])  # 2 px between labels
+    for _ in range(rounds):
+        moved = False
+        for i in range(len(boxes)):
+            for j in range(i + 1, len(boxes)):
+                if not (boxes[i].x0 < boxes[j].x1 and boxes[j].x0 < boxes[i].x1):
+                    continue
+                low, high = (i, j) if (y0[i], i) <= (y0[j], j) else (j, i)
+                overlap = y0[low] + height[low] - y0[high]
+                if overlap > 0:
+                    y0[low] -= overlap / 2
+                    y0[high] += overlap / 2
+                    moved = True
+        y0 = np.clip(y0, frame.y0, frame.y1 - height)
+        if not moved:
+            break
+    for label, box, new in zip(labels, boxes, y0, strict=True):
+        dx, dy = label.xyann
+        label.xyann = (dx, dy + (new - box.y0) * 72.0 / fig.dpi)
+
+
 def plot(table: list[dict], path: Path, *, title: str, metric: str = "test_accuracy",
-         ylabel: str = "test accuracy (%)", xlabel: str = "trainable parameters (log scale; head included)") -> None:
-    """Score vs trainable parameters (log x), one marker per method, error bars = sd."""
+         ylabel: str = "test accuracy (%)", xlabel: str = "trainable parameters (log scale; head included)",
+         reference: tuple[str, float] | None = None) -> None:
+    """Score vs trainable parameters (log x), one marker per method, error bars = sd over seeds.
+
+    Args:
+      table: `summarise` rows (every row needs trainable > 0: the x axis is logarithmic).
+      reference: (label, score) drawn as a horizontal dashed line (e.g. an untrained baseline).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    groups: dict[int, list[dict]] = {}  # methods with the same budget share an x position
-    for row in table:
-        groups.setdefault(row["trainable"], []).append(row)
-    for trainable, rows in sorted(groups.items()):
-        rows = sorted(rows, key=lambda r: -r[f"{metric}_mean"])
-        top = 100 * rows[0][f"{metric}_mean"]
-        for rank, row in enumerate(rows):
-            color, marker = STYLES.get(_family(row["method"]), ("k", "x"))
-            ax.errorbar(trainable, 100 * row[f"{metric}_mean"], yerr=100 * row[f"{metric}_sd"],
-                        fmt=marker, color=color, capsize=3, markersize=8)
-            # labels of one budget are stacked beside the group's best point, best first
-            ax.annotate(row["method"], (trainable, top), textcoords="offset points",
-                        xytext=(8, 4 - 11 * rank), fontsize=8)
+    labels = []
+    for row in sorted(table, key=lambda r: (r["trainable"], -r[f"{metric}_mean"])):
+        color, marker = STYLES.get(_family(row["method"]), ("k", "x"))
+        point = (row["trainable"], 100 * row[f"{metric}_mean"])
+        ax.errorbar(*point, yerr=100 * row[f"{metric}_sd"], fmt=marker, color=color, capsize=3, markersize=8)
+        labels.append(ax.annotate(row["method"], point, textcoords="offset points", xytext=(8, -3), fontsize=8,
+                                  arrowprops=dict(arrowstyle="-", color="tab:gray", linewidth=0.5, shrinkA=0, shrinkB=4)))
+    if reference is not None:
+        ax.axhline(100 * reference[1], color="tab:gray", linestyle="--", linewidth=1)
+        ax.annotate(reference[0], (0.99, 100 * reference[1]), xycoords=("axes fraction", "data"),
+                    textcoords="offset points", xytext=(0, 3), fontsize=8, color="tab:gray", ha="right")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
+    _separate(fig, ax, labels)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -182,7 +218,7 @@ def learning_rate_grid(preset: presets_lib.Preset, factors: Sequence[float] = (1
 def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], methods: Sequence[presets_lib.Preset],
                      seeds: Sequence[int], learning_rates: Callable[[presets_lib.Preset], Sequence[float]], *,
                      select: str = "validation_accuracy", mode: str = "max", tie_break: str | None = None,
-                     log=print, on_result=None,
+                     extend_at_edge: int = 0, log=print, on_result=None,
                      keep_going: bool = False, finished_rows: Sequence[dict] = ()) -> tuple[list[dict], dict[str, float]]:
     """Pick each method's learning rate on validation with the first seed, then run the other seeds at it.
 
@@ -199,6 +235,10 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
       tie_break: a second validation score, lower is better (e.g. the loss), that decides
         between rates with equal `select` (a small validation set ties often); None: the
         smallest such rate.
+      extend_at_edge: how many times a method's sweep may grow past its edge: when the best rate
+        is the grid's lowest (highest), the rate one step below (above) it runs too — the step
+        is the ratio of the edge rate to its neighbour, so ×(1/3, 1, 3) grows to ×1/9 or ×9 —
+        and the choice is made again over the grown grid. 0 (the default): the grid as given.
       log, on_result, keep_going, finished_rows: as in `run_grid` (rows keyed by method, seed,
         learning_rate).
     Returns:
@@ -209,6 +249,8 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
         raise ValueError(f"sweep_then_seeds: mode must be 'max' or 'min', got {mode!r}.")
     if not seeds:
         raise ValueError("sweep_then_seeds: no seeds given.")
+    if isinstance(extend_at_edge, bool) or not isinstance(extend_at_edge, int) or extend_at_edge < 0:
+        raise ValueError(f"sweep_then_seeds: extend_at_edge must be an int ≥ 0, got {extend_at_edge!r}.")
     rows = [dict(row) for row in finished_rows]
     done = {(row["method"], row["seed"], row["learning_rate"]) for row in rows}
 
@@ -233,16 +275,23 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
             on_result(rows)
 
     chosen: dict[str, float] = {}
+    sign = 1.0 if mode == "max" else -1.0
     for preset in methods:
-        for lr in learning_rates(preset):
-            attempt(preset, seeds[0], lr)
-        swept = [r for r in rows if r["method"] == preset.name and r["seed"] == seeds[0]
-                 and r["learning_rate"] in learning_rates(preset) and r.get(select) is not None]
-        if not swept:
-            continue
-        sign = 1.0 if mode == "max" else -1.0
-        best = max(swept, key=lambda r: (sign * r[select], -r[tie_break] if tie_break else 0.0, -r["learning_rate"]))
-        chosen[preset.name] = best["learning_rate"]
+        grid = sorted(learning_rates(preset))
+        for extensions in range(extend_at_edge + 1):
+            for lr in grid:
+                attempt(preset, seeds[0], lr)
+            swept = [r for r in rows if r["method"] == preset.name and r["seed"] == seeds[0]
+                     and r["learning_rate"] in grid and r.get(select) is not None]
+            if not swept:
+                break
+            best = max(swept, key=lambda r: (sign * r[select], -r[tie_break] if tie_break else 0.0, -r["learning_rate"]))
+            chosen[preset.name] = best["learning_rate"]
+            beyond = edge_extension(grid, best["learning_rate"])
+            if extensions == extend_at_edge or beyond is None:
+                break
+            log(f"   {preset.name}: the best rate {best['learning_rate']:g} is at the grid's edge; adding {beyond:g}")
+            grid = sorted([*grid, beyond])
     mark_chosen(rows, chosen)
     if on_result is not None:
         on_result(rows)
@@ -252,6 +301,17 @@ def sweep_then_seeds(run_one: Callable[[presets_lib.Preset, int, float], dict], 
                 attempt(preset, seed, chosen[preset.name])
                 mark_chosen(rows, chosen)
     return rows, chosen
+
+
+def edge_extension(rates: Sequence[float], best: float) -> float | None:
+    """The rate one grid step beyond `best` when it is the lowest or highest of `rates` (≥ 2 of them),
+    else None. The step is the ratio of the edge rate to its neighbour; 3 significant digits, as
+    `learning_rate_grid`."""
+    grid = sorted(rates)
+    if len(grid) < 2 or best not in (grid[0], grid[-1]):
+        return None
+    edge, neighbour = (grid[0], grid[1]) if best == grid[0] else (grid[-1], grid[-2])
+    return float(f"{edge * edge / neighbour:.3g}")
 
 
 def mark_chosen(rows: Sequence[dict], chosen: dict[str, float]) -> None:

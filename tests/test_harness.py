@@ -229,3 +229,52 @@ def test_status_line_counts_runs_against_the_grid():
     assert report.status_line(3, 3) == "Complete: 3 runs."
     assert report.status_line(3, 3, 1.25, " (1 reused)") == "Complete: 3 runs (1 reused) in 1.2 min."
     assert report.status_line(2, 3, 0.5) == "PARTIAL: 2 runs of 3 after 0.5 min (the run is still going or was stopped)."
+
+
+def test_sweep_grows_one_step_past_the_edge_its_best_rate_sits_on():
+    calls = []
+    # validation NLL is lowest at 1e-1 for SVFT (above the grid 1e-2 × (1/3, 1, 3)), at 1e-3 for
+    # LoRA (inside its grid) and far below the grid for VeRA (still at the edge after one step)
+    optimum = {"svft_plain": 1e-1, "lora_r1": 1e-3, "vera_r256": 1e-6}
+
+    def run_one(preset, seed, lr):
+        calls.append((preset.name, seed, lr))
+        return dict(validation_nll=abs(math.log(lr / optimum[preset.name])))
+
+    methods = presets.get_many(["svft_plain", "lora_r1", "vera_r256"])
+    lrs = lambda preset: report.learning_rate_grid(preset)  # noqa: E731
+    quiet = lambda s: None  # noqa: E731
+    rows, chosen = report.sweep_then_seeds(run_one, methods, (0, 1), lrs, select="validation_nll", mode="min",
+                                           extend_at_edge=1, log=quiet)
+    # ×9 of the preset for SVFT (3 · 0.03 / 0.01 = 0.09), nothing for LoRA, ×1/9 once for VeRA
+    assert [c for c in calls if c[0] == "svft_plain" and c[1] == 0] == [
+        ("svft_plain", 0, 0.00333), ("svft_plain", 0, 0.01), ("svft_plain", 0, 0.03), ("svft_plain", 0, 0.09)]
+    assert [c[2] for c in calls if c[0] == "lora_r1" and c[1] == 0] == [0.000333, 0.001, 0.003]
+    assert [c[2] for c in calls if c[0] == "vera_r256" and c[1] == 0] == [0.00333, 0.01, 0.03, 0.00111]
+    assert chosen == {"svft_plain": 0.09, "lora_r1": 0.001, "vera_r256": 0.00111}
+    assert calls[-3:] == [("svft_plain", 1, 0.09), ("lora_r1", 1, 0.001), ("vera_r256", 1, 0.00111)]
+    assert len(rows) == 4 + 3 + 4 + 3
+    # off by default: the grid as given (the sentiment experiment's behaviour)
+    calls.clear()
+    _, plain = report.sweep_then_seeds(run_one, methods[:1], (0,), lrs, select="validation_nll", mode="min", log=quiet)
+    assert plain == {"svft_plain": 0.03} and len(calls) == 3
+    # a resumed run reuses the extension's row and grows the grid the same way
+    calls.clear()
+    _, again = report.sweep_then_seeds(run_one, methods, (0, 1), lrs, select="validation_nll", mode="min",
+                                       extend_at_edge=1, log=quiet, finished_rows=rows[:5])
+    assert again == chosen and ("svft_plain", 0, 0.09) not in calls and len(calls) == len(rows) - 5
+    assert report.edge_extension([0.1, 0.3, 1.0], 0.3) is None and report.edge_extension([0.5], 0.5) is None
+    with pytest.raises(ValueError, match="extend_at_edge"):
+        report.sweep_then_seeds(run_one, methods, (0,), lrs, extend_at_edge=-1)
+
+
+def test_equal_budget_presets_parse_and_refuse_a_size_or_a_non_adapter_reference():
+    lora_eq = presets.get("svft_banded_eq_lora_r1")
+    assert lora_eq.budget_of == "lora_r1" and lora_eq.scope == "all" and lora_eq.describe()["budget_of"] == "lora_r1"
+    assert presets.get("svft_random_eq_vera_r256").scope == "query_value"  # VeRA's scope
+    assert presets.get("svft_topk_eq_dora_r4").budget_of == "dora_r4"
+    with pytest.raises(ValueError, match="adapter preset"):
+        presets.get("svft_banded_eq_full_ft")
+    with pytest.raises(ValueError, match="budget_of"):
+        presets.Preset(name="x", method="svft", options=(("d", 2), ("pattern", "banded")), learning_rate=1.0,
+                       budget_of="lora_r1")

@@ -126,7 +126,8 @@ def test_method_presets_parse_and_reject_unknown():
     assert presets.get("svft_random_d16").kwargs == {"pattern": "random", "d": 16}
     assert presets.get("lora_r8").kwargs == {"rank": 8, "alpha": 16.0}
     assert set(presets.PRESETS) == {"svft_plain", "svft_banded_d2", "svft_random_d2", "svft_topk_d2", "lora_r1",
-                                    "lora_r8", "dora_r1", "vera_r256", "full_ft", "head_only"}
+                                    "lora_r8", "dora_r1", "vera_r256", "full_ft", "head_only",
+                                    "svft_banded_eq_lora_r1", "svft_random_eq_vera_r256"}
     assert configs.VISION.learning_rate("svft_banded_d2") == 5e-2
     assert configs.VISION.learning_rate("svft_banded_d8") == 5e-3
     with pytest.raises(ValueError, match="unknown method preset"):
