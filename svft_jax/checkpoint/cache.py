@@ -11,7 +11,9 @@ and writes into it when it is mutable. A file is just another store:
     adapted = svft_jax.apply(params, "topk", k=64, factors=load_factor_cache("factors.safetensors"))
 
 Because the key is a digest of the kernel itself, a store can never hand a target the factors
-of other weights.
+of other weights by accident; and every entry `apply` reads is checked against its kernel
+(shapes, rank, dtype, and that it is the kernel's SVD on seeded probes), so an edited or
+foreign store is refused, naming the target and the file.
 """
 
 from __future__ import annotations
@@ -208,8 +210,8 @@ def load_factor_cache(path) -> Mapping:
       path: a file from `save_factor_cache`, a directory of such files (e.g. the shards of
         `save_factor_shard`, read as one store), or a list of files.
     Raises:
-      FileNotFoundError; ValueError for a corrupted, foreign or other-version file, or a
-      directory with no factor files.
+      FileNotFoundError; ValueError for a corrupted, foreign or other-version file, a
+      directory with no factor files, or two files with different factors for one key.
     """
     if isinstance(path, list | tuple):
         return FactorFiles(path)

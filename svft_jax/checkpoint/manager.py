@@ -25,6 +25,10 @@ What the directory promises (each is tested, most under SIGKILL):
     evaluation never deletes the best step. Deleted steps are first renamed into a trash
     folder (Orbax's `todelete_subdir`, atomic) and then removed, so a kill during retention
     leaves nothing that the next open does not clean.
+  * One adapter configuration per folder: a step whose targets, per-target configuration,
+    trainable leaves or (with `frozen=`) base differ from the steps already there is refused
+    before anything is written, so a second run can never make retention delete the first
+    run's steps.
   * One writer at a time: a second process opening the same folder for writing is refused
     (an advisory `flock`, released by the kernel even on SIGKILL). `read_only=True` restores
     without writing anything (a read-only mount, another run's folder).
@@ -462,7 +466,9 @@ class TrainCheckpointer:
           data_position: where the data stream is (an int or a JSON-able dict), or None.
           force: passed to Orbax (save even if its policy would skip the step).
         Raises:
-          ValueError/TypeError for bad arguments (before anything is written); OSError with
+          ValueError/TypeError for bad arguments, and ValueError for a step of another adapter
+          configuration than the steps already in the folder (another method, pattern, options,
+          targets, trainable leaves or base) — before anything is written; OSError with
           the directory named for I/O failures (disk full: errno ENOSPC; earlier steps are
           untouched and the same step can be saved again).
         """

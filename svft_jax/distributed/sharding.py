@@ -129,6 +129,8 @@ def param_shardings(tree, mesh: Mesh, *, fsdp: bool = False, extra: str | None =
 
     Returns:
       A pytree with `tree`'s structure (None holes kept) whose leaves are `NamedSharding`s.
+    Raises:
+      ValueError for fsdp=True on a mesh without a "model" axis (fsdp=False takes any mesh).
     """
     fsdp = check_bool(fsdp, "fsdp", "param_shardings")
     if fsdp:

@@ -33,6 +33,10 @@ def optimizer(
       extra_tx: optimiser for the `extra` leaves (default: `tx`).
     Returns:
       An `optax.GradientTransformation`.
+    Raises (at `init`/`update`):
+      ValueError when, without `extra`, the tree is the trainable half of `split` and holds
+      leaves that are neither adapter arrays nor `Trainable`-marked (`split(adapted, extra=regex)`
+      on an unmarked tree puts them there): they would get exactly-zero updates.
     """
     del adapted
     transforms = {ADAPTER: tx, EXTRA: extra_tx if extra_tx is not None else tx, FROZEN: optax.set_to_zero()}
