@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from svft_jax._args import check_bool
 from svft_jax.baselines import _common
 from svft_jax.baselines.lora import init_factors
 from svft_jax.transform._matmul import base_matmul, mm
@@ -153,10 +154,12 @@ def make_plans(
     rank = _common.check_positive_int(rank, "rank")
     seed = _common.check_seed(seed)
     alpha = _common.check_finite_number(2.0 * rank if alpha is None else alpha, "alpha")
+    use_rslora = check_bool(use_rslora, "use_rslora", "dora.apply")
+    detach_norm = check_bool(detach_norm, "detach_norm", "dora.apply")
     return _common.plan_method(
         params, DoRANode,
         lambda t: DoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed,
-                           use_rslora=bool(use_rslora), detach_norm=bool(detach_norm)),
+                           use_rslora=use_rslora, detach_norm=detach_norm),
         targets=targets, exclude=exclude, layouts=layouts, extra=extra)
 
 

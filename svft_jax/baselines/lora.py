@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from svft_jax._args import check_bool
 from svft_jax.baselines import _common
 from svft_jax.transform._matmul import base_matmul, mm
 from svft_jax.transform._protocol import (
@@ -106,9 +107,10 @@ def make_plans(
     rank = _common.check_positive_int(rank, "rank")
     seed = _common.check_seed(seed)
     alpha = _common.check_finite_number(alpha, "alpha")
+    use_rslora = check_bool(use_rslora, "use_rslora", "lora.apply")
     return _common.plan_method(
         params, LoRANode,
-        lambda t: LoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed, use_rslora=bool(use_rslora)),
+        lambda t: LoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed, use_rslora=use_rslora),
         targets=targets, exclude=exclude, layouts=layouts, extra=extra)
 
 

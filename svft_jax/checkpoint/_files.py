@@ -26,6 +26,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from svft_jax._args import check_bool
+
 _DTYPE_TO_CODE = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
     "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8",
@@ -176,6 +178,7 @@ def atomic_write(path, chunks: Iterable[bytes], *, overwrite: bool, what: str) -
     Returns:
       The destination as a `Path`.
     """
+    overwrite = check_bool(overwrite, "overwrite", f"writing {what} {str(path)!r}")
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"cannot write {what} to {str(path)!r}: it is a directory; pass a file path.")

@@ -36,6 +36,7 @@ import numpy as np
 from svft_jax._paths import path_to_str
 from svft_jax.checkpoint._files import atomic_write, read_safetensors, safetensors_chunks
 from svft_jax.checkpoint._records import decode_header, encode_header
+from svft_jax.checkpoint.cache import as_factor_store
 from svft_jax.checkpoint.fingerprint import base_fingerprint, leaves_by_path, verify_fingerprint
 from svft_jax.transform._merge import check_whole
 from svft_jax.transform._partition import extra_paths
@@ -151,10 +152,7 @@ def load_adapter(path, base_params, *, factors=None, svd_backend: str | None = N
     where = f"adapter file {str(path)!r}"
     adapter = read_adapter(path)
     verify_fingerprint({c["path"]: c["base"] for c in adapter.targets}, base_params, where)
-    if isinstance(factors, str | bytes | os.PathLike):
-        from svft_jax.checkpoint.cache import load_factor_cache
-
-        factors = load_factor_cache(factors)
+    factors = as_factor_store(os.fsdecode(factors) if isinstance(factors, bytes) else factors, "load_adapter")
     base_leaves = leaves_by_path(base_params)
     extras = adapter.header["extras"]
     missing = [p for p in extras if p not in base_leaves]

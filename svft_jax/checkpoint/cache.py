@@ -11,11 +11,14 @@ and writes into it when it is mutable. A file is just another store:
     adapted = svft_jax.apply(params, "topk", k=64, factors=load_factor_cache("factors.safetensors"))
 
 Because the key is a digest of the kernel itself, a store can never hand a target the factors
-of other weights.
+of other weights by accident; and every entry `apply` reads is checked against its kernel
+(shapes, rank, dtype, and that it is the kernel's SVD on seeded probes), so an edited or
+foreign store is refused, naming the target and the file.
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import warnings
 from collections.abc import Iterator, Mapping
@@ -90,6 +93,7 @@ class FactorFile(Mapping):
     def __init__(self, path):
         tensors, metadata = read_safetensors(path, "factor cache")
         header = decode_header(CACHE_FORMAT, metadata, tensors, f"factor cache {str(path)!r}")
+        self.path = pathlib.Path(path)
         self._tensors = tensors
         self._keys = tuple(header["keys"])
 
@@ -97,6 +101,10 @@ class FactorFile(Mapping):
         if key not in self._keys:
             raise KeyError(key)
         return tuple(self._tensors[f"{key}::{field}"] for field in _FIELDS)
+
+    def source(self, key=None) -> str:
+        """Names this store in error messages (`apply` refuses a wrong entry naming its file)."""
+        return f"factor cache {str(self.path)!r}"
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -108,23 +116,70 @@ class FactorFile(Mapping):
 class FactorFiles(Mapping):
     """A read-only factor store over several files (the shards a sharded `apply` wrote, one per
     process): the union of their keys. A key in two files names the same kernel and SVD
-    settings, so either copy serves."""
+    settings, so both must hold the same factors (to the SVD's rounding: two machines' LAPACKs
+    may differ in the last bits); files that disagree are refused on open, naming both."""
 
     def __init__(self, paths):
         self._files = [FactorFile(p) for p in paths]
         self._where = {}
         for store in self._files:
             for key in store:
-                self._where.setdefault(key, store)
+                first = self._where.setdefault(key, store)
+                if first is not store:
+                    _check_same_factors(key, first, store)
 
     def __getitem__(self, key):
         return self._where[key][key]
+
+    def source(self, key=None) -> str:
+        """Names the file that holds `key` (all files when it is in none)."""
+        if key in self._where:
+            return self._where[key].source()
+        return "factor caches " + ", ".join(repr(str(f.path)) for f in self._files)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
+
+
+def _check_same_factors(key: str, first: FactorFile, second: FactorFile) -> None:
+    """Refuse two cache files whose entries for one key differ beyond float rounding."""
+    a, b = first[key], second[key]
+    same = True
+    for x, y in zip(a, b, strict=True):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            same = False
+            break
+        if np.array_equal(x, y):
+            continue
+        x64, y64 = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        eps = float(np.finfo(x.dtype).eps) if np.issubdtype(x.dtype, np.floating) else 0.0
+        scale = max(float(np.max(np.abs(x64), initial=0.0)), np.finfo(np.float64).tiny)
+        if not float(np.max(np.abs(x64 - y64), initial=0.0)) <= 1e3 * eps * scale:
+            same = False
+            break
+    if not same:
+        raise ValueError(
+            f"factor caches {str(first.path)!r} and {str(second.path)!r} both hold key {key[:12]}… (the same kernel and "
+            "SVD settings) but with different factors, so which file is read first would decide the model. Remove the "
+            "file that was not made from this model's kernels, or rebuild the cache.")
+
+
+def as_factor_store(factors, caller: str):
+    """`factors=` as a store: None, a Mapping (used as is), or a path (str or os.PathLike) to
+    a factor cache file or folder, read with `load_factor_cache`.
+
+    Raises:
+      TypeError naming `caller` for anything else (a str is a path, never a store).
+    """
+    if factors is None or isinstance(factors, Mapping):
+        return factors
+    if isinstance(factors, str | os.PathLike):
+        return load_factor_cache(factors)
+    raise TypeError(f"{caller}: `factors` must be a factor store (a Mapping from factor_key to (u, s, v)) or the path "
+                    f"of a factor cache (str or os.PathLike), got {type(factors).__name__}.")
 
 
 SHARD_PATTERN = "factors-{process:05d}-of-{count:05d}.safetensors"
@@ -155,8 +210,8 @@ def load_factor_cache(path) -> Mapping:
       path: a file from `save_factor_cache`, a directory of such files (e.g. the shards of
         `save_factor_shard`, read as one store), or a list of files.
     Raises:
-      FileNotFoundError; ValueError for a corrupted, foreign or other-version file, or a
-      directory with no factor files.
+      FileNotFoundError; ValueError for a corrupted, foreign or other-version file, a
+      directory with no factor files, or two files with different factors for one key.
     """
     if isinstance(path, list | tuple):
         return FactorFiles(path)

@@ -25,6 +25,10 @@ What the directory promises (each is tested, most under SIGKILL):
     evaluation never deletes the best step. Deleted steps are first renamed into a trash
     folder (Orbax's `todelete_subdir`, atomic) and then removed, so a kill during retention
     leaves nothing that the next open does not clean.
+  * One adapter configuration per folder: a step whose targets, per-target configuration,
+    trainable leaves or (with `frozen=`) base differ from the steps already there is refused
+    before anything is written, so a second run can never make retention delete the first
+    run's steps.
   * One writer at a time: a second process opening the same folder for writing is refused
     (an advisory `flock`, released by the kernel even on SIGKILL). `read_only=True` restores
     without writing anything (a read-only mount, another run's folder).
@@ -58,6 +62,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from svft_jax._args import check_bool
 from svft_jax._paths import path_to_str
 from svft_jax.checkpoint._files import ensure_directory, remove_path
 from svft_jax.checkpoint.fingerprint import kernel_fingerprint, leaves_by_path
@@ -302,8 +307,9 @@ class TrainCheckpointer:
         self.directory = Path(directory).absolute()
         self.best_metric = best_metric
         self.best_mode = best_mode
-        self.read_only = bool(read_only)
-        self._async_save = async_save
+        self.read_only = check_bool(read_only, "read_only", "TrainCheckpointer")
+        self._async_save = check_bool(async_save, "async_save", "TrainCheckpointer")
+        self._configuration = None  # the adapter configuration of this folder's steps, once checked
         self._base = None if frozen is None else _frozen_fingerprints(frozen)
         self._lock_fd = None
         self._manager = None
@@ -334,7 +340,7 @@ class TrainCheckpointer:
             best_fn=best_fn, best_mode=best_mode,
             preservation_policy=None if self.read_only else policies.AnyPreservationPolicy(keep),
             keep_checkpoints_without_metrics=False,
-            enable_async_checkpointing=async_save,
+            enable_async_checkpointing=self._async_save,
             cleanup_tmp_directories=not self.read_only,  # tmp dirs left by a killed save are never complete
             todelete_subdir=None if self.read_only else TRASH_DIR,
             read_only=self.read_only,
@@ -462,7 +468,9 @@ class TrainCheckpointer:
           data_position: where the data stream is (an int or a JSON-able dict), or None.
           force: passed to Orbax (save even if its policy would skip the step).
         Raises:
-          ValueError/TypeError for bad arguments (before anything is written); OSError with
+          ValueError/TypeError for bad arguments, and ValueError for a step of another adapter
+          configuration than the steps already in the folder (another method, pattern, options,
+          targets, trainable leaves or base) — before anything is written; OSError with
           the directory named for I/O failures (disk full: errno ENOSPC; earlier steps are
           untouched and the same step can be saved again).
         """
@@ -471,6 +479,15 @@ class TrainCheckpointer:
         if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
             raise TypeError(f"`step` must be a non-negative int, got {step!r}.")
         step = int(step)
+        force = check_bool(force, "force", "TrainCheckpointer.save")
+        trainable_leaves = _leaves_with_paths(trainable)
+        if not trainable_leaves:
+            raise ValueError("`trainable` has no arrays; pass the first half of svft_jax.split(adapted).")
+        targets = _target_configs(trainable)
+        if self._base is not None and set(self._base) != set(targets):
+            raise ValueError(f"`trainable` has adapter targets {sorted(targets)[:4]}, but `frozen` given to TrainCheckpointer has {sorted(self._base)[:4]}; pass the two halves of one svft_jax.split.")
+        configuration = json.loads(_canonical({"targets": targets, "trainable": _describe(trainable_leaves), "base": self._base}))
+        self._check_configuration(step, configuration)
         latest = self.latest_step()
         if latest is not None and step <= latest:
             raise ValueError(f"step {step} is not after the latest saved step {latest} in {str(self.directory)!r}; steps must increase (restore_latest to resume).")
@@ -485,12 +502,6 @@ class TrainCheckpointer:
         except (TypeError, ValueError) as err:
             raise TypeError(f"`data_position` must be an int or a JSON-serialisable dict, got {type(data_position).__name__}: {err}.") from err
 
-        trainable_leaves = _leaves_with_paths(trainable)
-        if not trainable_leaves:
-            raise ValueError("`trainable` has no arrays; pass the first half of svft_jax.split(adapted).")
-        targets = _target_configs(trainable)
-        if self._base is not None and set(self._base) != set(targets):
-            raise ValueError(f"`trainable` has adapter targets {sorted(targets)[:4]}, but `frozen` given to TrainCheckpointer has {sorted(self._base)[:4]}; pass the two halves of one svft_jax.split.")
         opt_leaves = _leaves_with_paths(opt_state) if opt_state is not None else []
         state: dict[str, Any] = {"trainable": [x for _, x in trainable_leaves]}
         if opt_leaves:
@@ -520,9 +531,41 @@ class TrainCheckpointer:
             if io_error is not None:
                 raise io_error from err
             raise
+        self._configuration = configuration
         if not self._async_save:
             self._empty_trash()
         return bool(saved)
+
+    def _check_configuration(self, step: int, configuration: dict) -> None:
+        """Refuse a step whose adapter configuration differs from the steps already in the
+        folder: a folder belongs to one run's adapter, and retention (`max_to_keep`) would
+        otherwise delete another run's steps to make room for this one. Nothing is written.
+
+        The folder's steps are read once (their metadata only); later saves of this
+        checkpointer compare with the configuration it saved.
+        """
+        if self._configuration is not None:
+            saved = [(self.latest_step(), self._configuration)]
+        else:
+            saved = []
+            for existing in self.all_steps():
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", CheckpointWarning)  # version 1: checked by arrays only
+                        meta = self._read_meta(existing, f"checkpoint step {existing} in {str(self.directory)!r}")
+                except ValueError:
+                    continue  # a damaged step can never be restored; retention may remove it
+                saved.append((existing, {"targets": meta.get("targets") if meta["version"] >= 2 else None,
+                                         "trainable": meta.get("trainable"), "base": meta.get("base")}))
+        for existing, theirs in saved:
+            differs = _configuration_differences(theirs, configuration)
+            if differs:
+                steps = self.all_steps()
+                raise ValueError(
+                    f"TrainCheckpointer.save: {str(self.directory)!r} holds the checkpoints of another adapter configuration "
+                    f"(steps {steps}; step {existing} vs this step {step}: {differs}). Saving here would mix two runs in one "
+                    f"folder, and retention (max_to_keep) would delete the other run's steps. Save this run to another "
+                    f"directory, or resume that run (restore_latest with its own configuration). Nothing was written.")
 
     def _recover_from_failed_save(self, threads_before: set) -> None:
         """Start a fresh Orbax manager after a failed save, so saving the same step works.
@@ -711,6 +754,31 @@ def _check_targets(saved: dict, have: dict, where: str) -> None:
         if fields:
             details = "; ".join(f"{name}: {_field(saved[path], name)} in the checkpoint, {_field(have[path], name)} in the template" for name in fields[:4])
             raise ValueError(f"{where} was saved for a differently configured adapter: target {path!r} differs in {fields} ({details}). Re-create the template with the configuration used for training (pattern, d/k, seed, rank, layout, dtypes, base model).")
+
+
+def _configuration_differences(saved: dict, have: dict) -> str:
+    """In words, how the adapter configuration of a saved step differs from a new one ('' if not)."""
+    if saved["targets"] is not None:
+        theirs, ours = saved["targets"], have["targets"]
+        only_saved, only_have = sorted(set(theirs) - set(ours)), sorted(set(ours) - set(theirs))
+        if only_saved or only_have:
+            return f"other adapter targets (only in the folder: {only_saved[:3]}; only in this step: {only_have[:3]})"
+        for path in sorted(theirs):
+            fields = _differences(theirs[path], ours[path])
+            if fields:
+                details = "; ".join(f"{name}: {_field(theirs[path], name)} there, {_field(ours[path], name)} here" for name in fields[:3])
+                return f"target {path!r} differs in {fields[:4]} ({details})"
+    if saved["base"] is not None and have["base"] is not None and saved["base"] != have["base"]:
+        path = next((p for p in sorted(saved["base"]) if saved["base"].get(p) != have["base"].get(p)), sorted(saved["base"])[0])
+        return f"other base weights (target {path!r})"
+    if saved["trainable"] != have["trainable"]:
+        theirs = {d["path"]: d for d in saved["trainable"] or []}
+        ours = {d["path"]: d for d in have["trainable"]}
+        if set(theirs) != set(ours):
+            return f"other trainable leaves (only in the folder: {sorted(set(theirs) - set(ours))[:3]}; only in this step: {sorted(set(ours) - set(theirs))[:3]})"
+        path = next((p for p in ours if theirs[p] != ours[p]), next(iter(ours)))
+        return f"trainable leaf {path!r} is {tuple(theirs[path]['shape'])} {theirs[path]['dtype']} there, {tuple(ours[path]['shape'])} {ours[path]['dtype']} here"
+    return ""
 
 
 def _field(config: dict, dotted: str):

@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from svft_jax._args import check_bool
 from svft_jax._paths import key_to_str
 from svft_jax.checkpoint._files import (
     atomic_write,
@@ -118,6 +119,7 @@ def save_merged(path, adapted, *, overwrite: bool = False) -> Path:
         work), or its parent cannot be written.
       OSError: an I/O failure (disk full, ...); the export at `path`, if any, is unchanged.
     """
+    overwrite = check_bool(overwrite, "overwrite", "save_merged")
     path = Path(path).absolute()
     _tidy(path)
     if path.exists() or path.is_symlink():
@@ -209,6 +211,7 @@ def save_merged_safetensors(path, adapted, *, sep: str = ".", overwrite: bool = 
     """
     if sep not in (".", "/"):
         raise ValueError(f"`sep` must be '.' or '/', got {sep!r}.")
+    overwrite = check_bool(overwrite, "overwrite", "save_merged_safetensors")
     path = Path(path)
     if overwrite and path.is_file() and "svft_jax_sep" not in (read_safetensors_metadata(path) or {}):
         raise ValueError(f"{str(path)!r} is not a merged export written by svft_jax.checkpoint.save_merged_safetensors, so overwrite=True will not replace it; choose another path, or delete it yourself if you mean to.")

@@ -21,6 +21,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from svft_jax._args import check_bool
 from svft_jax.transform._partition import FROZEN, labels
 
 DATA, MODEL = "data", "model"
@@ -72,6 +73,7 @@ def shard_batch(batch, mesh: Mesh):
     Raises:
       ValueError: if B_global is not divisible by the "data" axis size.
     """
+    _check_axis(mesh, DATA, "shard_batch", "the batch's leading axis is split over it")
     sharding = batch_sharding(mesh)
     data_size = mesh.shape[DATA]
 
@@ -86,6 +88,13 @@ def shard_batch(batch, mesh: Mesh):
         return jax.make_array_from_process_local_data(sharding, x)
 
     return jax.tree_util.tree_map_with_path(put, batch)
+
+
+def _check_axis(mesh, axis: str, caller: str, why: str) -> None:
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"{caller}: `mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    if axis not in mesh.axis_names:
+        raise ValueError(f"{caller}: the mesh has axes {tuple(mesh.axis_names)} but no {axis!r} axis ({why}); build it with svft_jax.distributed.make_mesh, or name one of its axes {axis!r}.")
 
 
 def _put(x, sharding: NamedSharding):
@@ -120,8 +129,13 @@ def param_shardings(tree, mesh: Mesh, *, fsdp: bool = False, extra: str | None =
 
     Returns:
       A pytree with `tree`'s structure (None holes kept) whose leaves are `NamedSharding`s.
+    Raises:
+      ValueError for fsdp=True on a mesh without a "model" axis (fsdp=False takes any mesh).
     """
-    model_size = mesh.shape[MODEL]
+    fsdp = check_bool(fsdp, "fsdp", "param_shardings")
+    if fsdp:
+        _check_axis(mesh, MODEL, "param_shardings(fsdp=True)", "frozen arrays are split over it")
+    model_size = mesh.shape[MODEL] if fsdp else 1
     tags = labels(tree, extra)
 
     def choose(x, tag):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import jax
 import optax
 
+from svft_jax._paths import path_to_str
 from svft_jax.transform._partition import ADAPTER, EXTRA, FROZEN, labels
+from svft_jax.transform._protocol import is_node, is_special
 
 
 def optimizer(
@@ -30,7 +33,44 @@ def optimizer(
       extra_tx: optimiser for the `extra` leaves (default: `tx`).
     Returns:
       An `optax.GradientTransformation`.
+    Raises (at `init`/`update`):
+      ValueError when, without `extra`, the tree is the trainable half of `split` and holds
+      leaves that are neither adapter arrays nor `Trainable`-marked (`split(adapted, extra=regex)`
+      on an unmarked tree puts them there): they would get exactly-zero updates.
     """
     del adapted
     transforms = {ADAPTER: tx, EXTRA: extra_tx if extra_tx is not None else tx, FROZEN: optax.set_to_zero()}
-    return optax.multi_transform(transforms, lambda tree: labels(tree, extra))
+    return optax.multi_transform(transforms, lambda tree: _checked_labels(tree, extra))
+
+
+def _checked_labels(tree, extra: str | None):
+    """`labels(tree, extra)`, refusing a trainable half whose plain leaves would be frozen.
+
+    `split(adapted, extra=regex)` on a tree without `Trainable` markers puts the regex's leaves
+    in the trainable half unmarked; an optimiser built without the same `extra` would label
+    them frozen and give them an exactly-zero update, so the head would silently never train.
+    """
+    tags = labels(tree, extra)
+    if extra is None and _is_trainable_half(tree):
+        frozen = [path_to_str(p) for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_special)[0]
+                  if not is_special(x)]
+        if frozen:
+            raise ValueError(
+                f"optimizer: {frozen[0]!r} (and {len(frozen) - 1} more) is in the trainable half of svft_jax.split "
+                f"but carries no Trainable marker, and this optimizer was built without `extra`, so its update "
+                f"would be exactly zero: it would silently never train. Build the optimizer with the regex "
+                f"split got (svft_jax.optimizer(tx, extra=...)), or declare it once with apply(..., extra=...) "
+                f"or svft_jax.mark_trainable.")
+    return tags
+
+
+def _is_trainable_half(tree) -> bool:
+    """True for the trainable half of `split` (or its gradients): adapter nodes whose frozen
+    arrays are all None while some trainable array is present."""
+    nodes = [x for x in jax.tree_util.tree_leaves(tree, is_leaf=is_special) if is_node(x)]
+    for node in nodes:
+        trainable = node.trainable_fields()
+        frozen = [getattr(node, f) for f in node.data_fields() if f not in trainable]
+        if frozen and all(x is None for x in frozen) and any(getattr(node, f) is not None for f in trainable):
+            return True
+    return False

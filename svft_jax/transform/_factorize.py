@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 from collections.abc import Mapping, MutableMapping
 
 import jax
@@ -170,8 +171,117 @@ def _host_array(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-def _store_key(plan, kernel) -> str:
-    return factor_key(plan.layout.to_matrix(_host_array(kernel)), plan.rank, plan.svd_dtype, plan.svd_backend)
+def _mesh_factors_lossless(plan) -> bool:
+    """Whether the mesh path's factors of `plan` are the SVD's own (svd_dtype, unrounded)."""
+    computed = plan.svd_dtype if jax.config.read("jax_enable_x64") else "float32"
+    return jnp.dtype(plan.factor_dtype) == jnp.dtype(computed) == jnp.dtype(plan.svd_dtype)
+
+
+# ---- what a factor store hands out -------------------------------------------------------
+
+STORE_PROBES = 4
+
+
+def store_source(store, key: str) -> str:
+    """Words naming where `store` keeps `key` (a cache file's path), for error messages."""
+    source = getattr(store, "source", None)
+    if callable(source):
+        return source(key)
+    return f"the factor store passed as factors= (a {type(store).__name__})"
+
+
+def factor_tolerance(layout, svd_dtype: str) -> float:
+    """How far a correct SVD's factors may miss the kernel: relative to ‖W‖_F in the probes of
+    `check_stored_factors` (LAPACK and XLA measure 1e-9 to 2e-6 in float32 up to 2048×768;
+    wrong factors miss by ~1/√min(d1, d2) or more)."""
+    return max(20.0 * math.sqrt(max(layout.d1, layout.d2)) * float(np.finfo(np.dtype(svd_dtype)).eps),
+               100.0 * float(np.finfo(np.dtype(svd_dtype)).eps))
+
+
+def check_stored_factors(plan, matrix, entry, source: str):
+    """The (u, s, v) a factor store handed out for `plan`, checked against the kernel's matrix.
+
+    A store entry is trusted only when it is what the SVD of this kernel gives: a triple of
+    svd_dtype arrays of the plan's shapes (rank included), finite, with a non-negative,
+    non-increasing s and canonical signs, whose singular vectors are orthonormal and satisfy
+    Wᵀ U = V diag(s) and (exact back-ends) W V = U diag(s) to the SVD's tolerance — checked on
+    seeded probes, layer by layer in float64 (a few matrix-vector products, not an SVD). At full
+    rank that is U diag(s) Vᵀ = W.
+
+    Args:
+      plan: the target's plan (path, layout, rank, svd_dtype, svd_backend).
+      matrix: the kernel as (*stack, d1, d2) host array (the bytes its key was made from).
+      entry: what the store returned for the key.
+      source: words naming the store (`store_source`).
+    Returns:
+      (u, s, v) host numpy arrays.
+    Raises:
+      ValueError naming the target, the store and what is wrong, with the fix.
+    """
+    target = f"target {plan.path!r}"
+    fix = ("Rebuild the store from this model's kernels (svft_jax.apply(..., factors={}) then "
+           "svft_jax.checkpoint.save_factor_cache), or drop factors= to recompute the SVDs.")
+    if not isinstance(entry, tuple | list) or len(entry) != 3:
+        got = f"a {type(entry).__name__}" + (f" of length {len(entry)}" if isinstance(entry, tuple | list) else "")
+        raise ValueError(f"{source}: the entry for {target} is malformed: expected a (u, s, v) triple, got {got}. {fix}")
+    arrays = []
+    for name, value in zip("usv", entry, strict=True):
+        try:
+            array = _host_array(value)
+        except Exception as err:  # anything numpy cannot read as an array
+            raise ValueError(f"{source}: the entry for {target} is malformed: its {name} is not an array ({type(value).__name__}: {err}). {fix}") from err
+        if array.dtype == object:
+            raise ValueError(f"{source}: the entry for {target} is malformed: its {name} is not an array (a {type(value).__name__}). {fix}")
+        if array.dtype != np.dtype(plan.svd_dtype):
+            raise ValueError(f"{source}: the entry for {target} holds {name} of dtype {array.dtype}, but its key stands for an SVD in svd_dtype={plan.svd_dtype!r}, which computes {plan.svd_dtype} factors (a rounded or foreign copy). {fix}")
+        arrays.append(array)
+    u, s, v = arrays
+    stack, d1, d2, rank = tuple(plan.layout.stack_shape), plan.layout.d1, plan.layout.d2, plan.rank
+    expected = {"u": (*stack, d1, rank), "s": (*stack, rank), "v": (*stack, d2, rank)}
+    for name, array in zip("usv", arrays, strict=True):
+        want = expected[name]
+        if array.shape == want:
+            continue
+        if array.ndim == len(want) and array.shape[:-1] == want[:-1]:
+            raise ValueError(f"{source}: the entry for {target} has rank {array.shape[-1]} ({name}: {array.shape}), but the target is adapted at rank {rank} ({name} must be {want}). {fix}")
+        raise ValueError(f"{source}: the entry for {target} has {name} of shape {array.shape}; the kernel ({plan.layout.d1}×{plan.layout.d2}, stack {stack}) at rank {rank} needs {want}. {fix}")
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError(f"{source}: the entry for {target} contains NaN or Inf. {fix}")
+    rtol = factor_tolerance(plan.layout, plan.svd_dtype)
+    s64 = s.astype(np.float64)
+    top = np.maximum(np.abs(s64[..., :1]), np.finfo(np.float64).tiny)
+    if np.any(s64 < 0) or np.any(np.diff(s64, axis=-1) > rtol * top):
+        raise ValueError(f"{source}: the entry for {target} is not a singular spectrum (its s is negative or not in non-increasing order), so these are not this kernel's SVD factors. {fix}")
+    pivot = np.argmax(np.abs(u), axis=-2)[..., None, :]
+    if np.any(np.take_along_axis(u, pivot, axis=-2) < 0):
+        raise ValueError(f"{source}: the entry for {target} has singular vectors without the canonical signs every svft-jax SVD gives (largest-magnitude entry of each u_i positive), so it was not made by svft-jax's SVD of this kernel. {fix}")
+    generator = np.random.default_rng([d1, d2, rank])
+    probes = generator.standard_normal((rank, STORE_PROBES))
+    probes /= np.linalg.norm(probes, axis=0)
+    norm = math.sqrt(STORE_PROBES)
+    exact = plan.svd_backend != "randomized"  # a range finder's V only approximately gives W V = U Σ
+    flat = matrix.reshape(-1, d1, d2)
+    u, s64, v = u.reshape(-1, d1, rank), s64.reshape(-1, rank), v.reshape(-1, d2, rank)
+    for layer in range(flat.shape[0]):
+        w = np.asarray(flat[layer], np.float64)
+        ul, vl = u[layer].astype(np.float64), v[layer].astype(np.float64)
+        scaled = s64[layer][:, None] * probes
+        scale = max(float(np.linalg.norm(w)), np.finfo(np.float64).tiny)
+        errors = {
+            "Wᵀ U = V diag(s)": np.linalg.norm(w.T @ (ul @ probes) - vl @ scaled) / (scale * norm),
+            "W V = U diag(s)": np.linalg.norm(w @ (vl @ probes) - ul @ scaled) / (scale * norm) if exact else 0.0,
+            "Uᵀ U = I": np.linalg.norm(ul.T @ (ul @ probes) - probes) / norm,
+            "Vᵀ V = I": np.linalg.norm(vl.T @ (vl @ probes) - probes) / norm,
+        }
+        worst = max(errors, key=errors.get)
+        if errors[worst] > rtol:
+            where = f" (layer {layer} of the stack)" if stack else ""
+            raise ValueError(
+                f"{source}: the entry for {target} holds wrong factors{where}: they are not the SVD of this kernel "
+                f"({worst} misses by {errors[worst]:.3g} relative, the SVD's tolerance is {rtol:.2g}), so "
+                f"U diag(s) Vᵀ does not reproduce the kernel and M would act on other directions. The store was "
+                f"filled from other weights or edited. {fix}")
+    return tuple(arrays)
 
 
 def factor_chunks(plans, kernels, store: Mapping | None = None, *, batch: int = 16, progress: bool = False,
@@ -195,9 +305,11 @@ def factor_chunks(plans, kernels, store: Mapping | None = None, *, batch: int = 
     if store is not None:
         found = []
         for plan in plans:
-            keys[plan.path] = _store_key(plan, kernels[plan.path])
-            if keys[plan.path] in store:
-                found.append((plan, tuple(store[keys[plan.path]])))
+            matrix = plan.layout.to_matrix(_host_array(kernels[plan.path]))
+            keys[plan.path] = key = factor_key(matrix, plan.rank, plan.svd_dtype, plan.svd_backend)
+            if key in store:
+                found.append((plan, check_stored_factors(plan, matrix, store[key], store_source(store, key))))
+            del matrix
         if found:
             if mesh is not None:
                 found = [(plan, _place_factors(plan, triple, mesh, fsdp)) for plan, triple in found]
@@ -226,6 +338,7 @@ def factor_chunks(plans, kernels, store: Mapping | None = None, *, batch: int = 
         chunks = tqdm(chunks, desc="SVFT: SVD", unit="batch")
     writable = isinstance(store, MutableMapping)
     order = {plan.path: i for i, plan in enumerate(plans)}
+    lossy = []
     for chunk in chunks:
         if mesh is None:
             result = _host_chunk(chunk, kernels)
@@ -233,9 +346,19 @@ def factor_chunks(plans, kernels, store: Mapping | None = None, *, batch: int = 
             result = _mesh_chunk(chunk, kernels, mesh, fsdp)
         if writable:
             for plan, triple in result:
-                if mesh is None or order[plan.path] % jax.process_count() == jax.process_index():
+                if mesh is not None and not _mesh_factors_lossless(plan):
+                    lossy.append(plan.path)  # only factor_dtype copies exist: not what the SVD computed
+                elif mesh is None or order[plan.path] % jax.process_count() == jax.process_index():
                     store[keys[plan.path]] = tuple(_host_array(x) for x in triple)
         yield result
+    if lossy:
+        import warnings
+
+        warnings.warn(
+            f"apply(mesh=..., factors=store): {len(lossy)} target(s) were not written to the factor store (e.g. "
+            f"{lossy[0]!r}): over a mesh their factors exist only in factor_dtype, not in the svd_dtype the SVD "
+            "computed, and a store must hand out the SVD's own factors. Use factor_dtype=svd_dtype (float32; float64 "
+            "needs jax_enable_x64) for the run that fills the store.", UserWarning, stacklevel=4)
 
 
 def _host_chunk(chunk, kernels):

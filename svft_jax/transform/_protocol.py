@@ -244,6 +244,13 @@ class AdapterNode(abc.ABC):
         delta = np.asarray(jax.device_get(self.delta()), np.float64)
         return q @ delta @ p
 
+    def sketch_mismatch_reason(self) -> str:
+        """Why a node rebuilt from a saved record can make another update than the saved one
+        (the refusal's wording when its sketch differs). Methods whose rebuild depends on
+        more than the record (SVFT: the SVD) say what."""
+        return ("The node rebuilt from the saved configuration and trained arrays computes another update: the "
+                "base weights or the method's settings differ from training, or the file was edited.")
+
     def record(self) -> Record:
         """This node's config, trainable arrays (host numpy) and sketch of ΔW."""
         arrays = {}
@@ -282,7 +289,7 @@ class AdapterNode(abc.ABC):
             if differs:
                 raise ValueError(f"{where}: target {plan.path!r} re-created with a different configuration ({differs}); the base weights or SVD settings differ from training. Nothing was loaded.")
             node = node.with_trainable(record.arrays, where=where)
-            check_sketch(record.sketch, node.sketch(), plan.path, where)
+            check_sketch(record.sketch, node.sketch(), plan.path, where, node.sketch_mismatch_reason())
             result[plan.path] = node
         return result
 
@@ -309,8 +316,10 @@ def config_differences(saved: Mapping, rebuilt: Mapping) -> str:
 SKETCH_RTOL = 1e-3
 
 
-def check_sketch(saved: np.ndarray, rebuilt: np.ndarray, path: str, where: str) -> None:
-    """Refuse a rebuilt update whose sketch differs from the saved one beyond float rounding."""
+def check_sketch(saved: np.ndarray, rebuilt: np.ndarray, path: str, where: str, reason: str | None = None) -> None:
+    """Refuse a rebuilt update whose sketch differs from the saved one beyond float rounding.
+
+    `reason`: why the rebuilt node can differ, in words (the node's `sketch_mismatch_reason`)."""
     saved = np.asarray(saved, np.float64)
     rebuilt = np.asarray(rebuilt, np.float64)
     if saved.shape != rebuilt.shape:
@@ -321,12 +330,18 @@ def check_sketch(saved: np.ndarray, rebuilt: np.ndarray, path: str, where: str) 
     bad = error > SKETCH_RTOL * scale + 1e-30
     if np.any(bad):
         worst = float(np.max(error / np.maximum(scale, 1e-30)))
+        if reason is None:
+            reason = DEGENERATE_SPECTRUM_REASON
         raise ValueError(
             f"{where}: target {path!r} re-creates a different update ΔW (relative difference {worst:.3g} on "
-            f"seeded probes). Its singular values are (near-)repeated, so the singular vectors are not unique and "
-            f"this SVD back-end returned others. Load with the back-end that made the adapter (recorded in the "
-            f"file: svd_backend), or ship the factors (svft_jax.checkpoint.save_factor_cache) and pass factors=."
+            f"seeded probes). {reason}"
         )
+
+
+DEGENERATE_SPECTRUM_REASON = (
+    "Its singular values are (near-)repeated, so the singular vectors are not unique and this SVD back-end "
+    "returned others. Load with the back-end that made the adapter (recorded in the file: svd_backend), or ship "
+    "the factors (svft_jax.checkpoint.save_factor_cache) and pass factors=.")
 
 
 def digest(*arrays) -> str:

@@ -133,6 +133,8 @@ def resolve_target(path: str, leaf, declared_layout=None) -> Target:
         raise ValueError(f"{where} was chosen as a target but has dtype {leaf.dtype}; only floating weights can be adapted. Narrow `targets` or add it to `exclude`.")
     if len(leaf.shape) < 2:
         raise ValueError(f"{where} was chosen as a target but has shape {tuple(leaf.shape)}; adapters need a 2-D (or N-D) kernel, not a {len(leaf.shape)}-D leaf. Narrow `targets` (biases and norms cannot be adapted).")
+    if 0 in tuple(leaf.shape):
+        raise ValueError(f"{where} was chosen as a target but has zero-size shape {tuple(leaf.shape)}: an empty kernel has no weights to adapt (and no SVD). Narrow `targets` or add it to `exclude`.")
     try:
         layout = resolve_layout(leaf.shape, jnp.dtype(leaf.dtype).name, declared_layout, path=path)
     except (ValueError, TypeError) as err:

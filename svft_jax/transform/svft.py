@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from svft_jax._args import check_bool
 from svft_jax._paths import compile_regex, matches
 from svft_jax.patterns import PatternOptions, PatternSpec, get_pattern
 from svft_jax.transform import _factorize
@@ -386,6 +387,18 @@ class SVFTNode(AdapterNode):
         """|Ω| (the reference gate is counted in `num_trainable`, not here)."""
         return self.meta.num_entries
 
+    def sketch_mismatch_reason(self) -> str:
+        """By cause: a degenerate spectrum (another SVD's singular vectors are as valid), or,
+        for a spectrum without near-repeated values, factors other than the training run's."""
+        from svft_jax.transform._protocol import DEGENERATE_SPECTRUM_REASON
+
+        if self.meta.near_repeated:
+            return DEGENERATE_SPECTRUM_REASON
+        return ("Its spectrum has no near-repeated singular values, so its SVD is unique up to rounding and the "
+                "factors it was rebuilt with are not the ones it was trained with: another svd_dtype or SVD "
+                "routine, or a factor store (factors=) filled from other weights. Load with the settings recorded "
+                "in the file and without factors= (or with the training run's factor cache).")
+
     def notes(self) -> str:
         n = self.meta.near_repeated
         return f"{n} near-repeated σ" if n else ""
@@ -446,6 +459,7 @@ class SVFTNode(AdapterNode):
                 raise ValueError(f"svd_backend={bad[0]!r} is not available with a mesh; use one of {_factorize.MESH_BACKENDS}.")
             if fsdp and "model" not in mesh.axis_names:
                 raise ValueError(f"fsdp=True splits factors over a 'model' mesh axis; this mesh has axes {mesh.axis_names} (see svft_jax.distributed.make_mesh).")
+            _check_kernels_on_mesh(plans, kernels, mesh)
         nodes = {}
         for chunk in _factorize.factor_chunks(plans, kernels, factors, batch=batch, progress=progress, mesh=mesh, fsdp=fsdp):
             for plan, (u, s, v) in chunk:
@@ -467,6 +481,25 @@ class SVFTNode(AdapterNode):
         if mesh is None:
             u, s, v = jnp.asarray(u, dtype), jnp.asarray(s, dtype), jnp.asarray(v, dtype)
         return cls(u=u, s=s, v=v, m=m, gate=gate, base=kernel if plan.keep_base else None, meta=meta)
+
+
+def _check_kernels_on_mesh(plans, kernels, mesh) -> None:
+    """Refuse a kernel committed to other devices than `mesh`'s: the SVDs gather the kernels
+    onto the mesh inside one jitted call, which cannot take arrays placed elsewhere."""
+    devices = set(mesh.devices.flat)
+    for plan in plans:
+        kernel = kernels[plan.path]
+        if isinstance(kernel, jax.Array) and kernel.committed and set(kernel.sharding.device_set) != devices:
+            have = sorted(d.id for d in kernel.sharding.device_set)
+            want = sorted(d.id for d in devices)
+            raise ValueError(
+                f"parameter {plan.path!r} lives on devices {_ids(have)}, but apply(mesh=...) spans devices {_ids(want)}: "
+                f"its kernels must be on that mesh's devices (or on the host). Pass the mesh the params are sharded "
+                f"over, move them there (svft_jax.distributed.shard_params(params, mesh)), or pass host (numpy) arrays.")
+
+
+def _ids(ids: list[int]) -> str:
+    return str(ids) if len(ids) <= 8 else f"[{ids[0]}, …, {ids[-1]}] ({len(ids)} devices)"
 
 
 def _near_repeated(s) -> int:
@@ -815,9 +848,12 @@ def apply(
         "randomized" (truncated rank only). The resolved back-end is recorded in each node, so
         an adapter file reloads with the routine that made its factors.
       factors: a factor store — a Mapping from `svft_jax.checkpoint.factor_key`-style keys to
-        (u, s, v) — read before computing an SVD and, if mutable, written after
-        (`svft_jax.checkpoint.load_factor_cache(path)` gives one backed by a file). With a
-        `mesh`, each process writes the factors it computed.
+        (u, s, v) — read before computing an SVD and, if mutable, written after; or the path
+        (str or os.PathLike) of a factor cache file or folder, read with
+        `svft_jax.checkpoint.load_factor_cache`. Every entry read is checked against its kernel
+        (shapes, rank, dtype, and that it is this kernel's SVD to the SVD's tolerance) and a
+        wrong one is refused, naming the target and the store. With a `mesh`, each process
+        writes the factors it computed.
       svd_batch: how many same-shaped matrices one batched SVD call takes (with a `mesh`, per
         device).
       progress: show a progress bar over SVD batches.
@@ -843,8 +879,16 @@ def apply(
         raise ValueError(f"`svd_batch` must be a positive int, got {svd_batch!r}.")
     if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
         raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
+    fsdp = check_bool(fsdp, "fsdp")
+    progress = check_bool(progress, "progress")
     if fsdp and mesh is None:
         raise ValueError("`fsdp=True` shards the factors over a mesh; pass mesh= too.")
+    if factors is not None and not isinstance(factors, Mapping):
+        from svft_jax.checkpoint.cache import (
+            as_factor_store,  # a path: read as load_adapter reads it
+        )
+
+        factors = as_factor_store(factors, "apply")
     planned = make_plans(params, pattern, d=d, k=k, rank=rank, targets=targets, exclude=exclude, overrides=overrides,
                          extra=extra, seed=seed, factor_dtype=factor_dtype, init=init, svd_dtype=svd_dtype,
                          keep_base=keep_base, svd_backend=svd_backend, budget=budget)

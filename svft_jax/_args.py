@@ -1,0 +1,24 @@
+"""Checks of plain option arguments shared across the library (before anything is computed)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def check_bool(value, name: str, where: str = "") -> bool:
+    """`value` as a bool, refusing anything that is not one.
+
+    `bool("false")` is True, so a string (or 0/1, None) for an on/off option would silently
+    turn it on or off; only `True`, `False` and numpy bools are accepted.
+
+    Args:
+      value: the argument.
+      name: the argument's name, for the message.
+      where: optional prefix naming the caller or target.
+    Raises:
+      TypeError naming the argument.
+    """
+    if not isinstance(value, bool | np.bool_):
+        prefix = f"{where}: " if where else ""
+        raise TypeError(f"{prefix}`{name}` must be True or False, got {value!r} ({type(value).__name__}); a string such as 'false' is not a bool.")
+    return bool(value)
