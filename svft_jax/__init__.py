@@ -11,25 +11,11 @@ loading, default targets), `distributed` (meshes, sharding). Patterns live in `p
 execution strategies in `strategies`, the adapter protocol in `transform`.
 """
 
-from importlib import metadata as _metadata
-
-from svft_jax.patterns import (
-    PatternOptions,
-    PatternSpec,
-    available_patterns,
-    banded_count,
-    get_pattern,
-    register_pattern,
-)
-from svft_jax.strategies import wrap
-from svft_jax.training.optim import optimizer
-from svft_jax.transform import (
+from svft_jax._version import __version__ as __version__  # noqa: PLC0414
+from svft_jax.core import (
     AdapterNode,
     KernelLayout,
     Plan,
-    PrecisionWarning,
-    SVFTMeta,
-    SVFTNode,
     Trainable,
     adapter_node,
     combine,
@@ -47,17 +33,23 @@ from svft_jax.transform import (
     trainable_mask,
     weight_matrix,
 )
-from svft_jax.transform import apply as apply  # noqa: PLC0414  (the package's main verb)
-from svft_jax.transform._plan import plan
-
-try:
-    __version__ = _metadata.version("svft-jax")
-except _metadata.PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0+unknown"
+from svft_jax.core._size import plan
+from svft_jax.methods.svft import PrecisionWarning, SVFTMeta, SVFTNode
+from svft_jax.methods.svft import apply as apply  # noqa: PLC0414  (the package's main verb)
+from svft_jax.patterns import (
+    PatternOptions,
+    PatternSpec,
+    available_patterns,
+    banded_count,
+    get_pattern,
+    register_pattern,
+)
+from svft_jax.strategies import wrap
+from svft_jax.training.optim import optimizer
 
 # Namespaces with heavier imports (orbax, transformers) load on first attribute access, so
 # `import svft_jax` stays fast while `svft_jax.checkpoint.save_adapter(...)` just works.
-_LAZY_NAMESPACES = ("adapters", "baselines", "checkpoint", "distributed", "models", "patterns", "strategies", "training", "transform")
+_LAZY_NAMESPACES = ("adapters", "baselines", "checkpoint", "distributed", "models", "patterns", "strategies", "training", "transform", "banks", "core", "methods")
 
 
 def __getattr__(name):

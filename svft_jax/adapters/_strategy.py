@@ -1,31 +1,7 @@
-"""The "routed" execution strategy: adapter-set nodes run factored, per example."""
+"""Moved to `svft_jax.methods.svft.banks._strategy` (issue 19); this path is an alias kept for one release (see CHANGELOG.md)."""
 
-from __future__ import annotations
+import sys
 
-from svft_jax.adapters._node import AdapterSetNode, is_set_node
-from svft_jax.strategies import register_layer_slicer
-from svft_jax.strategies.registry import STRATEGIES, auto, register_strategy
+from svft_jax.methods.svft.banks import _strategy as _moved
 
-
-def routed(node, use):
-    """Set nodes: the node's factored matmul (per-example weights when routed; W never formed).
-    Any other node: the "auto" strategy."""
-    if not is_set_node(node):
-        return auto(node, use)
-    if not use.matrix_form:
-        if node.routed:
-            raise ValueError(f"{node.path!r}: per-example routing needs the kernel used as x ↦ x Wᵀ over its input "
-                             "axes; this model uses it otherwise (a stacked scan or another contraction). Select one "
-                             "adapter per call instead (svft_jax.adapters.select).")
-        return use.dense_merged()
-    use.record("routed")
-    y = node.matmul(use.input_matrix(), precision=use.precision)
-    return use.output_from_matrix(y)
-
-
-if "routed" not in STRATEGIES.names():
-    register_strategy("routed", routed)
-# A stacked set node keeps its bank as (K, *stack, n), so the generic slicer (every field on
-# axis 0) would cut adapters, not layers: inside a scan it is used densely instead (a routed
-# one then raises, naming the fix).
-register_layer_slicer(AdapterSetNode, lambda node: None)
+sys.modules[__name__] = _moved

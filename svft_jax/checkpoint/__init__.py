@@ -25,7 +25,7 @@ from svft_jax.checkpoint.merged import (
     save_merged,
     save_merged_safetensors,
 )
-from svft_jax.transform._factorize import factor_key
+from svft_jax.core._protocol import factor_key
 
 __all__ = [
     "AdapterFile",

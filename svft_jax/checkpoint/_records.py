@@ -28,7 +28,7 @@ def _checksum(header_json: str, tensors: Mapping[str, np.ndarray]) -> str:
 
 def encode_header(kind: str, payload: dict, tensors: Mapping[str, np.ndarray]) -> dict[str, str]:
     """safetensors `__metadata__` for a file of `kind`: the JSON payload and its checksum."""
-    from svft_jax import __version__
+    from svft_jax._version import __version__
 
     header_json = json.dumps({"format": kind, "version": FORMAT_VERSION, "library": f"svft-jax {__version__}", **payload},
                              sort_keys=True)

@@ -38,10 +38,9 @@ from svft_jax.checkpoint._files import atomic_write, read_safetensors, safetenso
 from svft_jax.checkpoint._records import decode_header, encode_header
 from svft_jax.checkpoint.cache import as_factor_store
 from svft_jax.checkpoint.fingerprint import base_fingerprint, leaves_by_path, verify_fingerprint
-from svft_jax.transform._merge import check_whole
-from svft_jax.transform._partition import extra_paths
-from svft_jax.transform._protocol import METHODS, Record, Trainable, is_node, is_special
-from svft_jax.transform.svft import SVFTNode
+from svft_jax.core._merge import check_whole
+from svft_jax.core._partition import extra_paths
+from svft_jax.core._protocol import METHODS, Record, Trainable, is_node, is_special
 
 ADAPTER_FORMAT = "svft-jax-adapter"
 _EXTRA_PREFIX = "extra::"
@@ -83,11 +82,8 @@ def save_adapter(path, adapted, *, extra: str | None = None, base_params=None, o
         for name, array in record.arrays.items():
             tensors[f"{target}::{name}"] = array
         tensors[f"{target}::sketch"] = record.sketch
-        if isinstance(node, SVFTNode):
-            # Indices are < r, so uint16 nearly always fits: Ω would otherwise be 2/3 of the file.
-            index_dtype = np.uint16 if node.meta.rank <= np.iinfo(np.uint16).max else np.int32
-            tensors[f"{target}::rows"] = node.meta.rows.array.astype(index_dtype)
-            tensors[f"{target}::cols"] = node.meta.cols.array.astype(index_dtype)
+        for name, array in node.file_tensors().items():  # what the method stores besides (SVFT: Ω)
+            tensors[f"{target}::{name}"] = array
     for p in extras:
         leaf = leaves[p]
         tensors[_EXTRA_PREFIX + p] = _host(leaf.value if isinstance(leaf, Trainable) else leaf)

@@ -28,8 +28,7 @@ import numpy as np
 from svft_jax.checkpoint._files import atomic_write, read_safetensors, safetensors_chunks
 from svft_jax.checkpoint._records import decode_header, encode_header
 from svft_jax.checkpoint.fingerprint import leaves_by_path
-from svft_jax.transform._factorize import factor_key
-from svft_jax.transform.svft import SVFTNode
+from svft_jax.core._protocol import is_node
 
 CACHE_FORMAT = "svft-jax-factor-store"
 _FIELDS = ("u", "s", "v")
@@ -44,16 +43,16 @@ def factor_store(adapted, base_params=None) -> dict:
     base_leaves = leaves_by_path(base_params) if base_params is not None else {}
     store, lossy = {}, []
     for path, node in leaves_by_path(adapted).items():
-        if not isinstance(node, SVFTNode):
+        if not (is_node(node) and node.has_factors):
             continue
-        if node.meta.factor_dtype != node.meta.svd_dtype:
+        if not node.factors_lossless:
             lossy.append(path)
             continue
         kernel = node.base if node.base is not None else base_leaves.get(path)
         if kernel is None:
             raise ValueError(f"factor_store: {path!r} was adapted with keep_base=False; pass base_params= so its key can be computed.")
-        key = factor_key(node.layout.to_matrix(np.asarray(kernel)), node.meta.rank, node.meta.svd_dtype, node.meta.svd_backend)
-        store[key] = tuple(np.asarray(getattr(node, f)) for f in _FIELDS)
+        key, factors = node.factor_cache_entry(kernel)
+        store[key] = factors
     if lossy:
         warnings.warn(
             f"factor_store: {len(lossy)} target(s) left out (e.g. {lossy[0]!r}): their factors are stored in "

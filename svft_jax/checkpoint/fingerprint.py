@@ -14,7 +14,7 @@ import jax
 import numpy as np
 
 from svft_jax._paths import path_to_str
-from svft_jax.transform._protocol import is_node, is_special
+from svft_jax.core._protocol import is_node, is_special
 
 
 def kernel_fingerprint(kernel) -> dict:

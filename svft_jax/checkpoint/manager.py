@@ -66,7 +66,8 @@ from svft_jax._args import check_bool
 from svft_jax._paths import path_to_str
 from svft_jax.checkpoint._files import ensure_directory, remove_path
 from svft_jax.checkpoint.fingerprint import kernel_fingerprint, leaves_by_path
-from svft_jax.transform import is_node
+from svft_jax.core import is_node
+from svft_jax.errors import CheckpointWarning
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,6 @@ COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
 _OURS = {MARKER_FILE, f"{MARKER_FILE}.tmp", LOCK_FILE, TRASH_DIR}
 _LEGACY_QUARANTINE = re.compile(r"\d+\.incomplete-\d{8}-\d{6}")  # what svft-jax < 0.2 left
 _ORPHAN_JOIN_SECONDS = 2.0
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint could be used, but not everything about it could be verified."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -46,16 +46,12 @@ from svft_jax.checkpoint._files import (
     safetensors_chunks,
     temp_sibling,
 )
-from svft_jax.transform import merge
+from svft_jax.core import merge
+from svft_jax.errors import ExportRecoveryWarning
 
 MERGED_FORMAT = "svft-jax-merged-export"
 MERGED_MARKER = "svft_jax_merged_export.json"
 _NEW, _OLD = "svft-new", "svft-old"
-
-
-class ExportRecoveryWarning(UserWarning):
-    """A merged export interrupted mid-swap (on a file system without atomic exchange) was
-    put back at its path by the next call."""
 
 
 def merged_params(adapted):

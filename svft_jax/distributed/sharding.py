@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from svft_jax._args import check_bool
-from svft_jax.transform._partition import FROZEN, labels
+from svft_jax.core._partition import FROZEN, labels
 
 DATA, MODEL = "data", "model"
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import importlib.metadata
 
+from svft_jax.errors import FlaxModelsUnavailableError
+
 __all__ = ["FlaxModelsUnavailableError", "has_flax_models", "require_flax_models", "transformers_version"]
-
-
-class FlaxModelsUnavailableError(ImportError):
-    """The installed transformers has no Flax model classes (transformers ≥ 5, or none installed)."""
 
 
 def transformers_version() -> str | None:

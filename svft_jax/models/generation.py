@@ -144,7 +144,7 @@ def _empty_cache(model, batch: int, length: int):
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _decode(model, steps: int, sample: bool, params, ids, mask, stop, pad, temperature, top_k, top_p, rng):
     """(tokens (B, steps), done (B,)); static: the model, the step count and greedy vs sampled."""
-    from svft_jax import merge
+    from svft_jax.core import merge
 
     params = merge(params)
     batch, prompt_len = ids.shape

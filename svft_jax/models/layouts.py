@@ -1,6 +1,6 @@
 """Explicit kernel layouts for Flax linen / NNX models: `overrides` for `svft_jax.apply`.
 
-`svft_jax.apply` never guesses a kernel layout (see `svft_jax.transform.layout`): it reads
+`svft_jax.apply` never guesses a kernel layout (see `svft_jax.core.layout`): it reads
 2-D kernels as (in, out), flax attention kernels and linen `nn.scan`/`nn.vmap` auto-named
 stacks from their paths, and refuses the rest with the readings listed. These helpers
 declare what the path cannot show:
@@ -154,7 +154,7 @@ def nnx_layouts(model, *, targets: str | None = None, exclude: str | None = None
 
     if not isinstance(model, nnx.Module):
         raise TypeError(f"nnx_layouts expects an nnx.Module, got {type(model).__name__}; for linen params use attention_layouts / stacked_layouts.")
-    from svft_jax.transform import select_targets
+    from svft_jax.core import select_targets
 
     overrides, state_paths = {}, {}
     for parts, module in nnx.iter_modules(model):

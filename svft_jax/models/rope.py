@@ -44,6 +44,7 @@ import warnings
 
 import numpy as np
 
+from svft_jax.errors import RopePatchWarning
 from svft_jax.models._transformers import require_flax_models
 
 __all__ = [
@@ -56,10 +57,6 @@ __all__ = [
     "rope_theta_of",
     "stock_rope",
 ]
-
-
-class RopePatchWarning(UserWarning):
-    """A transformers Flax module did not have the structure the RoPE patch expects; it was left as is."""
 
 
 @dataclasses.dataclass(frozen=True)

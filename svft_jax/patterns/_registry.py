@@ -52,7 +52,7 @@ class PatternSpec:
         u: (d1, r) -> (d1, r), that avoids the generic gather/segment_sum (rebuild, factored).
       coefficient_product: optional structured `(h, coeffs, rows, cols, options) -> h Mᵀ`,
         h: (..., r) -> (..., r), the r-space product of spectral execution
-        y = ((x V)(Σ + M)ᵀ) Uᵀ; without one, `svft_jax.transform.svft` gathers h at the
+        y = ((x V)(Σ + M)ᵀ) Uᵀ; without one, `svft_jax.methods.svft._node` gathers h at the
         columns of Ω and segment-sums by row (T·|Ω| work either way).
     """
 

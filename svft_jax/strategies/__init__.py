@@ -10,8 +10,8 @@ strategy `auto` can choose reads it. A strategy is `fn(node, use: KernelUse) -> 
 added with `register_strategy`.
 """
 
+from svft_jax.core._cost import choose_strategy, step_flops
 from svft_jax.strategies._wrap import Wrapped, wrap
-from svft_jax.strategies.cost import choose_strategy, step_flops
 from svft_jax.strategies.interpreter import (
     FallbackError,
     FallbackWarning,

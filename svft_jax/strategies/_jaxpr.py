@@ -19,6 +19,8 @@ from typing import Any
 import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal
 
+from svft_jax.errors import UnsupportedJaxprError
+
 __all__ = ["ClosedJaxpr", "Jaxpr", "JaxprEqn", "Literal", "ScanParams", "UnsupportedJaxprError", "bind",
            "call_body", "cond_branches", "custom_call_body", "remat_params", "scan_params", "while_params",
            "CALLS", "REMATS", "CUSTOM_VJP", "CUSTOM_JVP"]
@@ -28,10 +30,6 @@ CALLS = ("pjit", "jit", "closed_call", "core_call")  # bodies interpreted inline
 REMATS = ("remat2", "checkpoint")
 CUSTOM_VJP = ("custom_vjp_call", "custom_vjp_call_jaxpr")
 CUSTOM_JVP = ("custom_jvp_call",)
-
-
-class UnsupportedJaxprError(NotImplementedError):
-    """An equation's parameters are spelled in a way no supported JAX release uses."""
 
 
 def _missing(eqn: JaxprEqn, wanted: str) -> UnsupportedJaxprError:

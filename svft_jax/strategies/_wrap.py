@@ -31,10 +31,10 @@ from collections.abc import Callable, Mapping
 import jax
 
 from svft_jax._paths import compile_regex, matches, path_to_str
+from svft_jax.core._merge import merge, strip_markers
+from svft_jax.core._protocol import is_node
 from svft_jax.strategies.interpreter import CallContext, KernelProxy, interpret_top, is_array
 from svft_jax.strategies.registry import get_strategy
-from svft_jax.transform._merge import merge, strip_markers
-from svft_jax.transform._protocol import is_node
 
 
 class _Placeholder:

@@ -44,29 +44,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from svft_jax.errors import FallbackError, FallbackWarning
 from svft_jax.strategies import _jaxpr
 from svft_jax.strategies._jaxpr import Literal
-from svft_jax.transform._protocol import AdapterNode
-from svft_jax.transform.layout import KernelLayout
-from svft_jax.transform.svft import StaticIndices, SVFTNode
 
 # Primitives that only relabel the kernel, followed on the proxy without touching data.
 _PASS_THROUGH = ("copy", "copy_p", "optimization_barrier")
 # Strategies whose whole point is the dense kernel: their merges are choices, not fallbacks.
 _DENSE_STRATEGIES = ("rebuild", "rebuild_remat")
-
-
-class FallbackWarning(UserWarning):
-    """A target kernel is used densely (merged) where its strategy could not run.
-
-    The message names the parameter path, the primitive and why. The result is still the
-    merged model's; only speed and memory differ. `wrap(..., strict=True)` raises
-    `FallbackError` instead; the test suite turns this warning into an error.
-    """
-
-
-class FallbackError(ValueError):
-    """Raised instead of `FallbackWarning` by `wrap(..., strict=True)`."""
 
 
 @dataclasses.dataclass
@@ -224,8 +209,9 @@ class KernelUse:
         name = self.proxy.strategy_name
         if name in _DENSE_STRATEGIES:
             return None
-        if name == "reference" and not isinstance(self.proxy.node, SVFTNode):
-            return f"'reference' is defined for SVFT nodes only, not {type(self.proxy.node).__name__}"
+        applies_to = getattr(self.proxy.strategy, "applies_to", None)
+        if applies_to is not None and not applies_to(self.proxy.node):
+            return f"{name!r} is not defined for {type(self.proxy.node).__name__} nodes"
         return self.not_factorable_because
 
     def dense(self, kernel):
@@ -286,143 +272,26 @@ class KernelUse:
 
 
 # --------------------------------------------------------------------------- layer slicing
-_LAYER_SLICERS: dict[type, Callable] = {}
-
-
 def register_layer_slicer(node_type: type, slicer: Callable) -> None:
-    """Register `slicer(node) -> (stacked, rebuild) | None` for `node_type`.
-
-    `stacked` is a pytree of arrays that all carry the node's leading stack axis (what a scan
-    slices); `rebuild(sliced)` turns one slice of it into the per-layer node. None means the
-    node cannot be sliced (its uses inside a scan then fall back to the dense kernel).
-    """
-    _LAYER_SLICERS[node_type] = slicer
-
-
-def _drop_leading_axis(layout: KernelLayout) -> KernelLayout:
-    """The layout of one layer of a stacked kernel: axis 0 removed, the others shifted."""
-    return KernelLayout(
-        shape=tuple(layout.shape[1:]), dtype=layout.dtype, stack_ndim=layout.stack_ndim - 1,
-        in_axes=tuple(a - 1 for a in layout.in_axes), out_axes=tuple(a - 1 for a in layout.out_axes),
-    )
-
-
-def _with_layout(meta, layout: KernelLayout):
-    """`meta` (a plan, or SVFT's meta around its plan) with another kernel layout."""
-    if hasattr(meta, "plan") and dataclasses.is_dataclass(meta.plan):
-        return dataclasses.replace(meta, plan=dataclasses.replace(meta.plan, layout=layout))
-    return dataclasses.replace(meta, layout=layout)
-
-
-def svft_layer_slicer(node: SVFTNode):
-    """Split an SVFT node stacked on its leading axis into per-layer pieces.
-
-    u/s/v/m/gate/base are sliced on axis 0 and the layout loses that axis. A pattern with one
-    Ω for all layers keeps its (static) indices. With per-layer Ω (e.g. top-k on a stacked
-    kernel) the static indices of a per-iteration node cannot differ by layer, so every layer
-    is written on the union of the layers' Ω, with m scattered into it (zeros elsewhere; the
-    gradient reaches m through the gather, so it is exact). That costs |Ω ∪| instead of |Ω|
-    per layer in the left product U M; patterns with a structured product (plain, banded)
-    are never per-layer.
-    """
-    meta = node.meta
-    layout = meta.layout
-    if layout.stack_ndim < 1:
-        return None
-    fields = {name: getattr(node, name) for name in node.data_fields() if getattr(node, name) is not None}
-    new_meta = _with_layout(meta, _drop_leading_axis(layout))
-    if meta.per_layer_indices:
-        if layout.stack_ndim != 1 or meta.spec.left_product is not None:
-            return None
-        r = meta.rank
-        pairs = meta.rows.array.astype(np.int64) * r + meta.cols.array  # (L, n)
-        union = np.unique(pairs)  # sorted by (row, col)
-        # Where each union entry sits in each layer's m (-1: not in that layer's Ω).
-        position = np.full((pairs.shape[0], union.size), -1, np.int64)
-        for layer, layer_pairs in enumerate(pairs):
-            where = np.searchsorted(union, layer_pairs)
-            position[layer, where] = np.arange(layer_pairs.size)
-        valid = position >= 0
-        m = jnp.take_along_axis(node.m, jnp.asarray(np.maximum(position, 0), jnp.int32), axis=-1)
-        fields["m"] = jnp.where(jnp.asarray(valid), m, jnp.zeros((), m.dtype))
-        new_meta = dataclasses.replace(
-            new_meta, rows=StaticIndices(union // r), cols=StaticIndices(union % r))
-
-    def rebuild(sliced):
-        return SVFTNode(**{name: sliced.get(name) for name in node.data_fields()}, meta=new_meta)
-
-    return fields, rebuild
-
-
-def stacked_fields_slicer(unstacked: tuple[str, ...] = ()):
-    """A slicer for a node type whose every data field but `unstacked` carries the stack axis
-    (the default for any `AdapterNode`, e.g. LoRA/DoRA; VeRA's shared A and B are one pair
-    for all layers)."""
-
-    def slicer(node):
-        layout = node.meta.layout
-        if layout.stack_ndim < 1:
-            return None
-        fields = {name: getattr(node, name) for name in node.data_fields()
-                  if name not in unstacked and getattr(node, name) is not None}
-        kept = {name: getattr(node, name) for name in unstacked}
-        new_meta = _with_layout(node.meta, _drop_leading_axis(layout))
-
-        def rebuild(sliced):
-            values = {name: sliced.get(name) for name in node.data_fields() if name not in unstacked}
-            return type(node)(**values, **kept, meta=new_meta)
-
-        return fields, rebuild
-
-    return slicer
-
-
-def _lazy_register_baselines() -> None:
-    if getattr(_lazy_register_baselines, "done", False):
-        return
-    _lazy_register_baselines.done = True
-    try:
-        from svft_jax.baselines import VeRANode
-    except ImportError:  # pragma: no cover - baselines not installed
-        return
-    register_layer_slicer(VeRANode, stacked_fields_slicer(("shared_a", "shared_b")))
-
-
-register_layer_slicer(AdapterNode, stacked_fields_slicer())
-register_layer_slicer(SVFTNode, svft_layer_slicer)
+    """Removed in issue 19: a node type slices itself through the protocol hooks
+    `AdapterNode.layer_slicer` / `take_layer` (override them in the node class)."""
+    raise TypeError(f"register_layer_slicer({node_type.__name__}, ...) is gone: define `layer_slicer(self)` (and, "
+                    "if a static index needs another answer, `take_layer(self, index)`) on the node class instead.")
 
 
 def layer_slicer(node):
-    """(stacked, rebuild) for a node stacked on its leading axis, or None (see
-    `register_layer_slicer`)."""
-    _lazy_register_baselines()
-    for klass in type(node).__mro__:
-        if klass in _LAYER_SLICERS:
-            return _LAYER_SLICERS[klass](node)
-    return None
+    """(stacked, rebuild) for a node stacked on its leading axis, or None (the node's
+    `layer_slicer` hook)."""
+    return node.layer_slicer()
 
 
 def slice_layer(node, index):
     """Layer `index` (an int or a traced integer) of a node stacked on its leading axis.
 
     Returns the per-layer node (its layout without the stack axis), or None when the node
-    type has no slicer. With per-layer Ω and a traced index, the node is written on the union
-    of the layers' Ω (see `svft_layer_slicer`); a Python int takes that layer's own Ω.
+    cannot be sliced (the node's `take_layer` hook).
     """
-    if (isinstance(index, int | np.integer) and isinstance(node, SVFTNode)
-            and node.meta.per_layer_indices and node.meta.layout.stack_ndim >= 1):
-        meta = node.meta
-        layer_meta = dataclasses.replace(
-            _with_layout(meta, _drop_leading_axis(meta.layout)),
-            rows=StaticIndices(meta.rows.array[index]), cols=StaticIndices(meta.cols.array[index]))
-        values = {name: None if getattr(node, name) is None else getattr(node, name)[index]
-                  for name in node.data_fields()}
-        return SVFTNode(**values, meta=layer_meta)
-    found = layer_slicer(node)
-    if found is None:
-        return None
-    stacked, rebuild = found
-    return rebuild(jax.tree.map(lambda a: a[index], stacked))
+    return node.take_layer(index)
 
 
 # --------------------------------------------------------------------------- the interpreter
@@ -510,7 +379,7 @@ def _eval_scan(eqn, invals):
         found = layer_slicer(value.node)
         if found is None:
             xs[j] = value.densify("scan", f"{type(value.node).__name__} cannot be sliced per layer "
-                                          f"(register_layer_slicer)")
+                                          f"(its layer_slicer hook returns None)")
             continue
         sliced[j] = found
     dynamic_carry = [c for i, c in enumerate(carry) if i not in fixed]

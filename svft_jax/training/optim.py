@@ -6,8 +6,8 @@ import jax
 import optax
 
 from svft_jax._paths import path_to_str
-from svft_jax.transform._partition import ADAPTER, EXTRA, FROZEN, labels
-from svft_jax.transform._protocol import is_node, is_special
+from svft_jax.core._partition import ADAPTER, EXTRA, FROZEN, labels
+from svft_jax.core._protocol import is_node, is_special
 
 
 def optimizer(

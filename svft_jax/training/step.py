@@ -26,15 +26,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from svft_jax.core import combine
+from svft_jax.errors import AccumulationWeightingWarning
 from svft_jax.training.losses import LossOutput
-from svft_jax.transform import combine
 
 _DONATABLE = {"trainable": 0, "opt_state": 2}
 _ARG_NAMES = ("trainable", "frozen", "opt_state", "batch", "rng")
-
-
-class AccumulationWeightingWarning(UserWarning):
-    """A loss_fn gave no count, so micro-batches (and pmap devices) are weighted equally."""
 
 
 def _check_accumulation(accumulation_steps) -> int:

@@ -1,55 +1,26 @@
-"""The adapter protocol and the generic transform over pytrees: targets, merge, split/combine,
-masks, summaries; `svft.py` is the SVFT method (its node, math and `apply`).
+"""Moved (issue 19): the protocol and generic verbs to `svft_jax.core`, SVFT to
+`svft_jax.methods.svft`. This namespace re-exports its old names for one release (CHANGELOG.md)."""
 
-Extending: a new method is one file with an `@adapter_node(method=...)` dataclass subclassing
-`AdapterNode` (see `_protocol.py`); everything generic then works on it.
-"""
+from svft_jax.core import *  # noqa: F403
+from svft_jax.core import __all__ as _core_all
+from svft_jax.methods.svft import PrecisionWarning as PrecisionWarning  # noqa: PLC0414
+from svft_jax.methods.svft import SVFTMeta as SVFTMeta  # noqa: PLC0414
+from svft_jax.methods.svft import SVFTNode as SVFTNode  # noqa: PLC0414
+from svft_jax.methods.svft import SVFTPlan as SVFTPlan  # noqa: PLC0414
+from svft_jax.methods.svft import apply as apply  # noqa: PLC0414
 
-from svft_jax.transform._merge import delta_matrix, merge, weight_matrix
-from svft_jax.transform._partition import combine, labels, split, trainable_mask
-from svft_jax.transform._protocol import (
-    METHODS,
-    AdapterNode,
-    Plan,
-    Record,
-    Trainable,
-    adapter_node,
-    frozen_field,
-    is_node,
-    trainable_field,
+__all__ = sorted([*_core_all, "PrecisionWarning", "SVFTMeta", "SVFTNode", "SVFTPlan", "apply"])  # noqa: PLE0605
+
+# The old submodules, as attributes too (`svft_jax.transform._targets.flatten_by_path`).
+from svft_jax.transform import (  # noqa: E402, F401
+    _factorize,
+    _matmul,
+    _merge,
+    _partition,
+    _plan,
+    _protocol,
+    _summary,
+    _targets,
+    layout,
+    svft,
 )
-from svft_jax.transform._summary import count_parameters, summary
-from svft_jax.transform._targets import Target, apply_method, mark_trainable, select_targets
-from svft_jax.transform.layout import KernelLayout
-from svft_jax.transform.svft import PrecisionWarning, SVFTMeta, SVFTNode, SVFTPlan, apply
-
-__all__ = [
-    "METHODS",
-    "AdapterNode",
-    "KernelLayout",
-    "Plan",
-    "PrecisionWarning",
-    "Record",
-    "SVFTMeta",
-    "SVFTNode",
-    "SVFTPlan",
-    "Target",
-    "Trainable",
-    "adapter_node",
-    "apply",
-    "apply_method",
-    "combine",
-    "count_parameters",
-    "delta_matrix",
-    "frozen_field",
-    "is_node",
-    "labels",
-    "mark_trainable",
-    "merge",
-    "select_targets",
-    "split",
-    "summary",
-    "trainable_field",
-    "trainable_mask",
-    "weight_matrix",
-]
