@@ -101,3 +101,30 @@ def test_the_package_import_graph_is_acyclic():
 def test_the_parser_sees_function_level_and_relative_imports():
     source = "import os\n\ndef f():\n    from svft_jax.core import merge\n    from ..strategies import wrap\n"
     assert list(_imports(source, "svft_jax.methods.lora", is_package=False)) == ["os", "svft_jax.core", "svft_jax.strategies"]
+
+
+def _module_graph():
+    """Edges between svft_jax's modules (package `__init__`s, which only re-export, left out;
+    `from pkg import sub` resolved to the submodule)."""
+    graph: dict[str, set[str]] = {}
+    files = {_module_name(p): p for p in ROOT.rglob("*.py") if p.name != "__init__.py"}
+    for name, path in files.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                candidates = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            elif isinstance(node, ast.Import):
+                candidates = [a.name for a in node.names]
+            else:
+                continue
+            for module in candidates:
+                if module in files and module != name:
+                    graph.setdefault(name, set()).add(module)
+    return graph
+
+
+def test_the_module_import_graph_is_acyclic():
+    # e.g. models/hf.py <-> models/gguf.py (closed by function-level imports before issue 19)
+    shims = {n for n, p in ((_module_name(p), p) for p in ROOT.rglob("*.py")) if "sys.modules[__name__]" in p.read_text()}
+    graph = {k: v - shims for k, v in _module_graph().items() if k not in shims}
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle between svft_jax modules: " + " -> ".join(cycle)

@@ -41,14 +41,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import re
-import socket
 import threading
 import time
 import warnings
@@ -64,23 +62,22 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from svft_jax._args import check_bool
 from svft_jax._paths import path_to_str
-from svft_jax.checkpoint._files import ensure_directory, remove_path
+from svft_jax.checkpoint._directory import (  # noqa: F401  (names of this module before the split)
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    COMMIT_FILE,
+    LOCK_FILE,
+    MARKER_FILE,
+    TRASH_DIR,
+    CheckpointDirectory,
+)
 from svft_jax.checkpoint.fingerprint import kernel_fingerprint, leaves_by_path
 from svft_jax.core import is_node
 from svft_jax.errors import CheckpointWarning
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "svft-jax-train-checkpoint"
-CHECKPOINT_VERSION = 1  # the directory layout (marker file); steps carry STEP_VERSION
 STEP_VERSION = 2  # 2: per-target config, Ω digest, base fingerprint, checksums
-MARKER_FILE = "svft_jax_checkpoints.json"
-LOCK_FILE = ".svft_jax_writer.lock"
-TRASH_DIR = ".svft_jax_deleted"  # Orbax's todelete_subdir: retention renames steps here
-# Orbax's public name for the marker it writes last into a finished step.
-COMMIT_FILE = ocp.path.atomicity_types.COMMIT_SUCCESS_FILE
-_OURS = {MARKER_FILE, f"{MARKER_FILE}.tmp", LOCK_FILE, TRASH_DIR}
-_LEGACY_QUARANTINE = re.compile(r"\d+\.incomplete-\d{8}-\d{6}")  # what svft-jax < 0.2 left
 _ORPHAN_JOIN_SECONDS = 2.0
 
 
@@ -230,30 +227,6 @@ def _io_error(err: BaseException, what: str) -> OSError | None:
     return OSError(code, f"{what}: {reason}. Earlier steps are untouched and the partial step is discarded ({type(err).__name__}: {err}).")
 
 
-# ----------------------------------------------------------------------------- the lock
-def _take_writer_lock(directory: Path) -> int:
-    """An exclusive advisory lock on `directory`, held until the returned fd is closed.
-
-    flock is released by the kernel when the process dies (SIGKILL included), so a crashed
-    run never blocks the next one; the file only records who holds it, for the message.
-    """
-    lock = directory / LOCK_FILE
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        with contextlib.suppress(OSError):
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise OSError(errno.EBUSY, f"checkpoint directory {str(directory)!r} is being written by another TrainCheckpointer ({holder}); two writers would interleave and delete each other's steps. Close the other one (or wait for that run to end), use another directory, or pass read_only=True to only restore.") from None
-    except OSError:
-        os.close(fd)
-        raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode(), 0)
-    return fd
-
-
 class TrainCheckpointer:
     """Save and resume adapter training with Orbax.
 
@@ -313,11 +286,15 @@ class TrainCheckpointer:
         # Only the primary process takes the lock and cleans up: in a multi-host run every
         # process opens the same folder, and Orbax writes each one's shards into it.
         self._primary = jax.process_index() == 0
+        self._folder = CheckpointDirectory(self.directory, self._primary)
         if self.read_only:
-            self._check_readable()
+            self._folder.check_readable()
         else:
-            self._claim_directory()
-            self._clean_up()
+            self._lock_fd = self._folder.claim()
+            if self._lock_fd is not None:
+                # weakref.finalize: an unclosed checkpointer still releases the lock when collected.
+                self._release = weakref.finalize(self, os.close, self._lock_fd)
+            self._folder.clean_up()
 
         keep: list = [policies.LatestN(max_to_keep)]
         best_fn = None
@@ -348,90 +325,10 @@ class TrainCheckpointer:
     def _open_manager(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(self.directory, options=self._options, item_names=("state", "meta"))
 
-    # ----------------------------------------------------------------------------- set-up
-    def _check_readable(self) -> None:
-        if not (self.directory / MARKER_FILE).is_file():
-            raise ValueError(f"read_only=True needs an existing svft-jax checkpoint directory; {str(self.directory)!r} has no {MARKER_FILE}.")
-        self._check_marker()
-
-    def _check_marker(self) -> None:
-        marker = self.directory / MARKER_FILE
-        try:
-            info = json.loads(marker.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{str(marker)!r} is unreadable or corrupted ({err}); is {str(self.directory)!r} an svft-jax checkpoint directory?") from err
-        if not isinstance(info, dict) or info.get("format") != CHECKPOINT_FORMAT or info.get("version") != CHECKPOINT_VERSION:
-            found = info if not isinstance(info, dict) else (info.get("format"), info.get("version"))
-            raise ValueError(f"{str(self.directory)!r} holds {found!r} checkpoints; this svft-jax reads {CHECKPOINT_FORMAT!r} version {CHECKPOINT_VERSION}.")
-
-    def _claim_directory(self) -> None:
-        """Create the folder, take the writer lock and write our marker, or refuse a folder
-        that holds something else (nothing is written into a folder that is not ours)."""
-        if self.directory.exists() and not self.directory.is_dir():
-            raise ValueError(f"checkpoint directory {str(self.directory)!r} is a file; pass a folder path.")
-        try:
-            ensure_directory(self.directory, "training checkpoints")
-        except ValueError as err:
-            raise ValueError(f"{err} To restore from a folder you cannot write, pass read_only=True.") from None
-        marker = self.directory / MARKER_FILE
-        if marker.exists():
-            self._check_marker()
-        else:
-            foreign = sorted(p.name for p in self.directory.iterdir() if p.name not in _OURS)
-            if foreign:
-                raise ValueError(f"{str(self.directory)!r} is not empty and was not created by svft_jax TrainCheckpointer (no {MARKER_FILE}; found {foreign[:5]}). Pass a new or empty directory so nothing there is deleted by checkpoint retention.")
-        if self._primary:
-            self._lock_fd = _take_writer_lock(self.directory)
-            # weakref.finalize: an unclosed checkpointer still releases the lock when collected.
-            self._release = weakref.finalize(self, os.close, self._lock_fd)
-        if not marker.exists():
-            tmp = self.directory / f"{MARKER_FILE}.tmp"
-            tmp.write_text(json.dumps({"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}))
-            tmp.replace(marker)
-
-    def _step_dirs(self) -> dict[int, Path]:
-        return {int(p.name): p for p in self.directory.iterdir() if p.is_dir() and p.name.isdigit()}
-
-    def _is_complete(self, step_dir: Path) -> bool:
-        return (step_dir / COMMIT_FILE).is_file() and (step_dir / "meta").is_dir() and (step_dir / "state").is_dir()
-
-    def _clean_up(self) -> None:
-        """Remove what a killed run left: Orbax tmp folders of unfinished saves, trash from
-        retention, half-deleted or half-written steps (no commit marker; they can never be
-        restored) and legacy quarantine folders.
-
-        Orbax's `cleanup_tmp_directories` does the tmp part too, but in a background future
-        that only its next `save` awaits; doing it here makes the folder clean on open.
-        """
-        if not self._primary:
-            return
-        for tmp in ocp.path.step.all_temporary_paths(self.directory):
-            self._discard(Path(tmp.get()), "an unfinished save")
-        for step, step_dir in sorted(self._step_dirs().items()):
-            if not self._is_complete(step_dir):
-                self._discard(step_dir, f"incomplete step {step} (no {COMMIT_FILE}: an interrupted save or deletion)")
-        for legacy in self.directory.iterdir():
-            if _LEGACY_QUARANTINE.fullmatch(legacy.name) and legacy.is_dir():
-                remove_path(legacy)
-        self._empty_trash()
-
-    def _discard(self, folder: Path, what: str) -> None:
-        logger.warning("removing %s from %s: %s can never be restored.", folder.name, self.directory, what)
-        trash = self.directory / TRASH_DIR
-        trash.mkdir(exist_ok=True)
-        # Rename first (atomic): a kill during the delete leaves only trash, emptied on next open.
-        folder.rename(trash / f"{folder.name}-{os.getpid()}-{time.time_ns()}")
-
-    def _empty_trash(self) -> None:
-        trash = self.directory / TRASH_DIR
-        if self._primary and trash.is_dir():
-            for entry in trash.iterdir():
-                remove_path(entry)
-
     # ----------------------------------------------------------------------------- queries
     def all_steps(self) -> list[int]:
         """Complete steps on disk, ascending."""
-        return sorted(s for s, d in self._step_dirs().items() if self._is_complete(d))
+        return sorted(s for s, d in self._folder.step_dirs().items() if self._folder.is_complete(d))
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None."""
@@ -530,7 +427,7 @@ class TrainCheckpointer:
             raise
         self._configuration = configuration
         if not self._async_save:
-            self._empty_trash()
+            self._folder.empty_trash()
         return bool(saved)
 
     def _check_configuration(self, step: int, configuration: dict) -> None:
@@ -580,7 +477,7 @@ class TrainCheckpointer:
         for thread in set(threading.enumerate()) - threads_before:
             if thread is not threading.current_thread() and not thread.daemon:
                 thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        self._clean_up()
+        self._folder.clean_up()
         self._manager = self._open_manager()
 
     def wait_until_finished(self) -> None:
@@ -597,7 +494,7 @@ class TrainCheckpointer:
                 raise io_error from err
             raise
         if not self.read_only:
-            self._empty_trash()
+            self._folder.empty_trash()
 
     def close(self) -> None:
         """Finish pending saves, release Orbax's resources and the writer lock."""

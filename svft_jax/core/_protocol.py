@@ -90,12 +90,56 @@ def layout_from_config(config: Mapping) -> KernelLayout:
 
 
 @dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """One array a node will hold: shape, dtype name, role ("trainable", "frozen" or "base"),
+    and `shared`: a key naming a buffer several nodes share (VeRA's random pair), else None."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    role: str
+    shared: Any = None
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * np.dtype(self.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
     """Base of every method's plan: what one target's node is built from, decided before any
-    array is computed. Subclasses add their options as hashable fields."""
+    array is computed. Subclasses add their options as hashable fields and say what their
+    node will hold (`arrays`), so the sizing report (`svft_jax.size`) and the node read one
+    description: the node's `describe`, `update_rank` and summary entries delegate here."""
 
     path: str
     layout: KernelLayout
+
+    def arrays(self) -> dict[str, ArraySpec]:
+        """{name: ArraySpec} of every array the node built from this plan holds."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare its arrays; define `arrays(self)`.")
+
+    def describe(self) -> str:
+        """Short method text for `summary` and `size`, e.g. 'lora(r=8, α=16)'."""
+        return type(self).__name__
+
+    @property
+    def update_rank(self) -> int:
+        """Width of the factored update (read by the cost model); default: the plan's `rank`."""
+        return int(self.rank)
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the node keeps W0 (so factored execution multiplies by it)."""
+        return True
+
+    @property
+    def entries(self) -> int | None:
+        """Trainable values per layer as `summary` shows them (None: trainable / layers)."""
+        return None
 
     def to_config(self) -> dict:
         """A JSON-able dict of every field (the layout as a dict)."""
@@ -157,13 +201,19 @@ class AdapterNode(abc.ABC):
         """x Wᵀ for an unstacked node without forming W: x (..., d2) -> (..., d1)."""
 
     @property
-    @abc.abstractmethod
-    def update_rank(self) -> int:
-        """Width of the factored update (SVFT: r; LoRA/DoRA/VeRA: their rank)."""
+    def plan(self) -> Plan:
+        """The node's `Plan` (its `meta`, or the plan its meta wraps)."""
+        return getattr(self.meta, "plan", self.meta)
 
-    @abc.abstractmethod
+    @property
+    def update_rank(self) -> int:
+        """Width of the factored update (SVFT: r; LoRA/DoRA/VeRA: their rank); the plan's."""
+        return self.plan.update_rank
+
     def describe(self) -> str:
-        """Short method text for `summary`, e.g. 'lora(α=16)'."""
+        """Short method text for `summary`, e.g. 'lora(r=8, α=16)'; the plan's, so `summary`
+        and `size` print the same text."""
+        return self.plan.describe()
 
     @classmethod
     @abc.abstractmethod
@@ -172,6 +222,8 @@ class AdapterNode(abc.ABC):
 
     #: the method's `Plan` subclass (its `meta`, or what its meta is built from).
     plan_cls: ClassVar[type] = Plan
+    #: the method's typed config (a `svft_jax.core.Method` subclass; set when it is defined).
+    config_cls: ClassVar[type | None] = None
 
     @classmethod
     def plan_from_config(cls, config: Mapping):

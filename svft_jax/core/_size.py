@@ -1,87 +1,27 @@
-"""`plan`: what `apply` would build — per target layout, rank, |Ω|, trainable count, memory and
-training FLOPs — computed from shapes alone, with no SVD (works on `jax.eval_shape` trees).
+"""`size`: what `adapt` (or `apply`) would build — per target layout, rank, |Ω|, trainable
+count, memory and training FLOPs — computed from shapes alone, with no SVD (works on
+`jax.eval_shape` trees). It reads the very plans `adapt` builds from (`plan_adapt`), and each
+plan says what its node holds (`Plan.arrays`), so the numbers cannot disagree.
 
-There is one planning code path. Every method registers a `Planner`:
-
-  make_plans(params, **options) -> Planned     the method's validated per-target plans (the
-                                               same call its `apply` makes before `build`)
-  arrays(plan) -> {name: ArraySpec}            the shapes and dtypes of the arrays `build`
-                                               creates for one plan (tests check them against
-                                               the built nodes)
-
-so `plan(params, method=..., **options)` and `apply(params, **options)` read the same plans
-and the numbers cannot disagree. `budget=` (SVFT) is resolved inside `make_plans`, so `apply`
-and `plan` also make the same choice of d or k.
+Called `plan`/`PlanReport` before issue 19 ("plan" also named each target's `Plan`); those
+names stay as aliases for one release.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
 
-from svft_jax._registry import Registry
-from svft_jax.core._protocol import is_marker, is_node
+from svft_jax.core._adapt import Planned, plan_adapt
+from svft_jax.core._cost import step_flops
+from svft_jax.core._protocol import ArraySpec, is_marker, is_node
+from svft_jax.core._rules import Method, Rule, keyword_rules
 from svft_jax.core._targets import flatten_by_path
-
-
-@dataclasses.dataclass(frozen=True)
-class ArraySpec:
-    """One array a node will hold: shape, dtype name, role ("trainable", "frozen" or "base"),
-    and `shared`: a key naming a buffer several nodes share (VeRA's random pair), else None."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    role: str
-    shared: Any = None
-
-    @property
-    def size(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.size * np.dtype(self.dtype).itemsize
-
-
-@dataclasses.dataclass(frozen=True)
-class Planned:
-    """What a method's `make_plans` returns: the plans `build` consumes, the node class, the
-    paths `extra` marks, and what `budget=` chose ({} without a budget)."""
-
-    plans: list
-    node_cls: type
-    extra: list
-    choice: dict = dataclasses.field(default_factory=dict)
-
-
-@dataclasses.dataclass(frozen=True)
-class Planner:
-    method: str
-    make_plans: Callable[..., Planned]
-    arrays: Callable[[Any], dict[str, ArraySpec]]
-    #: the width of the factored update and whether W0 is applied densely (for the cost model).
-    update_rank: Callable[[Any], int]
-    has_base: Callable[[Any], bool] = lambda plan: True
-    #: short method text (as the node's `describe()`).
-    describe: Callable[[Any], str] = lambda plan: plan.__class__.__name__
-    #: trainable values per layer as `summary` shows them (None: trainable / layers).
-    entries: Callable[[Any], int] | None = None
-
-
-PLANNERS: Registry[Planner] = Registry("adapter method", "method")
-
-
-def register_planner(planner: Planner) -> Planner:
-    return PLANNERS.register(planner.method, planner)
-
-
-def _planner(method: str) -> Planner:
-    return PLANNERS.get(method)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,9 +49,9 @@ class TargetRow:
 
 
 @dataclasses.dataclass(frozen=True)
-class PlanReport:
-    """The result of `plan`: per-target rows, totals, the plans `apply` builds from, and what
-    `budget=` chose. `str(report)` / `report.table()` is the printed table."""
+class SizeReport:
+    """The result of `size`: per-target rows, totals, the plans `adapt` builds from, and what
+    a whole-set option (SVFT's `budget=`) chose. `str(report)` / `report.table()` is the table."""
 
     method: str
     rows: tuple
@@ -168,18 +108,12 @@ def total_parameters(leaves: Mapping[str, Any]) -> int:
     return total
 
 
-def trainable_count(planner: Planner, plan) -> int:
-    return sum(a.size for a in planner.arrays(plan).values() if a.role == "trainable")
-
-
-def report(planner: Planner, planned: Planned, leaves: Mapping[str, Any], tokens: int) -> PlanReport:
-    """Rows and totals of `planned` (the method's plans over `leaves`)."""
-    from svft_jax.core._cost import step_flops
-
+def report(planned: Planned, leaves: Mapping[str, Any], tokens: int) -> SizeReport:
+    """Rows and totals of `planned` (the plans over `leaves`)."""
     rows, shared_seen = [], set()
     totals = {"trainable": 0, "factor_bytes": 0, "trainable_bytes": 0, "base_bytes": 0, "flops_per_token": {}}
     for plan in planned.plans:
-        arrays = planner.arrays(plan)
+        arrays = plan.arrays()
         layout = plan.layout
         layers = math.prod(layout.stack_shape)
         trainable = sum(a.size for a in arrays.values() if a.role == "trainable")
@@ -188,13 +122,13 @@ def report(planner: Planner, planned: Planned, leaves: Mapping[str, Any], tokens
         base_bytes = sum(a.nbytes for a in arrays.values() if a.role == "base")
         unshared = sum(a.nbytes for a in arrays.values() if a.role == "frozen" and (a.shared is None or a.shared not in shared_seen))
         shared_seen.update(a.shared for a in arrays.values() if a.shared is not None)
-        rank = planner.update_rank(plan)
-        costs = step_flops(layout.d1, layout.d2, rank, tokens, has_base=planner.has_base(plan))
+        rank = plan.update_rank
+        costs = step_flops(layout.d1, layout.d2, rank, tokens, has_base=plan.has_base)
         per_token = {name: layers * value / tokens for name, value in costs.items()}
         stack = "×".join(map(str, layout.stack_shape))
-        rows.append(TargetRow(plan.path, f"{stack + '×' if stack else ''}{layout.d1}×{layout.d2}", planner.describe(plan),
-                              rank, planner.entries(plan) if planner.entries else trainable // max(layers, 1), trainable, factor_bytes, trainable_bytes, base_bytes,
-                              per_token, arrays))
+        entries = plan.entries if plan.entries is not None else trainable // max(layers, 1)
+        rows.append(TargetRow(plan.path, f"{stack + '×' if stack else ''}{layout.d1}×{layout.d2}", plan.describe(),
+                              rank, entries, trainable, factor_bytes, trainable_bytes, base_bytes, per_token, arrays))
         totals["trainable"] += trainable
         totals["trainable_bytes"] += trainable_bytes
         totals["factor_bytes"] += unshared
@@ -207,49 +141,89 @@ def report(planner: Planner, planned: Planned, leaves: Mapping[str, Any], tokens
     totals["total"] = total_parameters(leaves)
     totals["targets"] = len(planned.plans)
     totals["percent"] = 100.0 * totals["trainable"] / max(totals["total"], 1)
-    return PlanReport(planner.method, tuple(rows), totals, tuple(planned.plans), tuple(planned.extra),
-                      dict(planned.choice), tokens)
+    method = "+".join(dict.fromkeys(config.name for config, _ in planned.groups)) if planned.groups else ""
+    return SizeReport(method, tuple(rows), totals, tuple(planned.plans), tuple(planned.extra), dict(planned.choice), tokens)
 
 
-def plan(params, pattern: str | None = None, *, method: str = "svft", tokens: int = 1024, print_fn=None, **options) -> PlanReport:
-    """What `apply` (or a baseline's `apply`) would build, from shapes alone: no SVD runs.
+def _check_tokens(tokens) -> None:
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"`tokens` must be a positive int, got {tokens!r}.")
+
+
+def size(params, config_or_rules: Method | Rule | list[Rule], *, targets: str | None = None, exclude: str | None = None,
+         extra: str | None = None, tokens: int = 1024, print_fn=None) -> SizeReport:
+    """What `adapt(params, config_or_rules, ...)` would build, from shapes alone: no SVD runs.
 
     Args:
       params: a parameter pytree, concrete or a `jax.eval_shape` tree of `jax.ShapeDtypeStruct`
         (e.g. `model_cls(config, _do_init=False).params_shape_tree`).
-      pattern: SVFT's pattern (method="svft"; default "plain").
-      method: "svft", "lora", "dora", "vera" (or any registered method).
+      config_or_rules, targets, exclude, extra: as `adapt` takes them.
       tokens: T, tokens per call, for the per-token training FLOPs (the rebuild strategy's
         per-step merge is spread over T).
       print_fn: e.g. `print` to print the table.
-      **options: exactly the method's `apply` options (SVFT: d, k, rank, targets, exclude,
-        overrides, extra, seed, factor_dtype, init, keep_base, svd_backend, svd_dtype, budget;
-        LoRA: rank, alpha, targets, ...).
     Returns:
-      A `PlanReport`: `.rows` (per target: layout, rank, entries = |Ω|, trainable, factor /
-      trainable / W0 bytes, training FLOPs per token per strategy of
-      `svft_jax.core._cost.step_flops`), `.totals`, `.plans`, `.choice` (what `budget`
-      picked), and `str(report)`, the table.
+      A `SizeReport`: `.rows` (per target: layout, rank, entries (|Ω| for SVFT), trainable,
+      factor / trainable / W0 bytes, training FLOPs per token per strategy of
+      `svft_jax.strategies.step_flops`), `.totals`, `.plans`, and `str(report)`, the table.
     Raises:
-      ValueError/TypeError as `apply` would, before anything is computed.
+      ValueError/TypeError as `adapt` would, before anything is computed.
     """
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
-        raise ValueError(f"`tokens` must be a positive int, got {tokens!r}.")
-    planner = _planner(method)
-    if method == "svft":
-        options["pattern"] = "plain" if pattern is None else pattern
-    elif pattern is not None:
-        raise ValueError(f"pattern={pattern!r} is an SVFT option; method={method!r} takes {method}'s own options (e.g. rank=).")
-    planned = planner.make_plans(params, **options)
-    result = report(planner, planned, flatten_by_path(params), tokens)
+    _check_tokens(tokens)
+    leaves = flatten_by_path(params)
+    planned = plan_adapt(params, config_or_rules, targets=targets, exclude=exclude, extra=extra, leaves=leaves)
+    return _finish(report(planned, leaves, tokens), print_fn)
+
+
+def _finish(result: SizeReport, print_fn) -> SizeReport:
     if print_fn is not None:
         print_fn(result.table())
     return result
 
 
+def plan(params, pattern: str | None = None, *, method: str = "svft", tokens: int = 1024, print_fn=None, **options) -> SizeReport:
+    """`size` with a method's `apply` keywords (its name before issue 19; kept one release).
+
+    Args:
+      params: as `size`.
+      pattern: SVFT's pattern (method="svft"; default "plain").
+      method: "svft", "lora", "dora", "vera" (or any registered method whose node defines
+        `plan_options`, the planning half of its keyword `apply`).
+      tokens, print_fn: as `size`.
+      **options: exactly the method's `apply` options (SVFT: d, k, rank, targets, exclude,
+        overrides, extra, seed, factor_dtype, init, keep_base, svd_backend, svd_dtype, budget;
+        LoRA: rank, alpha, targets, ...).
+    Returns:
+      A `SizeReport` (`.choice`: what SVFT's `budget` picked).
+    """
+    from svft_jax.core._protocol import METHODS
+
+    _check_tokens(tokens)
+    node_cls = METHODS.get(method)
+    if method == "svft":
+        options["pattern"] = "plain" if pattern is None else pattern
+    elif pattern is not None:
+        raise ValueError(f"pattern={pattern!r} is an SVFT option; method={method!r} takes {method}'s own options (e.g. rank=).")
+    plan_options = getattr(node_cls, "plan_options", None)  # a method's own keyword planning (SVFT's budget)
+    planned = plan_options(params, **options) if plan_options is not None else _keyword_plans(node_cls, params, **options)
+    return _finish(report(planned, flatten_by_path(params), tokens), print_fn)
+
+
+def _keyword_plans(node_cls, params, *, targets=None, exclude=None, layouts=None, extra=None, **options) -> Planned:
+    """The planning half of a method's keyword spelling: `config_cls(**options)` on every
+    target, `layouts` as rules."""
+    if node_cls.config_cls is None:
+        raise TypeError(f"method {node_cls.method!r} has no typed config: define a `svft_jax.core.Method` subclass "
+                        f"with `node = {node_cls.__name__}` to plan it by name.")
+    rules = keyword_rules(node_cls.config_cls(**options), layouts)
+    return plan_adapt(params, rules, targets=targets, exclude=exclude, extra=extra)
+
+
+PlanReport = SizeReport  # its name before issue 19, kept one release
+
+
 def node_arrays(node) -> dict[str, ArraySpec]:
-    """{name: (shape, dtype name)} of the arrays a built node holds (compare with a planner's
-    `arrays(plan)`)."""
+    """{name: (shape, dtype name)} of the arrays a built node holds (compare with the plan's
+    `arrays()`)."""
     out = {}
     for name in type(node).data_fields():
         value = getattr(node, name)

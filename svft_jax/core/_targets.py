@@ -76,7 +76,7 @@ def _declared(path: str, layouts) -> Any:
 
 
 def select_targets(params, targets: str | None = None, exclude: str | None = None, *,
-                   layouts: Mapping[str, Any] | None = None) -> list[str]:
+                   layouts: Mapping[str, Any] | None = None, leaves: Mapping[str, Any] | None = None) -> list[str]:
     """Paths that `apply` (or a baseline) would adapt: same rules, no SVD.
 
     Args:
@@ -86,12 +86,13 @@ def select_targets(params, targets: str | None = None, exclude: str | None = Non
       exclude: regex of paths never adapted (it must match some parameter).
       layouts: {regex: layout} declared for kernels whose axes the shape cannot tell (the
         `layout` entries of `apply`'s `overrides`); a declared kernel is a default target.
+      leaves: `flatten_by_path(params)` when the caller has it (the tree is flattened once).
     """
     _check_params(params, "select_targets")
     targets_re = compile_regex(targets, "targets")
     exclude_re = compile_regex(exclude, "exclude")
     compiled = [(compile_regex(r, f"layout key {r!r}"), v) for r, v in (layouts or {}).items()]
-    leaves = flatten_by_path(params)
+    leaves = flatten_by_path(params) if leaves is None else leaves
     if exclude_re is not None and not any(matches(exclude_re, p) for p in leaves):
         raise ValueError(f"exclude={exclude!r} matches no parameter; paths are '/'-joined and matched in full, e.g. {list(leaves)[:4]}.")
     chosen = []
@@ -194,62 +195,3 @@ def marked_paths(tree) -> list[str]:
 def replace_leaves(params, nodes: Mapping[str, Any]):
     """`params` with each path in `nodes` replaced by its node; other leaves untouched."""
     return jax.tree_util.tree_map_with_path(lambda path, leaf: nodes.get(path_to_str(path), leaf), params)
-
-
-def plan_targets(params, targets: str | None, exclude: str | None, layouts: Mapping[str, Any] | None = None) -> list[Target]:
-    """The kernels a baseline adapts, checked (array, floating, ≥ 2-D, layout, finite) before
-    any array is created. `layouts`: {regex: layout} for kernels whose axes the shape cannot
-    tell (e.g. {'.*c_attn/kernel': 'out_in'} for GPT-2); every regex must match a target."""
-    compiled = [(r, compile_regex(r, f"layouts key {r!r}"), v) for r, v in (layouts or {}).items()]
-    chosen = select_targets(params, targets, exclude, layouts=layouts)
-    unused = [text for text, regex, _ in compiled if not any(matches(regex, p) for p in chosen)]
-    if unused:
-        raise ValueError(f"layouts key {unused[0]!r} matches none of the {len(chosen)} targets (e.g. {chosen[:3]}); fix the regex or drop it.")
-    leaves = flatten_by_path(params)
-    result = []
-    for path in chosen:
-        declared = next((v for _, r, v in compiled if matches(r, path)), None)
-        target = resolve_target(path, leaves[path], declared)
-        check_finite(target)
-        result.append(target)
-    return result
-
-
-def plan_method(params, node_cls, make_plan, *, targets: str | None = None, exclude: str | None = None,
-                layouts: Mapping[str, Any] | None = None, extra: str | None = None):
-    """The planning half of `apply_method`: targets chosen and checked, one plan each, `extra`
-    checked; no array is created (works on `jax.ShapeDtypeStruct` trees).
-
-    Returns:
-      `svft_jax.core._size.Planned`.
-    """
-    from svft_jax.core._size import Planned
-
-    plans = [make_plan(target) for target in plan_targets(params, targets, exclude, layouts)]
-    extra_paths = check_extra(flatten_by_path(params), extra, [plan.path for plan in plans])  # before any array is built
-    return Planned(plans, node_cls, extra_paths)
-
-
-def build_planned(params, planned, extra: str | None):
-    """`params` with each planned target replaced by its node (`node_cls.build`) and `extra` marked."""
-    leaves = flatten_by_path(params)
-    for plan in planned.plans:
-        if isinstance(leaves[plan.path], jax.ShapeDtypeStruct):
-            raise TypeError(f"parameter {plan.path!r} is a jax.ShapeDtypeStruct (a shapes-only tree); `apply` needs the weights. Use `svft_jax.plan` to size a model from shapes.")
-    return mark_trainable(replace_leaves(params, planned.node_cls.build(planned.plans, leaves)), extra)
-
-
-def apply_method(params, node_cls, make_plan, *, targets: str | None = None, exclude: str | None = None,
-                 layouts: Mapping[str, Any] | None = None, extra: str | None = None):
-    """The generic verb of every adapter method: choose targets, plan each, build the nodes.
-
-    Args:
-      params: the parameter pytree.
-      node_cls: an `AdapterNode` subclass (its `build` is the one constructor).
-      make_plan: `Target -> Plan` (the method's options for one target, validated).
-      targets, exclude, layouts, extra: as in `svft_jax.methods.lora.apply`.
-    Returns:
-      `params` with each target replaced by its node and the `extra` leaves marked `Trainable`.
-    """
-    planned = plan_method(params, node_cls, make_plan, targets=targets, exclude=exclude, layouts=layouts, extra=extra)
-    return build_planned(params, planned, extra)

@@ -10,39 +10,14 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from svft_jax.core._targets import (  # noqa: F401  (the baselines' verbs)
-    apply_method,
-    build_planned,
-    plan_method,
-    plan_targets,
-)
+from svft_jax.core._adapt import build, plan_adapt
+from svft_jax.core._rules import keyword_rules
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-    return int(value)
-
-
-def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
-    if seed < 0:
-        raise ValueError(f"`seed` must be >= 0, got seed={seed}.")
-    return int(seed)
-
-
-def check_finite_number(value, name: str) -> float:
-    """A real, finite number (NaN/Inf would give an all-NaN model)."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__}.")
-    if not math.isfinite(float(value)):
-        raise ValueError(f"`{name}` must be finite, got {value!r}; a NaN/Inf setting makes every adapted weight NaN.")
-    return float(value)
+from svft_jax._args import check_finite_number, check_positive_int, check_seed  # noqa: E402, F401  (one home)
 
 
 def kaiming_uniform(key, shape, fan_in: int, gain: float = 1.0 / math.sqrt(3.0)):
@@ -61,10 +36,7 @@ def low_rank_product(b, a):
 
 
 
-def register(*, method: str, make_plans, arrays, describe) -> None:
-    """Register a baseline's planner, so `svft_jax.plan(params, method=...)` reads the same
-    plans as its `apply` (update rank = the plan's rank; W0 always applied)."""
-    from svft_jax.core._size import Planner, register_planner
-
-    register_planner(Planner(method=method, make_plans=make_plans, arrays=arrays,
-                             update_rank=lambda plan: plan.rank, describe=describe))
+def keyword_apply(params, config, *, targets, exclude, layouts, extra):
+    """A baseline's keyword `apply`: its config and `layouts` as rules, through the core's verb."""
+    planned = plan_adapt(params, keyword_rules(config, layouts), targets=targets, exclude=exclude, extra=extra)
+    return build(params, planned, extra=extra)

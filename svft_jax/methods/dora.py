@@ -18,20 +18,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from svft_jax._args import check_bool
+from svft_jax._args import check_bool, check_finite_number, check_positive_int, check_seed
 from svft_jax.core._matmul import base_matmul, mm
 from svft_jax.core._protocol import (
     AdapterNode,
+    ArraySpec,
     Plan,
     adapter_node,
     frozen_field,
     trainable_field,
 )
+from svft_jax.core._rules import Method
 from svft_jax.methods import _common
 from svft_jax.methods.lora import init_factors
 
@@ -49,6 +51,16 @@ class DoRAPlan(Plan):
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def arrays(self) -> dict:
+        layout, stack = self.layout, self.layout.stack_shape
+        return {"magnitude": ArraySpec((*stack, layout.d1), "float32", "trainable"),
+                "a": ArraySpec((*stack, self.rank, layout.d2), "float32", "trainable"),
+                "b": ArraySpec((*stack, layout.d1, self.rank), "float32", "trainable"),
+                "base": ArraySpec(tuple(layout.shape), layout.dtype, "base")}
+
+    def describe(self) -> str:
+        return f"dora(r={self.rank}, α={self.alpha:g}{', rs' if self.use_rslora else ''})"
 
 
 DoRAMeta = DoRAPlan  # alias kept for one release
@@ -117,13 +129,6 @@ class DoRANode(AdapterNode):
         y = y + scale * mm(h.astype(x.dtype), jnp.swapaxes(self.b, -1, -2), precision, preferred_element_type)
         return y * (jnp.asarray(self.magnitude, jnp.float32) / norm).astype(y.dtype)
 
-    @property
-    def update_rank(self) -> int:
-        return self.meta.rank
-
-    def describe(self) -> str:
-        return f"dora(α={self.meta.alpha:g}{', rs' if self.meta.use_rslora else ''})"
-
     @classmethod
     def build(cls, plans, kernels, *, factors=None):
         nodes = {}
@@ -137,45 +142,29 @@ class DoRANode(AdapterNode):
         return nodes
 
 
-def make_plans(
-    params,
-    rank: int = 1,
-    alpha: float | None = None,
-    *,
-    targets: str | None = None,
-    exclude: str | None = None,
-    layouts: Mapping[str, Any] | None = None,
-    extra: str | None = None,
-    seed: int = 0,
-    detach_norm: bool = True,
-    use_rslora: bool = False,
-):
-    """DoRA's planning step of `apply` (and of `svft_jax.plan(..., method="dora")`)."""
-    rank = _common.check_positive_int(rank, "rank")
-    seed = _common.check_seed(seed)
-    alpha = _common.check_finite_number(2.0 * rank if alpha is None else alpha, "alpha")
-    use_rslora = check_bool(use_rslora, "use_rslora", "dora.apply")
-    detach_norm = check_bool(detach_norm, "detach_norm", "dora.apply")
-    return _common.plan_method(
-        params, DoRANode,
-        lambda t: DoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed,
-                           use_rslora=use_rslora, detach_norm=detach_norm),
-        targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DoRA(Method):
+    """DoRA's config: rank r of the direction update, α (None: 2r, PEFT's common α/r = 2),
+    the seed of A, rsLoRA scaling, and whether the norm is detached (DoRA §4.3, PEFT)."""
 
+    node: ClassVar[type] = DoRANode
+    rank: int = 1
+    alpha: float | None = None
+    seed: int = 0
+    use_rslora: bool = False
+    detach_norm: bool = True
 
-def plan_arrays(plan) -> dict:
-    """The arrays `DoRANode.build` creates for `plan`."""
-    from svft_jax.core._size import ArraySpec
+    def __post_init__(self):
+        rank = check_positive_int(self.rank, "rank")
+        object.__setattr__(self, "rank", rank)
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        object.__setattr__(self, "alpha", check_finite_number(2.0 * rank if self.alpha is None else self.alpha, "alpha"))
+        object.__setattr__(self, "use_rslora", check_bool(self.use_rslora, "use_rslora", "DoRA"))
+        object.__setattr__(self, "detach_norm", check_bool(self.detach_norm, "detach_norm", "DoRA"))
 
-    layout, stack = plan.layout, plan.layout.stack_shape
-    return {"magnitude": ArraySpec((*stack, layout.d1), "float32", "trainable"),
-            "a": ArraySpec((*stack, plan.rank, layout.d2), "float32", "trainable"),
-            "b": ArraySpec((*stack, layout.d1, plan.rank), "float32", "trainable"),
-            "base": ArraySpec(tuple(layout.shape), layout.dtype, "base")}
-
-
-_common.register(method="dora", make_plans=make_plans, arrays=plan_arrays,
-                 describe=lambda plan: f"dora(r={plan.rank})")
+    def plan(self, target) -> DoRAPlan:
+        return DoRAPlan(path=target.path, layout=target.layout, rank=self.rank, alpha=self.alpha, seed=self.seed,
+                        use_rslora=self.use_rslora, detach_norm=self.detach_norm)
 
 
 def apply(
@@ -204,6 +193,5 @@ def apply(
     Raises:
       ValueError if a target has an all-zero output row (its direction is undefined).
     """
-    planned = make_plans(params, rank, alpha, targets=targets, exclude=exclude, layouts=layouts, extra=extra,
-                         seed=seed, detach_norm=detach_norm, use_rslora=use_rslora)
-    return _common.build_planned(params, planned, extra)
+    config = DoRA(rank=rank, alpha=alpha, seed=seed, detach_norm=detach_norm, use_rslora=use_rslora)
+    return _common.keyword_apply(params, config, targets=targets, exclude=exclude, layouts=layouts, extra=extra)

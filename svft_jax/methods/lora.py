@@ -11,20 +11,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from svft_jax._args import check_bool
+from svft_jax._args import check_bool, check_finite_number, check_positive_int, check_seed
 from svft_jax.core._matmul import base_matmul, mm
 from svft_jax.core._protocol import (
     AdapterNode,
+    ArraySpec,
     Plan,
     adapter_node,
     frozen_field,
     trainable_field,
 )
+from svft_jax.core._rules import Method
 from svft_jax.methods import _common
 
 
@@ -40,6 +42,15 @@ class LoRAPlan(Plan):
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+    def arrays(self) -> dict:
+        layout, stack = self.layout, self.layout.stack_shape
+        return {"a": ArraySpec((*stack, self.rank, layout.d2), "float32", "trainable"),
+                "b": ArraySpec((*stack, layout.d1, self.rank), "float32", "trainable"),
+                "base": ArraySpec(tuple(layout.shape), layout.dtype, "base")}
+
+    def describe(self) -> str:
+        return f"lora(r={self.rank}, α={self.alpha:g}{', rs' if self.use_rslora else ''})"
 
 
 LoRAMeta = LoRAPlan  # the plan is the node's whole static description (alias kept for one release)
@@ -75,13 +86,6 @@ class LoRANode(AdapterNode):
         delta = mm(h.astype(x.dtype), jnp.swapaxes(self.b, -1, -2), precision, preferred_element_type)
         return base_matmul(self.base, self.layout, x, precision, preferred_element_type) + self.meta.scaling * delta
 
-    @property
-    def update_rank(self) -> int:
-        return self.meta.rank
-
-    def describe(self) -> str:
-        return f"lora(α={self.meta.alpha:g}{', rs' if self.meta.use_rslora else ''})"
-
     @classmethod
     def build(cls, plans, kernels, *, factors=None):
         nodes = {}
@@ -91,41 +95,26 @@ class LoRANode(AdapterNode):
         return nodes
 
 
-def make_plans(
-    params,
-    rank: int = 8,
-    alpha: float = 16.0,
-    *,
-    targets: str | None = None,
-    exclude: str | None = None,
-    layouts: Mapping[str, Any] | None = None,
-    extra: str | None = None,
-    seed: int = 0,
-    use_rslora: bool = False,
-):
-    """LoRA's planning step of `apply` (and of `svft_jax.plan(..., method="lora")`)."""
-    rank = _common.check_positive_int(rank, "rank")
-    seed = _common.check_seed(seed)
-    alpha = _common.check_finite_number(alpha, "alpha")
-    use_rslora = check_bool(use_rslora, "use_rslora", "lora.apply")
-    return _common.plan_method(
-        params, LoRANode,
-        lambda t: LoRAPlan(path=t.path, layout=t.layout, rank=rank, alpha=alpha, seed=seed, use_rslora=use_rslora),
-        targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRA(Method):
+    """LoRA's config: rank r, α (scale α / r, or α / √r with `use_rslora`), the seed of A.
+    Validated when built."""
 
+    node: ClassVar[type] = LoRANode
+    rank: int = 8
+    alpha: float = 16.0
+    seed: int = 0
+    use_rslora: bool = False
 
-def plan_arrays(plan) -> dict:
-    """The arrays `LoRANode.build` creates for `plan`."""
-    from svft_jax.core._size import ArraySpec
+    def __post_init__(self):
+        object.__setattr__(self, "rank", check_positive_int(self.rank, "rank"))
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        object.__setattr__(self, "alpha", check_finite_number(self.alpha, "alpha"))
+        object.__setattr__(self, "use_rslora", check_bool(self.use_rslora, "use_rslora", "LoRA"))
 
-    layout, stack = plan.layout, plan.layout.stack_shape
-    return {"a": ArraySpec((*stack, plan.rank, layout.d2), "float32", "trainable"),
-            "b": ArraySpec((*stack, layout.d1, plan.rank), "float32", "trainable"),
-            "base": ArraySpec(tuple(layout.shape), layout.dtype, "base")}
-
-
-_common.register(method="lora", make_plans=make_plans, arrays=plan_arrays,
-                 describe=lambda plan: f"lora(r={plan.rank})")
+    def plan(self, target) -> LoRAPlan:
+        return LoRAPlan(path=target.path, layout=target.layout, rank=self.rank, alpha=self.alpha, seed=self.seed,
+                        use_rslora=self.use_rslora)
 
 
 def apply(
@@ -154,6 +143,5 @@ def apply(
     Returns:
       The pytree with each target leaf replaced by a `LoRANode`.
     """
-    planned = make_plans(params, rank, alpha, targets=targets, exclude=exclude, layouts=layouts, extra=extra,
-                         seed=seed, use_rslora=use_rslora)
-    return _common.build_planned(params, planned, extra)
+    config = LoRA(rank=rank, alpha=alpha, seed=seed, use_rslora=use_rslora)
+    return _common.keyword_apply(params, config, targets=targets, exclude=exclude, layouts=layouts, extra=extra)

@@ -18,19 +18,22 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
+from svft_jax._args import check_finite_number, check_positive_int, check_seed
 from svft_jax.core._matmul import base_matmul, mm
 from svft_jax.core._protocol import (
     AdapterNode,
+    ArraySpec,
     Plan,
     adapter_node,
     frozen_field,
     trainable_field,
 )
+from svft_jax.core._rules import Method
 from svft_jax.methods import _common
 
 
@@ -43,6 +46,19 @@ class VeRAPlan(Plan):
     seed: int = 0
     shared_d1: int = 0
     shared_d2: int = 0
+
+    def arrays(self) -> dict:
+        """The A, B slices are one buffer per shape (`shared`), counted once by `size`."""
+        layout, stack = self.layout, self.layout.stack_shape
+        pair = (self.shared_d1, self.shared_d2, self.rank, self.seed, layout.d1, layout.d2)
+        return {"shared_a": ArraySpec((self.rank, layout.d2), "float32", "frozen", shared=("a", *pair)),
+                "shared_b": ArraySpec((layout.d1, self.rank), "float32", "frozen", shared=("b", *pair)),
+                "scale_d": ArraySpec((*stack, self.rank), "float32", "trainable"),
+                "scale_b": ArraySpec((*stack, layout.d1), "float32", "trainable"),
+                "base": ArraySpec(tuple(layout.shape), layout.dtype, "base")}
+
+    def describe(self) -> str:
+        return f"vera(r={self.rank})"
 
 
 VeRAMeta = VeRAPlan  # alias kept for one release
@@ -86,13 +102,6 @@ class VeRANode(AdapterNode):
         delta = delta * jnp.asarray(self.scale_b, delta.dtype)
         return base_matmul(self.base, self.layout, x, precision, preferred_element_type) + delta
 
-    @property
-    def update_rank(self) -> int:
-        return self.meta.rank
-
-    def describe(self) -> str:
-        return "vera"
-
     @classmethod
     def build(cls, plans, kernels, *, factors=None):
         pairs: dict[tuple, tuple] = {}
@@ -115,45 +124,29 @@ class VeRANode(AdapterNode):
         return nodes
 
 
-def make_plans(
-    params,
-    rank: int = 256,
-    *,
-    d_initial: float = 0.1,
-    targets: str | None = None,
-    exclude: str | None = None,
-    layouts: Mapping[str, Any] | None = None,
-    extra: str | None = None,
-    seed: int = 0,
-):
-    """VeRA's planning step of `apply` (and of `svft_jax.plan(..., method="vera")`): the shared
-    pair's shape is the largest target shape."""
-    rank = _common.check_positive_int(rank, "rank")
-    seed = _common.check_seed(seed)
-    d_initial = _common.check_finite_number(d_initial, "d_initial")
-    found = _common.plan_targets(params, targets, exclude, layouts)  # the largest shape first
-    d1, d2 = max(t.layout.d1 for t in found), max(t.layout.d2 for t in found)
-    return _common.plan_method(
-        params, VeRANode,
-        lambda t: VeRAPlan(path=t.path, layout=t.layout, rank=rank, d_initial=d_initial, seed=seed, shared_d1=d1, shared_d2=d2),
-        targets=targets, exclude=exclude, layouts=layouts, extra=extra)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class VeRA(Method):
+    """VeRA's config: rank r of the shared random pair (it may exceed min(d1, d2)), the initial
+    value of d, and the seed of the pair."""
 
+    node: ClassVar[type] = VeRANode
+    rank: int = 256
+    d_initial: float = 0.1
+    seed: int = 0
 
-def plan_arrays(plan) -> dict:
-    """The arrays `VeRANode.build` creates for `plan` (the A, B slices are one buffer per shape)."""
-    from svft_jax.core._size import ArraySpec
+    def __post_init__(self):
+        object.__setattr__(self, "rank", check_positive_int(self.rank, "rank"))
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        object.__setattr__(self, "d_initial", check_finite_number(self.d_initial, "d_initial"))
 
-    layout, stack = plan.layout, plan.layout.stack_shape
-    pair = (plan.shared_d1, plan.shared_d2, plan.rank, plan.seed, layout.d1, layout.d2)
-    return {"shared_a": ArraySpec((plan.rank, layout.d2), "float32", "frozen", shared=("a", *pair)),
-            "shared_b": ArraySpec((layout.d1, plan.rank), "float32", "frozen", shared=("b", *pair)),
-            "scale_d": ArraySpec((*stack, plan.rank), "float32", "trainable"),
-            "scale_b": ArraySpec((*stack, layout.d1), "float32", "trainable"),
-            "base": ArraySpec(tuple(layout.shape), layout.dtype, "base")}
+    def plan(self, target) -> VeRAPlan:
+        return self.plans([target])[0]
 
-
-_common.register(method="vera", make_plans=make_plans, arrays=plan_arrays,
-                 describe=lambda plan: f"vera(r={plan.rank})")
+    def plans(self, targets) -> list[VeRAPlan]:
+        """One pair for all of this config's targets, drawn at their largest shape (PEFT)."""
+        d1, d2 = max(t.layout.d1 for t in targets), max(t.layout.d2 for t in targets)
+        return [VeRAPlan(path=t.path, layout=t.layout, rank=self.rank, d_initial=self.d_initial, seed=self.seed,
+                         shared_d1=d1, shared_d2=d2) for t in targets]
 
 
 def apply(
@@ -179,6 +172,5 @@ def apply(
     Returns:
       The pytree with each target leaf replaced by a `VeRANode`.
     """
-    planned = make_plans(params, rank, d_initial=d_initial, targets=targets, exclude=exclude, layouts=layouts,
-                         extra=extra, seed=seed)
-    return _common.build_planned(params, planned, extra)
+    config = VeRA(rank=rank, d_initial=d_initial, seed=seed)
+    return _common.keyword_apply(params, config, targets=targets, exclude=exclude, layouts=layouts, extra=extra)

@@ -398,7 +398,7 @@ def load_gguf(path, model_class=None, *, dtype=None, **config_overrides) -> tupl
     import jax.numpy as jnp
     import transformers
 
-    from svft_jax.models import hf
+    from svft_jax.models._tied import tied_classes
     from svft_jax.models.rope import honour_rope_theta
 
     honour_rope_theta()
@@ -408,7 +408,7 @@ def load_gguf(path, model_class=None, *, dtype=None, **config_overrides) -> tupl
     if isinstance(model_class, str):
         model_class = getattr(transformers, model_class if model_class.startswith("Flax") else "Flax" + model_class, None)
     if model_class is None or model_class is transformers.FlaxLlamaForCausalLM:
-        cls = hf.FlaxLlamaForCausalLMTied
+        cls = tied_classes()["FlaxLlamaForCausalLMTied"]
     elif model_class is transformers.FlaxLlamaModel:
         cls, tree = model_class, tree["model"]
     else:

@@ -184,7 +184,7 @@ def adapt(model, params=None, pattern: str = "plain", *, attention_only: bool = 
     Returns:
       The adapted pytree (see `svft_jax.apply`).
     """
-    from svft_jax.core import apply
+    from svft_jax.methods.svft import apply
 
     if isinstance(params, str):
         raise TypeError(f"adapt(model, params, pattern, ...): the second argument is the parameter pytree, got the string {params!r}; call adapt(model, params, {params!r}) (the params `load_pretrained` returned, or model.params).")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import numpy as np
 
@@ -30,6 +31,46 @@ class PatternOptions:
     d: int | None = None
     k: int | None = None
     seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Pattern:
+    """A typed pattern spec — which Ω, with the options that pattern reads — as `SVFT(pattern=...)`
+    takes it: `Plain()`, `Banded(d=2)`, `Random(k=64)`, `TopK(k=64)` (each defined in its
+    pattern's file), or `Named(pattern=..., d=..., k=...)` for any registered name.
+
+    A subclass sets `name` (the registered pattern) and declares the options it reads (`d`,
+    `k`) as fields; `options(seed)` is what the pattern's functions receive.
+    """
+
+    name: ClassVar[str] = ""
+
+    @property
+    def pattern_name(self) -> str:
+        return self.name
+
+    def options(self, seed: int = 0) -> PatternOptions:
+        return PatternOptions(d=getattr(self, "d", None), k=getattr(self, "k", None), seed=seed)
+
+    @staticmethod
+    def of(name: str, *, d: int | None = None, k: int | None = None) -> Pattern:
+        """The spec of a registered pattern by name (checked), options as given."""
+        get_pattern(name)
+        return Named(pattern=name, d=d, k=k)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Named(Pattern):
+    """A registered pattern by name with `d`/`k` (the keyword spelling of `apply`, and any
+    pattern added with `register_pattern` that has no typed spec of its own)."""
+
+    pattern: str
+    d: int | None = None
+    k: int | None = None
+
+    @property
+    def pattern_name(self) -> str:
+        return self.pattern
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,10 +7,14 @@ products U M (rebuild, factored) and h Mᵀ (spectral, on r-dimensional activati
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import jax.numpy as jnp
 import numpy as np
 
 from svft_jax.patterns._registry import (
+    Pattern,
     PatternOptions,
     PatternSpec,
     banded_count,
@@ -121,3 +125,11 @@ BANDED = register_pattern(
         coefficient_product=banded_coefficient_product,
     )
 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Banded(Pattern):
+    """SVFT^B: |i − j| ≤ d (the diagonal and d off-diagonals on each side of M)."""
+
+    name: ClassVar[str] = "banded"
+    d: int

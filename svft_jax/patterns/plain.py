@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import numpy as np
 
-from svft_jax.patterns._registry import PatternOptions, PatternSpec, register_pattern
+from svft_jax.patterns._registry import Pattern, PatternOptions, PatternSpec, register_pattern
 
 
 def plain_indices(r: int, u, v, options: PatternOptions, key) -> tuple[np.ndarray, np.ndarray]:
@@ -38,3 +41,10 @@ PLAIN = register_pattern(
         coefficient_product=plain_coefficient_product,
     )
 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Plain(Pattern):
+    """SVFT^P: the diagonal of M (|Ω| = r); no options."""
+
+    name: ClassVar[str] = "plain"

@@ -8,9 +8,13 @@ small `d` when the singular values themselves must be trainable.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import numpy as np
 
 from svft_jax.patterns._registry import (
+    Pattern,
     PatternOptions,
     PatternSpec,
     budget,
@@ -37,3 +41,13 @@ RANDOM = register_pattern(
         per_layer=True,
     )
 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Random(Pattern):
+    """SVFT^R: k seeded random positions of M (k=None: the budget of the d-band); the seed is
+    `SVFT(seed=...)`, folded with each target's path."""
+
+    name: ClassVar[str] = "random"
+    k: int | None = None
+    d: int | None = None

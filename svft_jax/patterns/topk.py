@@ -11,9 +11,13 @@ scoring, and |·| makes the score sign-invariant anyway.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import ClassVar
+
 import numpy as np
 
 from svft_jax.patterns._registry import (
+    Pattern,
     PatternOptions,
     PatternSpec,
     budget,
@@ -50,3 +54,12 @@ TOPK = register_pattern(
         per_layer=True,
     )
 )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TopK(Pattern):
+    """SVFT^T: the k positions of largest alignment |u_iᵀ v_j| (k=None: the budget of the d-band)."""
+
+    name: ClassVar[str] = "topk"
+    k: int | None = None
+    d: int | None = None

@@ -26,13 +26,14 @@ not been seen).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
-from svft_jax._paths import compile_regex, matches, path_to_str
+from svft_jax._paths import compile_regex, path_to_str
 from svft_jax.core._merge import merge, strip_markers
 from svft_jax.core._protocol import is_node
+from svft_jax.core._rules import Rule, as_rules
 from svft_jax.strategies.interpreter import CallContext, KernelProxy, interpret_top, is_array
 from svft_jax.strategies.registry import get_strategy
 
@@ -86,7 +87,7 @@ class Wrapped:
     def __init__(self, apply_fn, strategy, overrides, params_argnum, params_argname, strict):
         self._apply_fn = apply_fn
         self._default = strategy
-        self._overrides = overrides
+        self._rules = overrides
         self._params_argnum = params_argnum
         self._params_argname = params_argname
         self._strict = strict
@@ -133,7 +134,7 @@ class Wrapped:
 
     # ------------------------------------------------------------------ internals
     def _strategy_for(self, path: str) -> str:
-        return next((name for regex, name in self._overrides if matches(regex, path)), self._default)
+        return next((rule.strategy for rule in self._rules if rule.matches(path)), self._default)
 
     def _adapted(self, args, kwargs):
         if self._params_argname is not None:
@@ -177,11 +178,11 @@ class Wrapped:
         key = tuple(paths)
         if key in self._checked_overrides:
             return
-        for regex, name in self._overrides:
-            if not any(matches(regex, p) for p in paths):
+        for rule in self._rules:
+            if not any(rule.matches(p) for p in paths):
                 shown = ", ".join(repr(p) for p in paths[:6]) + (", ..." if len(paths) > 6 else "")
                 raise ValueError(
-                    f"wrap(overrides=) key {regex.pattern!r} (strategy {name!r}) matches no adapted "
+                    f"{rule.where} (strategy {rule.strategy!r}) matches no adapted "
                     f"kernel; the adapted paths are [{shown}]. Fix the regex (it must fully match "
                     f"a '/'-joined path) or remove it.")
         self._checked_overrides.add(key)
@@ -251,6 +252,7 @@ def wrap(
     strategy: str = "auto",
     *,
     overrides: Mapping[str, str] | None = None,
+    rules: Sequence[Rule] | None = None,
     params_argnum: int | None = 0,
     params_argname: str | None = None,
     strict: bool = False,
@@ -278,9 +280,11 @@ def wrap(
       apply_fn: e.g. `model.apply`, `lambda p, x: module.apply({'params': p}, x)`, or a HF
         Flax model (`model`, with `params_argname="params"`).
       strategy: the default strategy for every target.
-      overrides: {regex: strategy}; the first regex that fully matches a target's
-        '/'-joined path (as in `svft_jax.apply`) picks its strategy. A regex that matches no
-        adapted path is a ValueError at the first call.
+      overrides: {regex: strategy}; sugar for `rules=[Rule(path=regex, strategy=name), ...]`.
+      rules: typed rules (`svft_jax.Rule`); the first rule with a `strategy` whose path fully
+        matches a target's '/'-joined path picks its strategy (rules without a strategy, e.g.
+        the ones `adapt` read, are skipped), then the `overrides` entries. A rule that matches
+        no adapted path is a ValueError at the first call.
       params_argnum: position of the adapted tree among the positional arguments.
       params_argname: keyword under which the adapted tree is passed (e.g. "params" for
         `hf_model(input_ids, params=adapted)`); takes precedence over `params_argnum`.
@@ -296,10 +300,12 @@ def wrap(
       `params_argnum`/`params_argname` point.
     """
     get_strategy(strategy)
-    compiled = []
+    compiled = [r for r in as_rules(rules) if r.strategy is not None] if rules is not None else []
     for regex, name in (overrides or {}).items():
-        get_strategy(name)
-        compiled.append((compile_regex(regex, f"overrides key {regex!r}"), name))
+        compile_regex(regex, f"overrides key {regex!r}")
+        compiled.append(Rule(path=regex, strategy=name, label=f"wrap(overrides=) key {regex!r}"))
+    for rule in compiled:
+        get_strategy(rule.strategy)
     if not isinstance(strict, bool):
         raise TypeError(f"`strict` must be a bool, got {strict!r}.")
     if params_argname is None and _is_hf_model(apply_fn):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import jax
 import optax
 
@@ -9,10 +11,12 @@ from svft_jax._paths import path_to_str
 from svft_jax.core._partition import ADAPTER, EXTRA, FROZEN, labels
 from svft_jax.core._protocol import is_node, is_special
 
+_UNSET = object()  # tells a passed `adapted` (even None) from none
+
 
 def optimizer(
     tx: optax.GradientTransformation,
-    adapted=None,
+    adapted=_UNSET,
     *,
     extra: str | None = None,
     extra_tx: optax.GradientTransformation | None = None,
@@ -26,9 +30,9 @@ def optimizer(
 
     Args:
       tx: the optimiser for M, e.g. `optax.adamw(1e-3)`.
-      adapted: unused except for symmetry with the other helpers; labels are computed from
-        whatever tree `init`/`update` receive, so the full adapted tree and the trainable half
-        of `split` both work.
+      adapted: deprecated and unused (a DeprecationWarning for one release): labels are
+        computed from whatever tree `init`/`update` receive, so the full adapted tree and the
+        trainable half of `split` both work.
       extra: regex of additional fully-trainable leaves (e.g. 'classifier/.*').
       extra_tx: optimiser for the `extra` leaves (default: `tx`).
     Returns:
@@ -38,7 +42,10 @@ def optimizer(
       leaves that are neither adapter arrays nor `Trainable`-marked (`split(adapted, extra=regex)`
       on an unmarked tree puts them there): they would get exactly-zero updates.
     """
-    del adapted
+    if adapted is not _UNSET:
+        warnings.warn("svft_jax.optimizer(tx, adapted): the second argument is unused (the trainable set is read from the "
+                      "tree that init/update receive) and will be removed; call svft_jax.optimizer(tx).",
+                      DeprecationWarning, stacklevel=2)
     transforms = {ADAPTER: tx, EXTRA: extra_tx if extra_tx is not None else tx, FROZEN: optax.set_to_zero()}
     return optax.multi_transform(transforms, lambda tree: _checked_labels(tree, extra))
 

@@ -20,18 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
-from collections.abc import Mapping, MutableMapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svft_jax._args import check_bool
-from svft_jax._paths import compile_regex, matches
 from svft_jax.core._protocol import (
     AdapterNode,
+    ArraySpec,
     Plan,
     adapter_node,
     digest,
@@ -40,16 +37,6 @@ from svft_jax.core._protocol import (
     trainable_field,
     with_layout,
 )
-from svft_jax.core._targets import (
-    check_extra,
-    check_finite,
-    flatten_by_path,
-    mark_trainable,
-    replace_leaves,
-    resolve_target,
-    select_targets,
-)
-from svft_jax.errors import PrecisionWarning
 from svft_jax.methods.svft import _factorize
 from svft_jax.patterns import PatternOptions, PatternSpec, get_pattern
 from svft_jax.strategies.registry import register_strategy
@@ -121,6 +108,34 @@ class SVFTPlan(Plan):
         import zlib
 
         return (zlib.crc32(self.path.encode()),)
+
+    @property
+    def entries(self) -> int:
+        """|Ω| per layer."""
+        return self.spec.count(self.rank, self.options)
+
+    @property
+    def has_base(self) -> bool:
+        return self.keep_base
+
+    def arrays(self) -> dict:
+        """The arrays `SVFTNode.build` creates: u (*stack, d1, r), s (*stack, r), v (*stack, d2, r)
+        in factor_dtype; m (*stack, |Ω|) float32; gate (*stack,) for init="reference"; W0."""
+        layout, stack, r = self.layout, self.layout.stack_shape, self.rank
+        arrays = {"u": ArraySpec((*stack, layout.d1, r), self.factor_dtype, "frozen"),
+                  "s": ArraySpec((*stack, r), self.factor_dtype, "frozen"),
+                  "v": ArraySpec((*stack, layout.d2, r), self.factor_dtype, "frozen"),
+                  "m": ArraySpec((*stack, self.entries), "float32", "trainable")}
+        if self.init == "reference":
+            arrays["gate"] = ArraySpec(tuple(stack), "float32", "trainable")
+        if self.keep_base:
+            arrays["base"] = ArraySpec(tuple(layout.shape), layout.dtype, "base")
+        return arrays
+
+    def describe(self) -> str:
+        """e.g. "svft-banded(d=2)", "svft-random(k=24)", "svft-topk(k=24)", "svft-plain"."""
+        detail = {"banded": f"d={self.d}", "random": f"k={self.entries}", "topk": f"k={self.k}"}.get(self.pattern, "")
+        return f"svft-{self.pattern}({detail})" if detail else f"svft-{self.pattern}"
 
 
 def _from_plan(name: str) -> property:
@@ -373,15 +388,6 @@ class SVFTNode(AdapterNode):
         return mm(z.astype(dtype), jnp.swapaxes(self.u, -1, -2), precision, preferred_element_type)
 
     @property
-    def update_rank(self) -> int:
-        return self.meta.rank
-
-    def describe(self) -> str:
-        meta = self.meta
-        detail = {"banded": f"d={meta.d}", "random": f"seed={meta.seed}"}.get(meta.pattern, "")
-        return f"svft-{meta.pattern}({detail})" if detail else f"svft-{meta.pattern}"
-
-    @property
     def entries_per_layer(self) -> int:
         """|Ω| (the reference gate is counted in `num_trainable`, not here)."""
         return self.meta.num_entries
@@ -627,365 +633,6 @@ def _initial_values(plan: SVFTPlan, n: int):
     key = jax.random.fold_in(key, plan.key[0] & 0x7FFFFFFF)
     m = jax.random.normal(key, shape, jnp.float32) * np.sqrt(2.0 / n)
     return m, jnp.zeros(plan.layout.stack_shape, jnp.float32)
-
-
-# ---- apply ---------------------------------------------------------------------------------
-
-
-def _check_dtype_arg(value, name: str):
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError as err:
-        raise TypeError(f"`{name}` must be a dtype, got {value!r}.") from err
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"`{name}` must be a floating dtype, got {dtype}.")
-    return dtype
-
-
-def _check_seed(seed) -> int:
-    """`seed` as a non-negative int (numpy's seeded Generator rejects negative seeds, but only
-    after the SVDs would have run)."""
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
-        raise TypeError(f"`seed` must be an int, got {type(seed).__name__}.")
-    if seed < 0:
-        raise ValueError(f"`seed` must be >= 0, got seed={seed}; pass a non-negative int.")
-    return int(seed)
-
-
-def _plan_target(path: str, leaf, config: dict, svd_backend: str, svd_dtype: str) -> SVFTPlan:
-    where = f"parameter {path!r}"
-    target = resolve_target(path, leaf, config.get("layout"))
-    layout = target.layout
-    try:
-        spec = get_pattern(config["pattern"])
-        seed = _check_seed(config["seed"])  # may come from `overrides`
-        options = PatternOptions(d=config["d"], k=config["k"], seed=seed)
-        spec.check(options)
-    except (ValueError, TypeError) as err:
-        raise type(err)(f"{where}: {err}") from err
-    full = min(layout.d1, layout.d2)
-    rank = config["rank"]
-    if rank is None:
-        rank = full
-    elif isinstance(rank, bool) or not isinstance(rank, int | np.integer):
-        raise TypeError(f"{where}: `rank` must be an int or None, got {type(rank).__name__}.")
-    elif not 1 <= rank <= full:
-        raise ValueError(f"{where}: rank={rank} is out of range; W is {layout.d1}×{layout.d2}, so rank must be in [1, {full}] (or None for full rank).")
-    rank = int(rank)
-    count = spec.count(rank, options)
-    if count > rank * rank:
-        raise ValueError(f"{where}: k={count} entries do not fit in the {rank}×{rank} grid of M (rank {rank}); use k ≤ {rank * rank} or a larger rank.")
-    init = config["init"]
-    if init not in INITS:
-        raise ValueError(f"`init` must be one of {INITS}, got {init!r} (for {where}).")
-    keep_base = config["keep_base"]
-    if not isinstance(keep_base, bool | np.bool_):
-        raise TypeError(f"{where}: `keep_base` must be a bool, got {keep_base!r}.")
-    if not keep_base and rank < full:
-        raise ValueError(f"{where}: keep_base=False needs full rank (rank={full}); with rank={rank} the residual W0 − U_r Σ_r V_rᵀ must stay frozen, so the base weight is kept.")
-    factor_dtype = _check_dtype_arg(config["factor_dtype"], "factor_dtype")
-    if not keep_base and factor_dtype.itemsize < 4:
-        warnings.warn(
-            f"{where}: factor_dtype={factor_dtype.name} with keep_base=False rounds U, s, V, and U diag(s) Vᵀ "
-            "then differs from W0 by ~0.3% at M = 0 (bfloat16 has 8 mantissa bits). Keep W0 (keep_base=True) "
-            "for an exact base model, or use float32 factors.", PrecisionWarning, stacklevel=5)
-    check_finite(target)
-    backend = svd_backend if svd_backend != "randomized" or rank < full else _factorize.resolve_backend("auto")
-    return SVFTPlan(path=path, layout=layout, pattern=spec.name, d=options.d, k=options.k, seed=seed,
-                    rank=rank, init=init, factor_dtype=factor_dtype.name, keep_base=bool(keep_base),
-                    svd_backend=backend, svd_dtype=svd_dtype)
-
-
-def _compile_overrides(overrides, base_config: dict):
-    if overrides is None:
-        return []
-    if not isinstance(overrides, Mapping):
-        raise TypeError(f"`overrides` must be a mapping {{regex: {{option: value}}}}, got {type(overrides).__name__}.")
-    compiled = []
-    for regex, values in overrides.items():
-        if not isinstance(values, Mapping):
-            raise TypeError(f"overrides[{regex!r}] must be a dict of options, got {type(values).__name__}.")
-        unknown = set(values) - set(OVERRIDE_KEYS)
-        if unknown:
-            raise ValueError(f"overrides[{regex!r}] has unknown options {sorted(unknown)}; allowed: {OVERRIDE_KEYS}.")
-        if "pattern" in values and values["pattern"] != base_config["pattern"]:
-            inherited = [f"{key}={base_config[key]!r}" for key in ("d", "k") if key not in values and base_config[key] is not None]
-            if inherited:
-                raise ValueError(f"overrides[{regex!r}] changes pattern to {values['pattern']!r} but would inherit the global {', '.join(inherited)}; set them in the override explicitly (None to drop).")
-        compiled.append((regex, compile_regex(regex, f"overrides key {regex!r}"), dict(values)))
-    return compiled
-
-
-BUDGET_PATTERNS = ("banded", "random", "topk")
-
-
-def _budget_total(value, total_params: int) -> int:
-    """`budget` as an absolute count of trainable scalars."""
-    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise TypeError(f"`budget` must be a fraction of all parameters (float in (0, 1]) or a count (int), got {value!r}.")
-    if isinstance(value, float | np.floating):
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"`budget`={value!r} as a float is a fraction of all {total_params:,} parameters and must be in (0, 1]; pass an int for an absolute count.")
-        return int(math.floor(value * total_params))
-    if value < 1:
-        raise ValueError(f"`budget` must be a positive count, got {value!r}.")
-    return int(value)
-
-
-def _solve_budget(plans: list, budgeted: list[int], fixed_count: int, limit: int, pattern: str):
-    """Pick the one integer knob x that makes the trainable total the largest ≤ `limit`.
-
-    banded: x = d, the same band half-width on every budgeted target (|Ω| = banded_count(r, d)).
-    random/topk: x = K, the count at the largest rank r_max; each target gets
-      k = clamp(⌊K · r / r_max⌋, 1, r²), i.e. entries proportional to its rank.
-    Returns (new plans, choice dict).
-    """
-    from svft_jax.patterns import banded_count
-
-    r_max = max(plans[i].rank for i in budgeted)
-
-    def per_target(i, x):
-        plan = plans[i]
-        if pattern == "banded":
-            return dataclasses.replace(plan, d=int(x), k=None)
-        return dataclasses.replace(plan, d=None, k=int(min(max(x * plan.rank // r_max, 1), plan.rank * plan.rank)))
-
-    def total(x):
-        count = fixed_count
-        for i in budgeted:
-            plan = plans[i]
-            entries = banded_count(plan.rank, x) if pattern == "banded" else min(max(x * plan.rank // r_max, 1), plan.rank**2)
-            count += plan.layers * (entries + (1 if plan.init == "reference" else 0))
-        return count
-
-    lo, hi = (0, r_max - 1) if pattern == "banded" else (1, r_max * r_max)
-    if total(lo) > limit:
-        knob = "d=0" if pattern == "banded" else "k=1 per target"
-        raise ValueError(f"`budget` allows {limit:,} trainable parameters but the smallest {pattern} pattern ({knob}) needs {total(lo):,}; raise the budget or narrow `targets`.")
-    while lo < hi:  # the total is non-decreasing in x
-        mid = (lo + hi + 1) // 2
-        if total(mid) <= limit:
-            lo = mid
-        else:
-            hi = mid - 1
-    new = list(plans)
-    for i in budgeted:
-        new[i] = per_target(i, lo)
-    choice = {"budget": limit, "trainable": total(lo)}
-    choice.update({"d": lo} if pattern == "banded" else {"k_at_max_rank": lo, "max_rank": r_max})
-    return new, choice
-
-
-def make_plans(
-    params,
-    pattern: str = "plain",
-    *,
-    d: int | None = None,
-    k: int | None = None,
-    rank: int | None = None,
-    targets: str | None = None,
-    exclude: str | None = None,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    extra: str | None = None,
-    seed: int = 0,
-    factor_dtype=jnp.float32,
-    init: str = "zeros",
-    svd_dtype: str = "float32",
-    keep_base: bool = True,
-    svd_backend: str = "auto",
-    budget: int | float | None = None,
-):
-    """SVFT's planning step of `apply` (and of `svft_jax.plan`): every target's `SVFTPlan`,
-    validated, with `budget` resolved. Works on `jax.ShapeDtypeStruct` trees. No SVD runs.
-
-    Returns:
-      `svft_jax.core._size.Planned`.
-    """
-    from svft_jax.core._size import Planned, leaf_size, total_parameters
-
-    seed = _check_seed(seed)
-    if svd_dtype not in _factorize.SVD_DTYPES:
-        raise ValueError(f"`svd_dtype` must be one of {_factorize.SVD_DTYPES}, got {svd_dtype!r}; to store the factors in bfloat16 pass factor_dtype=jnp.bfloat16.")
-    backend = _factorize.resolve_backend(svd_backend)
-    _check_dtype_arg(factor_dtype, "factor_dtype")
-    if budget is not None:
-        if pattern not in BUDGET_PATTERNS:
-            raise ValueError(f"`budget` picks d (banded) or k (random/topk); pattern={pattern!r} has no size to pick. Use one of {BUDGET_PATTERNS}.")
-        if d is not None or k is not None:
-            raise ValueError(f"`budget` picks {'d' if pattern == 'banded' else 'k'} itself; drop d={d!r}/k={k!r} or the budget.")
-        # provisional values so each target validates; the budget replaces them below
-        d, k = (0, None) if pattern == "banded" else (None, 1)
-    base_config = {"pattern": pattern, "d": d, "k": k, "rank": rank, "seed": seed, "init": init,
-                   "factor_dtype": factor_dtype, "layout": None, "keep_base": keep_base}
-    compiled = _compile_overrides(overrides, base_config)
-    # Every override, in order: a path's layout is the first matching entry's (None if it sets none), as for every option.
-    layouts = {text: values.get("layout") for text, _, values in compiled}
-    chosen = select_targets(params, targets, exclude, layouts=layouts)
-    unused = [text for text, regex, _ in compiled if not any(matches(regex, p) for p in chosen)]
-    if unused:
-        raise ValueError(f"overrides key {unused[0]!r} matches none of the {len(chosen)} targets (e.g. {chosen[:3]}); fix the regex or drop it.")
-    leaves = flatten_by_path(params)
-
-    def override_for(path):
-        return next((values for _, regex, values in compiled if matches(regex, path)), {})
-
-    plans = [_plan_target(path, leaves[path], {**base_config, **override_for(path)}, backend, svd_dtype) for path in chosen]
-    extra_paths = check_extra(leaves, extra, chosen)
-    choice = {}
-    if budget is not None:
-        limit = _budget_total(budget, total_parameters(leaves))
-        # targets whose pattern or size an override sets keep it; the rest share the budget
-        budgeted = [i for i, path in enumerate(chosen) if not {"pattern", "d", "k"} & set(override_for(path))]
-        if not budgeted:
-            raise ValueError("`budget`: every target's pattern size is set by `overrides`; nothing is left to choose.")
-        fixed = sum(leaf_size(leaves[p]) for p in extra_paths)
-        fixed += sum(plans[i].layers * (plans[i].spec.count(plans[i].rank, plans[i].options) + (plans[i].init == "reference"))
-                     for i in range(len(plans)) if i not in set(budgeted))
-        plans, choice = _solve_budget(plans, budgeted, fixed, limit, pattern)
-    return Planned(plans, SVFTNode, extra_paths, choice)
-
-
-def plan_arrays(plan: SVFTPlan) -> dict:
-    """The arrays `SVFTNode.build` creates for `plan` ({name: ArraySpec})."""
-    from svft_jax.core._size import ArraySpec
-
-    layout, stack, r = plan.layout, plan.layout.stack_shape, plan.rank
-    n = plan.spec.count(r, plan.options)
-    arrays = {"u": ArraySpec((*stack, layout.d1, r), plan.factor_dtype, "frozen"),
-              "s": ArraySpec((*stack, r), plan.factor_dtype, "frozen"),
-              "v": ArraySpec((*stack, layout.d2, r), plan.factor_dtype, "frozen"),
-              "m": ArraySpec((*stack, n), "float32", "trainable")}
-    if plan.init == "reference":
-        arrays["gate"] = ArraySpec(tuple(stack), "float32", "trainable")
-    if plan.keep_base:
-        arrays["base"] = ArraySpec(tuple(layout.shape), layout.dtype, "base")
-    return arrays
-
-
-def _describe(plan: SVFTPlan) -> str:
-    detail = {"banded": f"d={plan.d}", "random": f"seed={plan.seed}", "topk": f"k={plan.k}"}.get(plan.pattern, "")
-    if plan.pattern == "random":
-        detail = f"k={plan.spec.count(plan.rank, plan.options)}"
-    return f"svft-{plan.pattern}({detail})" if detail else f"svft-{plan.pattern}"
-
-
-def _register_planner():
-    from svft_jax.core._size import Planner, register_planner
-
-    register_planner(Planner(
-        method="svft", make_plans=make_plans, arrays=plan_arrays, update_rank=lambda plan: plan.rank,
-        has_base=lambda plan: plan.keep_base, describe=_describe,
-        entries=lambda plan: plan.spec.count(plan.rank, plan.options)))
-
-
-_register_planner()
-
-
-def apply(
-    params,
-    pattern: str = "plain",
-    *,
-    d: int | None = None,
-    k: int | None = None,
-    rank: int | None = None,
-    targets: str | None = None,
-    exclude: str | None = None,
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    extra: str | None = None,
-    seed: int = 0,
-    factor_dtype=jnp.float32,
-    init: str = "zeros",
-    svd_dtype: str = "float32",
-    keep_base: bool = True,
-    svd_backend: str = "auto",
-    factors: Mapping | MutableMapping | None = None,
-    svd_batch: int = 16,
-    progress: bool = False,
-    budget: int | float | None = None,
-    mesh=None,
-    fsdp: bool = False,
-):
-    """Replace target kernels by SVFT nodes: W = W0 + U M Vᵀ with M sparse on a pattern Ω.
-
-    SVFT (Lingam et al., NeurIPS 2024, arXiv:2405.19597), §3.
-
-    Args:
-      params: any parameter pytree (Flax linen `params`, NNX state or pure dict, HF `model.params`).
-      pattern: "plain" (diagonal), "banded" (|i − j| ≤ d), "random" (k seeded positions) or
-        "topk" (k largest |u_iᵀ v_j|), or any name added with `register_pattern`.
-      d: band half-width for "banded"; for random/top-k without `k`, the budget of the d-band.
-      k: number of trainable entries per target for random/top-k.
-      rank: singular triplets kept (None: r = min(d1, d2)). With rank < r, W0 stays frozen
-        beside U_r, V_r, so M = 0 still gives W0 exactly.
-      targets: regex matched in full against '/'-joined paths (e.g. '.*(query|value)/kernel');
-        None picks every 2-D (or N-D) 'kernel' outside embeddings, norms, biases and heads.
-      exclude: regex of paths never adapted (must match some parameter).
-      overrides: {regex: {option: value}}; the first regex that matches a target's path
-        overrides `pattern`, `d`, `k`, `rank`, `seed`, `init`, `factor_dtype`, `keep_base` or
-        `layout` for it. Every regex must match a target.
-      extra: regex of leaves trained in full beside the adapters (a new head, e.g.
-        'classifier/.*'); they are marked `Trainable` in the result, so `split`, `optimizer`,
-        `summary` and `save_adapter` need not be told again.
-      seed: seeds the random pattern and init="reference" (with a checksum of each path).
-      factor_dtype: dtype of the stored U, s, V (M is always float32).
-      init: "zeros" (M = 0) or "reference" (the authors' Kaiming-normal m · sigmoid(gate)).
-      svd_dtype: "float32" or "float64".
-      keep_base: store W0 in the node (exact W0 at M = 0, needed by factored execution).
-      svd_backend: "auto" (LAPACK on a CPU host, XLA on an accelerator), "jax", "numpy" or
-        "randomized" (truncated rank only). The resolved back-end is recorded in each node, so
-        an adapter file reloads with the routine that made its factors.
-      factors: a factor store — a Mapping from `svft_jax.checkpoint.factor_key`-style keys to
-        (u, s, v) — read before computing an SVD and, if mutable, written after; or the path
-        (str or os.PathLike) of a factor cache file or folder, read with
-        `svft_jax.checkpoint.load_factor_cache`. Every entry read is checked against its kernel
-        (shapes, rank, dtype, and that it is this kernel's SVD to the SVD's tolerance) and a
-        wrong one is refused, naming the target and the store. With a `mesh`, each process
-        writes the factors it computed.
-      svd_batch: how many same-shaped matrices one batched SVD call takes (with a `mesh`, per
-        device).
-      progress: show a progress bar over SVD batches.
-      budget: pick the pattern size instead of `d`/`k`: a fraction of all parameters (float in
-        (0, 1]) or an absolute count (int) of trainable scalars (adapters, reference gates and
-        `extra` leaves). "banded": one d for every target, the largest whose total fits;
-        "random"/"topk": k proportional to each target's rank, k = ⌊K·r/r_max⌋ with the largest
-        K that fits. Targets whose pattern/d/k an override sets keep it. `svft_jax.plan`
-        reports the choice.
-      mesh: a `jax.sharding.Mesh`: the SVDs are split over its devices (and processes) — each
-        device factorises its share of every batch of same-shaped matrices, from kernels that
-        may be sharded or non-addressable — and the factors come back as global arrays
-        replicated over the mesh (or FSDP-sharded with `fsdp=True`, as
-        `svft_jax.distributed.shard_params`).
-      fsdp: with `mesh`, split each factor over the mesh's "model" axis (its largest divisible
-        axis) instead of replicating it.
-    Returns:
-      `params` with each target leaf replaced by an `SVFTNode` (and `extra` leaves marked).
-    Raises:
-      ValueError/TypeError naming the parameter path, before any SVD runs.
-    """
-    if isinstance(svd_batch, bool) or not isinstance(svd_batch, int) or svd_batch < 1:
-        raise ValueError(f"`svd_batch` must be a positive int, got {svd_batch!r}.")
-    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
-        raise TypeError(f"`mesh` must be a jax.sharding.Mesh, got {type(mesh).__name__}.")
-    fsdp = check_bool(fsdp, "fsdp")
-    progress = check_bool(progress, "progress")
-    if fsdp and mesh is None:
-        raise ValueError("`fsdp=True` shards the factors over a mesh; pass mesh= too.")
-    if factors is not None and not isinstance(factors, Mapping):
-        from svft_jax.checkpoint.cache import (
-            as_factor_store,  # a path: read as load_adapter reads it
-        )
-
-        factors = as_factor_store(factors, "apply")
-    planned = make_plans(params, pattern, d=d, k=k, rank=rank, targets=targets, exclude=exclude, overrides=overrides,
-                         extra=extra, seed=seed, factor_dtype=factor_dtype, init=init, svd_dtype=svd_dtype,
-                         keep_base=keep_base, svd_backend=svd_backend, budget=budget)
-    leaves = flatten_by_path(params)
-    for plan in planned.plans:
-        if isinstance(leaves[plan.path], jax.ShapeDtypeStruct):
-            path = plan.path
-            raise TypeError(f"parameter {path!r} is a jax.ShapeDtypeStruct (a shapes-only tree); `apply` needs the weights. Use `svft_jax.plan` to size a model from shapes.")
-    nodes = SVFTNode.build(planned.plans, leaves, factors=factors, batch=svd_batch, progress=progress, mesh=mesh, fsdp=fsdp)
-    return mark_trainable(replace_leaves(params, nodes), extra)
 
 
 # ---- SVFT's own execution strategy ---------------------------------------------------------
