@@ -11,6 +11,8 @@ from typing import Any
 
 import jax
 
+from svft_jax._paths import path_to_str
+from svft_jax.core._protocol import Trainable, is_special
 from svft_jax.core._rules import (
     Method,
     Rule,
@@ -24,8 +26,6 @@ from svft_jax.core._targets import (
     check_extra,
     check_finite,
     flatten_by_path,
-    mark_trainable,
-    replace_leaves,
     resolve_target,
     select_targets,
 )
@@ -70,7 +70,9 @@ def plan_adapt(params, config_or_rules, *, targets: str | None = None, exclude: 
     for rule in rules:  # select_targets takes the first declared layout per path, like the rules
         layouts.setdefault(rule.path, rule.layout)
     chosen = select_targets(params, targets, exclude, layouts=layouts, leaves=leaves)
-    check_all_used([r for r in rules if r.method is not None or r.layout is not None], chosen)
+    # Rules that only pick a strategy are `wrap`'s; adapt reads the ones with a method or layout.
+    rules = [r for r in rules if r.method is not None or r.layout is not None]
+    check_all_used(rules, chosen)
     by_config: dict[Method, list] = {}
     for path in chosen:
         rule = first_match(rules, path)
@@ -103,7 +105,14 @@ def build(params, planned: Planned, *, extra: str | None = None, leaves=None, **
     nodes = {}
     for node_cls, plans in by_node.items():
         nodes.update(node_cls.build(plans, leaves, **build_options))
-    return mark_trainable(replace_leaves(params, nodes), extra) if extra is not None else replace_leaves(params, nodes)
+    # One replacement: each target by its node, each `extra` leaf (checked by plan_adapt) marked.
+    marked = set(planned.extra) if extra is not None else set()
+
+    def replace(path, leaf):
+        name = path_to_str(path)
+        return nodes[name] if name in nodes else Trainable(leaf) if name in marked else leaf
+
+    return jax.tree_util.tree_map_with_path(replace, params, is_leaf=is_special)
 
 
 def adapt(params, config_or_rules: Method | Rule | list[Rule], *, targets: str | None = None,
