@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from typing import Any
-
-import jax
 
 PyTree = Any
 
@@ -39,10 +36,3 @@ def compile_regex(pattern: str | None, name: str) -> re.Pattern | None:
 def matches(regex: re.Pattern | None, path: str) -> bool:
     """`re.fullmatch` for a '/'-joined path; None matches nothing."""
     return regex is not None and regex.fullmatch(path) is not None
-
-
-def map_with_path(fn: Callable[[str, Any], Any], tree: PyTree, is_leaf=None) -> PyTree:
-    """`jax.tree_util.tree_map_with_path` with the path already joined to a string."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, x: fn(path_to_str(path), x), tree, is_leaf=is_leaf
-    )

@@ -1,7 +1,6 @@
-"""Moved to `svft_jax.methods.dora` (issue 19); this path is an alias kept for one release (see CHANGELOG.md)."""
+"""Moved to `svft_jax.methods.dora` (issue 19); an alias of it for one release (CHANGELOG.md)."""
 
+import importlib
 import sys
 
-from svft_jax.methods import dora as _moved
-
-sys.modules[__name__] = _moved
+sys.modules[__name__] = importlib.import_module("svft_jax.methods.dora")

@@ -6,7 +6,7 @@ Numerics (the same on every platform):
   * factors stored in bfloat16 stay bfloat16 in the hot path: the activation is cast down to
     the factor dtype (one pass over T×d values) instead of U and V being cast up to float32
     on every step (`compute_dtype`);
-  * products that rebuild W from its factors (`SVFTNode.delta`/`weight`, `merge`, the
+  * products that rebuild W from its factors (SVFT's `delta`/`weight`, `merge`, the
     rebuild strategy) run at `rebuild_precision()`.
 """
 

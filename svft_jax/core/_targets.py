@@ -185,13 +185,3 @@ def mark_trainable(tree, extra: str | None):
     return jax.tree_util.tree_map_with_path(
         lambda path, x: Trainable(x) if path_to_str(path) in chosen else x, tree, is_leaf=is_special
     )
-
-
-def marked_paths(tree) -> list[str]:
-    """Paths of the `Trainable` markers in `tree`."""
-    return [p for p, x in flatten_by_path(tree).items() if is_marker(x)]
-
-
-def replace_leaves(params, nodes: Mapping[str, Any]):
-    """`params` with each path in `nodes` replaced by its node; other leaves untouched."""
-    return jax.tree_util.tree_map_with_path(lambda path, leaf: nodes.get(path_to_str(path), leaf), params)

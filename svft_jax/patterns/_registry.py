@@ -31,6 +31,16 @@ class PatternOptions:
     d: int | None = None
     k: int | None = None
     seed: int = 0
+    #: the options a pattern has of its own, as sorted (name, value) pairs; read as attributes
+    #: (`options.stride` for a typed spec `Stripes(stride=2)`).
+    own: tuple = ()
+
+    def __getattr__(self, name):
+        if not name.startswith("__"):
+            for key, value in object.__getattribute__(self, "own"):
+                if key == name:
+                    return value
+        raise AttributeError(f"pattern options have no {name!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,7 +60,11 @@ class Pattern:
         return self.name
 
     def options(self, seed: int = 0) -> PatternOptions:
-        return PatternOptions(d=getattr(self, "d", None), k=getattr(self, "k", None), seed=seed)
+        """What the pattern's functions receive: d, k (when the spec has them), the seed, and
+        every other field of the spec as an option of its own (so a new pattern with a new
+        option is one file: its spec declares the field, its functions read `options.<field>`)."""
+        own = tuple(sorted((f.name, getattr(self, f.name)) for f in dataclasses.fields(self) if f.name not in ("d", "k")))
+        return PatternOptions(d=getattr(self, "d", None), k=getattr(self, "k", None), seed=seed, own=own)
 
     @staticmethod
     def of(name: str, *, d: int | None = None, k: int | None = None) -> Pattern:
@@ -71,6 +85,9 @@ class Named(Pattern):
     @property
     def pattern_name(self) -> str:
         return self.pattern
+
+    def options(self, seed: int = 0) -> PatternOptions:
+        return PatternOptions(d=self.d, k=self.k, seed=seed)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,13 +3,10 @@
 
 from svft_jax.core import *  # noqa: F403
 from svft_jax.core import __all__ as _core_all
-from svft_jax.methods.svft import PrecisionWarning as PrecisionWarning  # noqa: PLC0414
-from svft_jax.methods.svft import SVFTMeta as SVFTMeta  # noqa: PLC0414
-from svft_jax.methods.svft import SVFTNode as SVFTNode  # noqa: PLC0414
-from svft_jax.methods.svft import SVFTPlan as SVFTPlan  # noqa: PLC0414
-from svft_jax.methods.svft import apply as apply  # noqa: PLC0414
+from svft_jax.methods.svft import *  # noqa: F403
+from svft_jax.methods.svft import __all__ as _svft_all
 
-__all__ = sorted([*_core_all, "PrecisionWarning", "SVFTMeta", "SVFTNode", "SVFTPlan", "apply"])  # noqa: PLE0605
+__all__ = sorted({*_core_all, *_svft_all})  # noqa: PLE0605
 
 # The old submodules, as attributes too (`svft_jax.transform._targets.flatten_by_path`).
 from svft_jax.transform import (  # noqa: E402, F401

@@ -67,6 +67,7 @@ class SVFT(Method):
     def values(self) -> dict:
         """The option values a target is planned from (the pattern's d, k flattened in)."""
         return {"pattern": self.pattern.pattern_name, "d": getattr(self.pattern, "d", None), "k": getattr(self.pattern, "k", None),
+                "own": self.pattern.options().own,
                 "rank": self.rank, "seed": self.seed, "init": self.init, "factor_dtype": self.factor_dtype,
                 "keep_base": self.keep_base}
 
@@ -87,7 +88,7 @@ def plan_target(target, config: dict, svd_backend: str, svd_dtype: str) -> SVFTP
     try:
         spec = get_pattern(config["pattern"])
         seed = check_seed(config["seed"])  # may come from `overrides`
-        options = PatternOptions(d=config["d"], k=config["k"], seed=seed)
+        options = PatternOptions(d=config["d"], k=config["k"], seed=seed, own=config.get("own", ()))
         spec.check(options)
     except (ValueError, TypeError) as err:
         raise type(err)(f"{where}: {err}") from err
@@ -118,7 +119,7 @@ def plan_target(target, config: dict, svd_backend: str, svd_dtype: str) -> SVFTP
             "then differs from W0 by ~0.3% at M = 0 (bfloat16 has 8 mantissa bits). Keep W0 (keep_base=True) "
             "for an exact base model, or use float32 factors.", PrecisionWarning, stacklevel=6)
     backend = svd_backend if svd_backend != "randomized" or rank < full else _factorize.resolve_backend("auto")
-    return SVFTPlan(path=path, layout=layout, pattern=spec.name, d=options.d, k=options.k, seed=seed,
+    return SVFTPlan(path=path, layout=layout, pattern=spec.name, d=options.d, k=options.k, seed=seed, pattern_options=options.own,
                     rank=rank, init=init, factor_dtype=factor_dtype.name, keep_base=bool(keep_base),
                     svd_backend=backend, svd_dtype=svd_dtype)
 

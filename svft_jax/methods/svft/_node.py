@@ -93,10 +93,27 @@ class SVFTPlan(Plan):
     keep_base: bool = True
     svd_backend: str = "numpy"
     svd_dtype: str = "float32"
+    pattern_options: tuple = ()  # a typed pattern's options of its own: sorted (name, value) pairs
 
     @property
     def options(self) -> PatternOptions:
-        return PatternOptions(d=self.d, k=self.k, seed=self.seed)
+        return PatternOptions(d=self.d, k=self.k, seed=self.seed, own=self.pattern_options)
+
+    def to_config(self) -> dict:
+        """As `Plan.to_config`; `pattern_options` only when the pattern has some (so files of
+        the built-in patterns record exactly what format 2 always recorded)."""
+        config = super().to_config()
+        if self.pattern_options:
+            config["pattern_options"] = [list(pair) for pair in self.pattern_options]
+        else:
+            del config["pattern_options"]
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        plan = super().from_config({k: v for k, v in config.items() if k != "pattern_options"})
+        own = tuple(tuple(pair) for pair in config.get("pattern_options", ()))
+        return dataclasses.replace(plan, pattern_options=own)
 
     @property
     def spec(self) -> PatternSpec:
@@ -138,11 +155,6 @@ class SVFTPlan(Plan):
         return f"svft-{self.pattern}({detail})" if detail else f"svft-{self.pattern}"
 
 
-def _from_plan(name: str) -> property:
-    """A read-only property of SVFTMeta that returns the plan's `name`."""
-    return property(lambda meta: getattr(meta.plan, name), doc=f"`plan.{name}`.")
-
-
 @dataclasses.dataclass(frozen=True)
 class SVFTMeta:
     """Static description of one adapted kernel: its plan, Ω, and what its spectrum showed.
@@ -159,24 +171,11 @@ class SVFTMeta:
     cols: StaticIndices
     near_repeated: int = 0
 
-    # The plan's fields, read through the meta (node.meta.rank, node.meta.layout, ...).
-    path = _from_plan("path")
-    layout = _from_plan("layout")
-    layers = _from_plan("layers")
-    key_id = _from_plan("key_id")
-    pattern = _from_plan("pattern")
-    d = _from_plan("d")
-    k = _from_plan("k")
-    seed = _from_plan("seed")
-    rank = _from_plan("rank")
-    init = _from_plan("init")
-    factor_dtype = _from_plan("factor_dtype")
-    keep_base = _from_plan("keep_base")
-    svd_backend = _from_plan("svd_backend")
-    svd_dtype = _from_plan("svd_dtype")
-    options = _from_plan("options")
-    spec = _from_plan("spec")
-    key = _from_plan("key")
+    def __getattr__(self, name):
+        """The plan's fields and properties, read through the meta (node.meta.rank, .layout, ...)."""
+        if name.startswith("__") or name == "plan":  # copy/pickle probes, and before `plan` is set
+            raise AttributeError(name)
+        return getattr(self.plan, name)
 
     @property
     def num_entries(self) -> int:
