@@ -124,7 +124,6 @@ def plan_target(target, config: dict, svd_backend: str, svd_dtype: str) -> SVFTP
                     svd_backend=backend, svd_dtype=svd_dtype)
 
 
-
 def override_rules(overrides, base: dict, svd_backend: str, svd_dtype: str) -> list[Rule]:
     """`apply`'s `overrides={regex: {option: value}}` as rules (in order), then the catch-all.
 
@@ -219,7 +218,6 @@ def _solve_budget(plans: list, budgeted: list[int], fixed_count: int, limit: int
     choice = {"budget": limit, "trainable": total(lo)}
     choice.update({"d": lo} if pattern == "banded" else {"k_at_max_rank": lo, "max_rank": r_max})
     return new, choice
-
 
 
 def make_plans(
