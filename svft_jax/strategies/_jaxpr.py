@@ -124,3 +124,14 @@ def bind(eqn: JaxprEqn, invals) -> Any:
     params = eqn.primitive.get_bind_params(eqn.params)
     with eqn.ctx.manager:
         return eqn.primitive.bind(*invals, **params)
+
+
+def source_line(eqn: JaxprEqn) -> str:
+    """'file.py:123 (function)' of the user code that emitted `eqn`, or '' where this JAX does
+    not say. Used only in messages (which op a weight meets), never for a decision."""
+    try:
+        from jax._src import source_info_util  # private: read in this one module, guarded
+
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # noqa: BLE001 - any failure only loses the location in a message
+        return ""
