@@ -213,3 +213,28 @@ def test_u_and_v_inherit_the_weight_sharding_names_and_m_is_replicated():
     assert q.w_svft_u.get_metadata()["out_sharding"] == (names[1], None)
     assert q.w_svft_v.get_metadata()["out_sharding"] == (names[0], None)
     assert q.w_svft_m.get_metadata()["out_sharding"] == (None,)
+
+
+def test_the_readme_tunix_example_runs_and_trains_m_only(capsys):
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## NNX models in place"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "README.md#nnx-models-in-place", "exec"), scope)
+    out = capsys.readouterr().out
+    assert "adapted weights: 14" in out and "lm_head/w" in out and "embedder/input_embedding" in out
+    assert scope["trainer"].train_steps == 5
+    model = scope["model"]
+    assert type(model) is llama3.Llama3 and not jax.tree.leaves(nnx.state(model, nnx.LoRAParam))  # merged
+
+
+@pytest.mark.slow
+def test_bench_nnx_runs_its_three_methods_side_by_side(tmp_path):
+    from experiments import bench_nnx
+
+    report = bench_nnx.main(["--config=tiny", "--repeats=1", f"--output={tmp_path / 'bench.md'}"])
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "method" not in line]
+    assert [r.split(" | ")[0] for r in rows] == ["| SVFT banded d=2 (auto)", "| qwix LoRA r=8", "| full FT"]
