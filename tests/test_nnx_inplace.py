@@ -209,6 +209,11 @@ def test_a_weight_in_two_contractions_is_refused_naming_both():
         snnx.adapt(Twice(nnx.Rngs(0)), snnx.SVFT(), _x((2, IN)), _x((2, 8)))
 
 
+def test_rules_that_leave_everything_out_raise():
+    with pytest.raises(ValueError, match="adapt no weight"):
+        snnx.adapt(Net(nnx.Rngs(0)), [snnx.Rule(path=".*", method=None)], _x())
+
+
 def test_a_rule_layout_is_checked_against_the_op():
     bad = snnx.Rule(path="mlp/kernel", method=snnx.SVFT(), layout={"stack_ndim": 0, "in_axes": (1,), "out_axes": (0,)})
     with pytest.raises(ValueError, match=r"'mlp/kernel'.*rule 0 expects layout.*in_axes': \(0,\)"):
@@ -402,3 +407,19 @@ def _nothing():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_adapter_arrays_are_placed_on_the_weight_mesh():
+    devices = np.array(jax.devices()[:8])
+    if devices.size < 8:
+        pytest.skip("needs 8 (virtual) devices: tests/conftest.py sets them before jax starts")
+    mesh = jax.sharding.Mesh(devices.reshape(2, 4), ("fsdp", "tp"))
+    P = jax.sharding.PartitionSpec
+    lin = nnx.Linear(IN, 8, rngs=nnx.Rngs(0))
+    kernel = jax.device_put(lin.kernel[...], jax.sharding.NamedSharding(mesh, P("fsdp", "tp")))
+    lin.kernel = nnx.Param(kernel, out_sharding=("fsdp", "tp"), eager_sharding=False)
+    model = snnx.adapt(lin, snnx.Rule(path="kernel", method=snnx.SVFT(pattern=snnx.Banded(d=1))), _x((2, IN)))
+    assert model.kernel_svft_u[...].sharding.spec == P("tp", None)
+    assert model.kernel_svft_v[...].sharding.spec == P("fsdp", None)
+    assert model.kernel_svft_m[...].sharding.is_fully_replicated
+    np.testing.assert_allclose(model(_x((2, IN))), lin(_x((2, IN))), rtol=1e-5, atol=1e-5)

@@ -199,9 +199,11 @@ def _select(weights: dict[str, _Weight], rules: tuple[Rule, ...]):
         index = next((i for i, rule in enumerate(rules)
                       if (rule.path is None and _is_default_target(path)) or matches(rule.regex, path)), None)
         if index is None:
-            reason = (f"the default targets leave out embeddings, norms and heads ({_excluded_component(path)!r}); "
-                      f"name it in a Rule(path=...) to adapt it") if not _is_default_target(path) and any(r.path is None for r in rules) \
-                else "matched by no rule"
+            if not _is_default_target(path) and any(r.path is None for r in rules):
+                reason = (f"the default targets leave out embeddings, norms and heads ({_excluded_component(path)!r}); "
+                          f"name it in a Rule(path=...) to adapt it")
+            else:
+                reason = "matched by no rule"
             left.append(LeftOut(path, weight.shape, reason, True))
             continue
         matched[index].append(path)
@@ -382,6 +384,9 @@ def adapt(model, rules, *model_inputs, call_method: str = "__call__", factors=No
     weights = _candidates(model)
     _trace_uses(model, call_method, model_inputs, model_inputs_kwargs, weights)
     chosen, left = _select(weights, rules)
+    if not chosen:
+        raise ValueError("the rules adapt no weight (every matched weight is left out by a rule with method=None); "
+                         "give some rule a method.")
     nodes = _build(weights, chosen, factors)
     shared: dict = {}
     targets = []
