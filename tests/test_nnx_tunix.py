@@ -238,3 +238,19 @@ def test_bench_nnx_runs_its_three_methods_side_by_side(tmp_path):
     report = bench_nnx.main(["--config=tiny", "--repeats=1", f"--output={tmp_path / 'bench.md'}"])
     rows = [line for line in report.splitlines() if line.startswith("| ") and "method" not in line]
     assert [r.split(" | ")[0] for r in rows] == ["| SVFT banded d=2 (auto)", "| qwix LoRA r=8", "| full FT"]
+
+
+def test_a_kv_cache_call_equals_the_merged_model():
+    """Decoding calls (a KV cache in and out, as Tunix's sampler makes them) run the adapters too."""
+    tokens, positions, attention_mask = _inputs()
+    model = snnx.adapt(llama(), snnx.SVFT(pattern=snnx.Banded(d=1)), tokens, positions, None, attention_mask)
+    nnx.update(model, jax.tree.map(lambda a: a + 0.1, nnx.state(model, nnx.LoRAParam)))
+    size = 8
+    cache = {f"layer_{i}": {"k": jnp.zeros((BATCH, size, KV_HEADS, HEAD_DIM)), "v": jnp.zeros((BATCH, size, KV_HEADS, HEAD_DIM)),
+                            "end_index": jnp.zeros((BATCH,), jnp.int32)} for i in range(LAYERS)}
+    mask = jnp.ones((BATCH, TOKENS, size), bool)
+    logits, new_cache = nnx.jit(lambda m, t, p, c, a: m(t, p, c, a))(model, tokens, positions, cache, mask)
+    merged = snnx.merge(nnx.clone(model))
+    want_logits, want_cache = merged(tokens, positions, cache, mask)
+    np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(new_cache["layer_1"]["k"], want_cache["layer_1"]["k"], rtol=1e-5, atol=1e-5)
