@@ -215,6 +215,7 @@ def test_u_and_v_inherit_the_weight_sharding_names_and_m_is_replicated():
     assert q.w_svft_m.get_metadata()["out_sharding"] == (None,)
 
 
+@pytest.mark.slow  # ~20 s on 2 shared cores (a PeftTrainer compile); the steps it shows are tested above
 def test_the_readme_tunix_example_runs_and_trains_m_only(capsys):
     import re
     from pathlib import Path
