@@ -57,7 +57,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that is not
 
 # Namespaces with heavier imports (orbax, transformers) load on first attribute access, so
 # `import svft_jax` stays fast while `svft_jax.checkpoint.save_adapter(...)` just works.
-_LAZY_NAMESPACES = ("adapters", "baselines", "checkpoint", "distributed", "models", "patterns", "strategies", "training", "transform")
+_LAZY_NAMESPACES = ("adapters", "baselines", "checkpoint", "distributed", "models", "nnx", "patterns", "strategies", "training", "transform")
 
 
 def __getattr__(name):

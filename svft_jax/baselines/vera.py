@@ -64,6 +64,7 @@ class VeRANode(AdapterNode):
     """
 
     plan_cls = VeRAPlan
+    axis_roles = {"shared_a": (None, "in"), "shared_b": ("out", None), "scale_b": ("out",)}
 
     shared_a: Any = frozen_field()
     shared_b: Any = frozen_field()
