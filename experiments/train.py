@@ -616,8 +616,10 @@ def demo_task(config: TrainConfig, *, num_train: int = 256, num_eval: int = 64, 
 
     train, evaluation = make_split(num_train), make_split(num_eval)
 
+    run_model = models.run_adapted(model)  # the adapted tree, never a merged copy
+
     def logits_of(adapted, batch):
-        return model(batch["input_ids"], attention_mask=batch["attention_mask"], params=svft_jax.merge(adapted)).logits
+        return run_model(batch["input_ids"], attention_mask=batch["attention_mask"], params=adapted).logits
 
     def loss_fn(adapted, batch, rng):
         del rng  # no dropout in this tiny config
