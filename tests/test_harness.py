@@ -22,6 +22,7 @@ import pytest
 import svft_jax
 from experiments import config, data, presets, report, train
 from svft_jax.training import losses
+from tests.stack import needs_flax_models
 
 
 def _mlp_task(aggregate_fn=None, seed=0):
@@ -291,6 +292,7 @@ def _perturbed(adapted, extra, seed):
     return moved, frozen
 
 
+@needs_flax_models
 @pytest.mark.parametrize("method", ["svft_banded_d2", "svft_plain", "svft_topk_d2", "lora_r8", "dora_r1", "vera_r256"])
 def test_sentiment_loss_through_wrap_equals_the_merged_models_loss_and_gradient(method):
     from transformers import BertConfig, FlaxBertModel
@@ -340,6 +342,7 @@ def test_sentiment_loss_through_wrap_equals_the_merged_models_loss_and_gradient(
         np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
 
 
+@needs_flax_models
 def test_demo_task_loss_through_wrap_equals_the_merged_models_loss_and_gradient():
     from experiments import models
 
