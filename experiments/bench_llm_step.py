@@ -401,9 +401,12 @@ def main(argv=None):
     if alone:
         text += [f"## Each method alone (own process, median of {options.steps} steps; the better of {options.passes} "
                  "processes per method, run in turn)", "", table(alone, alone=True), "",
-                 "arrays held: the JAX arrays the process holds while stepping (weights, W0 included where kept, "
-                 "factors, optimiser state); RSS peak: VmHWM over the timed steps, reset after set-up and "
-                 "`malloc_trim`.", ""]
+                 "Alone, each process meets the shared machine at another moment: its wall time says how loaded "
+                 "the machine was then as much as what the method costs; compare methods by the CPU columns here "
+                 "and by wall time in the interleaved table. arrays held: the JAX arrays the process holds while "
+                 "stepping (weights, W0 included where kept, factors, optimiser state); RSS peak: VmHWM over the "
+                 "timed steps, reset after set-up and `malloc_trim` (with the kept heap it also counts "
+                 "fragmentation).", ""]
     if interleaved:
         text += [f"## Interleaved (one process, {options.rounds} rounds of one step each; resident "
                  f"{interleaved['resident_mib']:.0f} MiB at the end)", "", table(interleaved["methods"], alone=False), ""]
