@@ -43,7 +43,7 @@ def main(argv=None):
     keep_freed_memory()  # before JAX starts its threads: no per-step page faults (see its docstring)
     argv = list(sys.argv[1:] if argv is None else argv)
     (options,) = config_lib.parse(argv, Options(), description=__doc__)
-    start = time.perf_counter()
+    start, machine = time.perf_counter(), machine_description()
     # A short schedule needs a livelier head than the full run's (2e-3 over 120 steps).
     train = dataclasses.replace(sentiment.TRAIN, steps=options.steps, batch_size=16, head_learning_rate=1e-2)
     task_options = sentiment.Options(methods=DEMO_METHODS, seeds=(0,), max_length=32, eval_limit=options.eval_limit,
@@ -65,7 +65,7 @@ def main(argv=None):
     if options.output:
         command = " ".join(["python -m experiments.demo", *argv])
         header = [f"# `make demo`: {', '.join(DEMO_METHODS)} on all-MiniLM-L6-v2, {train.steps} steps × batch "
-                  f"{train.batch_size}, one seed", "", f"Command: `{command}`", "", machine_description(), ""]
+                  f"{train.batch_size}, one seed", "", f"Command: `{command}`", "", machine, ""]
         Path(options.output).write_text("\n".join(header + text) + "\n")
     print(f"\ndone in {(time.perf_counter() - start) / 60:.1f} min. The full experiment: "
           "`python -m experiments.sentiment` (results in experiments/results/sentiment.md).")
