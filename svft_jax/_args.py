@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -22,3 +23,18 @@ def check_bool(value, name: str, where: str = "") -> bool:
         prefix = f"{where}: " if where else ""
         raise TypeError(f"{prefix}`{name}` must be True or False, got {value!r} ({type(value).__name__}); a string such as 'false' is not a bool.")
     return bool(value)
+
+
+def check_float_dtype(value, name: str) -> jnp.dtype:
+    """`value` as a floating JAX dtype (`factor_dtype=` and the like).
+
+    Raises:
+      TypeError: `value` is not a dtype; ValueError: it is not a floating one. Both name `name`.
+    """
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError as err:
+        raise TypeError(f"`{name}` must be a dtype, got {value!r}.") from err
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"`{name}` must be a floating dtype, got {dtype}.")
+    return dtype

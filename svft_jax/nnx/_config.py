@@ -19,8 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-import jax.numpy as jnp
-
+from svft_jax._args import check_float_dtype
 from svft_jax._paths import compile_regex
 
 # ---- patterns -------------------------------------------------------------------------------
@@ -96,16 +95,6 @@ def _exact(paths) -> str:
     return "|".join(re.escape(p) for p in paths)
 
 
-def _check_dtype(value, name: str) -> str:
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError as err:
-        raise TypeError(f"`{name}` must be a dtype, got {value!r}.") from err
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"`{name}` must be a floating dtype, got {dtype}.")
-    return dtype.name
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SVFT(Method):
     """SVFT (Lingam et al., NeurIPS 2024): W = W0 + U M Vᵀ, M sparse on `pattern`.
@@ -134,7 +123,7 @@ class SVFT(Method):
     def __post_init__(self):
         if not isinstance(self.pattern, Pattern):
             raise TypeError(f"SVFT(pattern=...) takes a Pattern (Plain(), Banded(d=2), Random(k=...), TopK(k=...)), got {self.pattern!r}.")
-        object.__setattr__(self, "factor_dtype", _check_dtype(self.factor_dtype, "factor_dtype"))
+        object.__setattr__(self, "factor_dtype", check_float_dtype(self.factor_dtype, "factor_dtype").name)
 
     def build(self, weights, layouts, *, factors=None):
         import svft_jax

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svft_jax._args import check_bool
+from svft_jax._args import check_bool, check_float_dtype
 from svft_jax._paths import compile_regex, matches
 from svft_jax.patterns import PatternOptions, PatternSpec, get_pattern
 from svft_jax.transform import _factorize
@@ -546,16 +546,6 @@ def _initial_values(plan: SVFTPlan, n: int):
 # ---- apply ---------------------------------------------------------------------------------
 
 
-def _check_dtype_arg(value, name: str):
-    try:
-        dtype = jnp.dtype(value)
-    except TypeError as err:
-        raise TypeError(f"`{name}` must be a dtype, got {value!r}.") from err
-    if not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"`{name}` must be a floating dtype, got {dtype}.")
-    return dtype
-
-
 def _check_seed(seed) -> int:
     """`seed` as a non-negative int (numpy's seeded Generator rejects negative seeds, but only
     after the SVDs would have run)."""
@@ -597,7 +587,7 @@ def _plan_target(path: str, leaf, config: dict, svd_backend: str, svd_dtype: str
         raise TypeError(f"{where}: `keep_base` must be a bool, got {keep_base!r}.")
     if not keep_base and rank < full:
         raise ValueError(f"{where}: keep_base=False needs full rank (rank={full}); with rank={rank} the residual W0 − U_r Σ_r V_rᵀ must stay frozen, so the base weight is kept.")
-    factor_dtype = _check_dtype_arg(config["factor_dtype"], "factor_dtype")
+    factor_dtype = check_float_dtype(config["factor_dtype"], "factor_dtype")
     if not keep_base and factor_dtype.itemsize < 4:
         warnings.warn(
             f"{where}: factor_dtype={factor_dtype.name} with keep_base=False rounds U, s, V, and U diag(s) Vᵀ "
@@ -721,7 +711,7 @@ def make_plans(
     if svd_dtype not in _factorize.SVD_DTYPES:
         raise ValueError(f"`svd_dtype` must be one of {_factorize.SVD_DTYPES}, got {svd_dtype!r}; to store the factors in bfloat16 pass factor_dtype=jnp.bfloat16.")
     backend = _factorize.resolve_backend(svd_backend)
-    _check_dtype_arg(factor_dtype, "factor_dtype")
+    check_float_dtype(factor_dtype, "factor_dtype")
     if budget is not None:
         if pattern not in BUDGET_PATTERNS:
             raise ValueError(f"`budget` picks d (banded) or k (random/topk); pattern={pattern!r} has no size to pick. Use one of {BUDGET_PATTERNS}.")
