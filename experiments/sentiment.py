@@ -45,7 +45,7 @@ import svft_jax
 from experiments import config as config_lib
 from experiments import data, models, report, rotten_tomatoes
 from experiments import presets as presets_lib
-from experiments.train import Task, TrainConfig, evaluate_model, run
+from experiments.train import Task, TrainConfig, evaluate_model, keep_freed_memory, run
 from svft_jax.training import losses
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -286,7 +286,7 @@ def run_one(setting: Setting, preset: presets_lib.Preset, seed: int, options: Op
                trainable=counts["trainable"], total=counts["total"],
                test_accuracy=test, validation_accuracy=validation, step_time_s=float(np.median(timed)),
                train_time_s=results["train_time_s"], eval_time_s=results["eval_time_s"],
-               final_train_loss=float(history[-1]["loss"]))
+               final_train_loss=float(history[-1]["loss"]), execution=models.EXECUTION)
     log(f"  {preset.name} seed={seed} {swept}={rate:g}: test={test:.4f} "
         f"validation={'—' if validation is None else f'{validation:.4f}'} trainable={counts['trainable']:,} "
         f"step={row['step_time_s']:.3f}s train={row['train_time_s']:.0f}s eval={row['eval_time_s']:.0f}s")
@@ -380,13 +380,23 @@ def write_results(rows, table, options: Options, train: TrainConfig, command: st
     else:
         md += [report.markdown_table(table), ""]
     md += ["Trainable parameters include the new classifier head (770). Step time is the median "
-           "wall-clock time of a train step after compilation, on a 2-core CPU machine shared "
-           "with other jobs: timings are noisy and only roughly comparable.", ""]
+           f"wall-clock time of a train step after compilation, {execution_note(rows)}, on a 2-core CPU "
+           "machine shared with other jobs: timings are noisy and only roughly comparable.", ""]
     if notes:
         md += [notes, ""]
     (output_dir / f"{prefix}.md").write_text("\n".join(md))
     report.plot(table, output_dir / f"{prefix}.png", title="all-MiniLM-L6-v2 on Rotten Tomatoes (fresh vs rotten)")
     return payload
+
+
+def execution_note(rows) -> str:
+    """How the step times of `rows` ran the model: the harness's path (`models.EXECUTION`), or for
+    rows from before it was recorded, the merged encoder the harness used then."""
+    paths = sorted({row.get("execution", "merge") for row in rows})
+    described = {"merge": "the encoder merged in the loss (`svft_jax.merge`, before the harness ran "
+                          "`wrap`; SVFT pays a full merge every step there)",
+                 models.EXECUTION: f"the model run through `{models.EXECUTION}` (`models.run_adapted`)"}
+    return "; ".join(f"execution path: {described.get(path, path)}" for path in paths)
 
 
 def _sweep_sections(rows, table, options: Options, train: TrainConfig, splits: str,
@@ -470,6 +480,7 @@ def rewrite_report(json_path: Path, output_dir: Path, prefix: str) -> None:
 
 
 def main(argv=None):
+    keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     # The command line sweeps by default (the full run); `--sweep=false` is the single-LR run.
     options, train = config_lib.parse(argv, Options(sweep=True), TRAIN, description=__doc__)

@@ -52,7 +52,7 @@ from svft_jax.training.optim import optimizer
 
 # Namespaces with heavier imports (orbax, transformers) load on first attribute access, so
 # `import svft_jax` stays fast while `svft_jax.checkpoint.save_adapter(...)` just works.
-_LAZY_NAMESPACES = ("adapters", "baselines", "checkpoint", "distributed", "models", "patterns", "strategies", "training", "transform", "banks", "core", "methods")
+_LAZY_NAMESPACES = ("adapters", "baselines", "checkpoint", "distributed", "models", "nnx", "patterns", "strategies", "training", "transform", "banks", "core", "methods")
 
 
 def __getattr__(name):

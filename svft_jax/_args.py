@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -51,10 +52,12 @@ def check_finite_number(value, name: str) -> float:
     return float(value)
 
 
-def check_float_dtype(value, name: str):
-    """`value` as a floating numpy/JAX dtype."""
-    import jax.numpy as jnp
+def check_float_dtype(value, name: str) -> jnp.dtype:
+    """`value` as a floating JAX dtype (`factor_dtype=` and the like).
 
+    Raises:
+      TypeError: `value` is not a dtype; ValueError: it is not a floating one. Both name `name`.
+    """
     try:
         dtype = jnp.dtype(value)
     except TypeError as err:

@@ -5,7 +5,8 @@ Truths: greedy decoding with the cache equals, token by token, the argmax of a f
 pass over the whole sequence so far with no cache; a sampled token always lies in the top-k /
 top-p set of that same no-cache forward; a ragged batch (left-padded) gives each row exactly
 what the prompt alone gives; a stop token ends its row; an SVFT-adapted model decodes like its
-merged parameters (and at M = 0 like the base model).
+merged parameters (and at M = 0 like the base model), merging once per call (counted), never
+inside the decoding loop (the loop's program gets no adapter node).
 """
 
 from tests.stack import skip_module_without_flax_models  # noqa: I001 - before the Flax model imports
@@ -134,6 +135,37 @@ def test_adapted_model_decodes_like_its_merged_params(tiny):
     ours = svft_models.generate(model, trained, [[5, 9, 11]], max_new_tokens=8, stop_token_id=())
     merged = svft_models.generate(model, svft_jax.merge(trained), [[5, 9, 11]], max_new_tokens=8, stop_token_id=())
     np.testing.assert_array_equal(ours.tokens, merged.tokens)
+
+
+def test_adapted_tree_gives_the_merged_tokens_and_merges_once_per_call(tiny, monkeypatch):
+    from svft_jax.models import generation
+
+    model, params, _ = tiny
+    adapted = svft_jax.apply(params, "banded", d=1, targets=r".*(q|v|gate|down)_proj/kernel")
+    train, frozen = svft_jax.split(adapted)
+    adapted = svft_jax.combine(jax.tree_util.tree_map(lambda m: m + 0.5, train), frozen)
+    merges, decoded_with = [], []
+    merge, decode = generation._merged, generation._decode
+
+    def counting_merge(tree):
+        merges.append(1)
+        return merge(tree)
+
+    def spying_decode(model, steps, sample, params, *rest):
+        decoded_with.append(any(svft_jax.is_node(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=svft_jax.is_node)))
+        return decode(model, steps, sample, params, *rest)
+
+    monkeypatch.setattr(generation, "_merged", counting_merge)
+    monkeypatch.setattr(generation, "_decode", spying_decode)
+    prompts = [[5, 9, 11], [7, 3]]
+    want = svft_models.generate(model, svft_jax.merge(adapted), prompts, max_new_tokens=12, stop_token_id=())
+    assert merges == []  # merged params pass through: nothing to merge
+    for call in (1, 2):
+        got = svft_models.generate(model, adapted, prompts, max_new_tokens=12, stop_token_id=())
+        np.testing.assert_array_equal(got.tokens, want.tokens)
+        assert len(merges) == call  # one merge per call, whatever max_new_tokens is
+    assert decoded_with == [False, False, False]  # the decoding program never sees an adapter node
+    assert len(set(want.tokens[0].tolist())) > 1
 
 
 def test_bad_arguments_raise(tiny):

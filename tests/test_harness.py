@@ -5,7 +5,9 @@ Truths: a NaN injected into the eval at step 4 (eval every 2) stops the run and 
 checkpoint restores to exactly the M of an independent 2-step run (constant LR, so the
 trajectory does not depend on the planned length); masked means equal numpy's mean over the
 real rows; epoch 0 of the data path is grain's own `shuffle(seed)`; presets hand their
-options to the library's `apply` unchanged (same nodes as calling it directly)."""
+options to the library's `apply` unchanged (same nodes as calling it directly); the harness's
+losses run the adapted tree through `wrap(auto, strict)` and equal, value and gradient, the same
+loss on `svft_jax.merge(adapted)` (the merged model is the definition of the adapted one)."""
 
 import dataclasses
 import json
@@ -20,6 +22,7 @@ import pytest
 import svft_jax
 from experiments import config, data, presets, report, train
 from svft_jax.training import losses
+from tests.stack import needs_flax_models
 
 
 def _mlp_task(aggregate_fn=None, seed=0):
@@ -278,3 +281,88 @@ def test_equal_budget_presets_parse_and_refuse_a_size_or_a_non_adapter_reference
     with pytest.raises(ValueError, match="budget_of"):
         presets.Preset(name="x", method="svft", options=(("d", 2), ("pattern", "banded")), learning_rate=1.0,
                        budget_of="lora_r1")
+
+
+def _perturbed(adapted, extra, seed):
+    """`adapted` with every trainable leaf moved off its initial value (SVFT's M and LoRA's B
+    start at 0, where a wrong update path would go unnoticed)."""
+    trainable, frozen = svft_jax.split(adapted, extra=extra)
+    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(trainable))))
+    moved = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(next(keys), x.shape, x.dtype), trainable)
+    return moved, frozen
+
+
+@needs_flax_models
+@pytest.mark.parametrize("method", ["svft_banded_d2", "svft_plain", "svft_topk_d2", "lora_r8", "dora_r1", "vera_r256"])
+def test_sentiment_loss_through_wrap_equals_the_merged_models_loss_and_gradient(method):
+    from transformers import BertConfig, FlaxBertModel
+
+    from experiments import models
+
+    # hidden 48 at 32 tokens: `auto` picks spectral (SVFT) and factored (LoRA, DoRA), not the merge
+    config = BertConfig(vocab_size=64, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=96, max_position_embeddings=16)
+    model, params = models.init_tiny(FlaxBertModel, config, (1, 8))
+    module = model.module
+    adapted = {"encoder": presets.get(method).adapt(params, seed=0, **({"svd_backend": "numpy"} if method.startswith("svft") else {})),
+               "classifier": models.new_head(48, 2, seed=0)}
+    trainable, frozen = _perturbed(adapted, "classifier/.*", seed=1)
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 64, (4, 8)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 5:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": np.array([0, 1, 1, 0], np.int32)}
+    forward = models.mean_pooled_logits(module)
+
+    def wrapped_loss(trainable):
+        return losses.classification_loss(forward(svft_jax.combine(trainable, frozen), batch), batch["labels"])[0]
+
+    def merged_loss(trainable):  # the definition: the plain model on the merged parameters
+        tree = svft_jax.combine(trainable, frozen)
+        positions = jnp.broadcast_to(jnp.arange(8), ids.shape)
+        hidden = module.apply({"params": svft_jax.merge(tree["encoder"])}, ids, mask, jnp.zeros_like(ids), positions,
+                              deterministic=True).last_hidden_state
+        weights = mask[..., None].astype(hidden.dtype)
+        pooled = jnp.sum(hidden * weights, axis=1) / jnp.sum(weights, axis=1)
+        logits = pooled @ tree["classifier"]["kernel"] + tree["classifier"]["bias"]
+        return losses.classification_loss(logits, batch["labels"])[0]
+
+    def last_hidden_state(params, ids, mask, positions):
+        return module.apply({"params": params}, ids, mask, jnp.zeros_like(ids), positions, deterministic=True).last_hidden_state
+
+    plan = models.run_adapted(last_hidden_state, params_argname=None).plan(adapted["encoder"], ids, mask, ids)
+    ran = {name for used in plan.values() for name in used}
+    assert ran == ({"rebuild"} if method == "vera_r256" else {"spectral"} if method.startswith("svft") else {"factored"}), plan
+
+    value, grads = jax.jit(jax.value_and_grad(wrapped_loss))(trainable)
+    want_value, want_grads = jax.jit(jax.value_and_grad(merged_loss))(trainable)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want_grads), strict=True):
+        scale = float(np.max(np.abs(want))) or 1.0
+        np.testing.assert_allclose(got, want, atol=1e-5 * scale, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+
+@needs_flax_models
+def test_demo_task_loss_through_wrap_equals_the_merged_models_loss_and_gradient():
+    from experiments import models
+
+    config = train.TrainConfig(steps=2, batch_size=4)
+    task = train.demo_task(config, num_train=8, num_eval=4, seq_len=8, num_layers=1)
+    model, _ = models.tiny_bert_classifier(num_layers=1, seq_len=8, seed=config.seed)
+    trainable, frozen = _perturbed(task.adapted, task.extra, seed=1)
+    batch = next(iter(task.train_data(0)))
+
+    def merged_loss(trainable):
+        merged = svft_jax.merge(svft_jax.combine(trainable, frozen))
+        logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], params=merged).logits
+        return losses.classification_loss(logits, batch["labels"])[0]
+
+    def wrapped_loss(trainable):
+        return task.loss_fn(svft_jax.combine(trainable, frozen), batch, None)[0]
+
+    value, grads = jax.jit(jax.value_and_grad(wrapped_loss))(trainable)
+    want_value, want_grads = jax.jit(jax.value_and_grad(merged_loss))(trainable)
+    np.testing.assert_allclose(value, want_value, rtol=1e-5)
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, atol=1e-5 * float(np.max(np.abs(want)) or 1), rtol=1e-4),
+                 grads, want_grads)
+

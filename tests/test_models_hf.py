@@ -449,8 +449,10 @@ def test_missing_head_is_initialised_and_mismatched_head_needs_opt_in(tmp_path, 
 
 
 def test_loader_errors_name_the_problem(tmp_path, tiny_bert):
-    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match="does not exist.*not a hub name"):
         svft_models.load_pretrained(tmp_path / "no-such-model")
+    with pytest.raises(FileNotFoundError, match="HF_HUB_OFFLINE is set: nothing is downloaded"):
+        svft_models.load_pretrained("org/not-cached-here")  # conftest sets HF_HUB_OFFLINE=1
     tiny_bert.config.save_pretrained(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="need torch"):

@@ -102,3 +102,19 @@ def test_nnx_notebook_trains_an_nnx_model_through_split_apply_update(venv_kernel
     written = float(re.search(r"written-back model accuracy: ([\d.]+)", text).group(1))
     assert written == pytest.approx(after, abs=1e-3)  # "after" is printed with 3 decimals
     assert "without layouts: parameter 'mix/kernel/value'" in text  # the ambiguous Einsum kernel is refused
+
+
+@pytest.mark.slow  # tests/test_nnx_inplace.py and tests/test_nnx_tunix.py run the same steps in CI
+def test_nnx_inplace_notebook_trains_m_only_and_round_trips(venv_kernel, monkeypatch):
+    """SVFT in place on a Tunix Llama3: the loss falls, the frozen weights and factors are
+    bit-identical, the reloaded adapter and the merged model give the adapted logits."""
+    pytest.importorskip("tunix", reason="google-tunix (the `nnx` extra) needs Python ≥ 3.12 and jax ≥ 0.11")
+    # PYTHONPATH: the kernel imports this checkout's svft_jax (also where another is installed)
+    text, _ = _execute("nnx_inplace", venv_kernel, monkeypatch, PYTHONPATH=str(NOTEBOOKS.parent))
+    match = re.search(r"loss: before ([\d.]+), after ([\d.]+)", text)
+    assert match, text[-2000:]
+    assert float(match.group(2)) < float(match.group(1))
+    assert "adapted weights: 14" in text and "frozen weights and factors unchanged: True" in text
+    reloaded = float(re.search(r"reloaded logits max difference: ([\d.e+-]+)", text).group(1))
+    merged = float(re.search(r"logits max difference ([\d.e+-]+)\n", text).group(1))
+    assert reloaded < 1e-4 and merged < 1e-4 and "LoRAParams left: 0" in text

@@ -279,7 +279,7 @@ def test_banded_coefficient_product_gradient_is_the_numerical_one():
     meta = node.meta
     h = jnp.asarray(np.random.default_rng(2).normal(size=(4, 7)), jnp.float32)
     fn = lambda h, c: banded_coefficient_product(h, c, meta.rows.array, meta.cols.array, meta.options)  # noqa: E731
-    check_grads(fn, (h, node.m), order=1, modes=("rev",), atol=2e-2, rtol=2e-2)
+    check_grads(fn, (h, node.m), order=1, modes=("rev", "fwd"), atol=2e-2, rtol=2e-2)
 
 
 def _primitives(fn, *args):
@@ -311,6 +311,32 @@ def test_banded_products_and_their_gradients_use_no_scatter_or_gather():
     names = _primitives(jax.grad(loss, argnums=(0, 1)), h, node.m)
     assert not {n for n in names if "scatter" in n or "gather" in n}, names
     assert "pad" in names  # the check sees the structured path
+
+
+def test_banded_products_keep_only_their_input_for_the_backward_pass():
+    """The band's gradient reads x unshifted (its derivative rule shifts the cotangent): the
+    forward pass saves x itself, not the 2d shifted copies of it that autodiff's own rule keeps
+    (2d extra (T, r) buffers per adapted kernel in a training step)."""
+    import contextlib
+    import io
+
+    from jax.ad_checkpoint import print_saved_residuals
+
+    node = _banded_node((10, 8), 2)
+    meta = node.meta
+
+    def loss(x, c):
+        h = jnp.sin(x)  # an activation, as in a model (not an argument of the differentiated function)
+        z = banded_coefficient_product(h, c, meta.rows.array, meta.cols.array, meta.options)
+        return jnp.sum(jnp.cos(z))
+
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(6, 8)), jnp.float32)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(loss, x, node.m)
+    activations = [line for line in printed.getvalue().splitlines() if line.startswith("f32[6,8]") and "argument" not in line]
+    # cos(x) (sin's derivative), h = sin(x) (the band's input) and -sin(z) (cos's derivative): no shifted copies
+    assert len(activations) == 3, activations
 
 
 # --- registry --------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-import svft_jax
 from experiments import data, models
 from experiments.paper import common
 from experiments.paper.configs import GLUE, GLUE_EPOCHS, GLUE_MAX_LENGTH
@@ -153,13 +152,15 @@ def encode_example(example: dict, *, task: GlueTask, tokenizer, max_length: int)
 
 def make_task(model, task: GlueTask, adapted, train_source, eval_source, *, tokenizer, max_length, batch_size, seed, extra,
               full_finetune=False):
-    """The driver's Task: loss/metric functions over merged parameters, grain data."""
+    """The driver's Task: loss/metric functions over the adapted tree (`models.run_adapted`), grain data."""
     encode = functools.partial(encode_example, task=task, tokenizer=tokenizer, max_length=max_length)
+
+    run_model = models.run_adapted(model)  # the adapted tree, never a merged copy
 
     def logits_of(adapted, batch, rng=None):
         train_mode = rng is not None
-        return model(
-            batch["input_ids"], batch["attention_mask"], params=svft_jax.merge(adapted),
+        return run_model(
+            batch["input_ids"], batch["attention_mask"], params=adapted,
             dropout_rng=rng, train=train_mode,
         ).logits
 

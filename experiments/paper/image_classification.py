@@ -118,8 +118,10 @@ def make_task(model, adapted, train_set, val_set, *, image_size, batch_size, see
     """The driver's Task for few-shot classification."""
     transform = functools.partial(preprocess, image_size=image_size)
 
+    run_model = models.run_adapted(model)  # the adapted tree, never a merged copy
+
     def logits_of(adapted, batch, rng=None):
-        return model(batch["pixel_values"], params=svft_jax.merge(adapted), dropout_rng=rng, train=rng is not None).logits
+        return run_model(batch["pixel_values"], params=adapted, dropout_rng=rng, train=rng is not None).logits
 
     def loss_fn(adapted, batch, rng):
         return losses.classification_loss(logits_of(adapted, batch, rng), batch["label"])

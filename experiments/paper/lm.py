@@ -100,9 +100,11 @@ def make_sft_task(model, adapted, train_examples: Sequence[tuple[str, str]], *, 
     """The driver's Task: next-token loss on responses of (prompt, response) pairs."""
     encode = lambda pair: encode_sft(pair[0], pair[1], tokenizer=tokenizer, max_length=max_length)  # noqa: E731
 
+    run_model = models.run_adapted(model)  # the adapted tree, never a merged copy
+
     def loss_fn(adapted, batch, rng):
-        logits = model(
-            batch["input_ids"], attention_mask=batch["attention_mask"], params=svft_jax.merge(adapted),
+        logits = run_model(
+            batch["input_ids"], attention_mask=batch["attention_mask"], params=adapted,
             dropout_rng=rng, train=True,
         ).logits
         return losses.causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])

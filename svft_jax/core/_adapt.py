@@ -68,7 +68,7 @@ def plan_adapt(params, config_or_rules, *, targets: str | None = None, exclude: 
     leaves = flatten_by_path(params) if leaves is None else leaves
     layouts = {}
     for rule in rules:  # select_targets takes the first declared layout per path, like the rules
-        layouts.setdefault(rule.path, rule.layout)
+        layouts.setdefault(".*" if rule.path is None else rule.path, rule.layout)
     chosen = select_targets(params, targets, exclude, layouts=layouts, leaves=leaves)
     # Rules that only pick a strategy are `wrap`'s; adapt reads the ones with a method or layout.
     rules = [r for r in rules if r.method is not None or r.layout is not None]

@@ -222,6 +222,11 @@ class AdapterNode(abc.ABC):
 
     #: the method's `Plan` subclass (its `meta`, or what its meta is built from).
     plan_cls: ClassVar[type] = Plan
+    #: How each array field's trailing axes relate to the kernel, for sharding it like the kernel
+    #: (read by `svft_jax.nnx`): "out" (an axis of W's d1), "in" (of d2) or None (the method's
+    #: own axis, e.g. a rank); leading axes beyond these are the kernel's stacked layers. A
+    #: field not listed is replicated (SVFT's M, a gate).
+    axis_roles: ClassVar[Mapping[str, tuple]] = {}
     #: the method's typed config (a `svft_jax.core.Method` subclass; set when it is defined).
     config_cls: ClassVar[type | None] = None
 

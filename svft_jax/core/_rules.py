@@ -67,23 +67,29 @@ class Method(abc.ABC):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Rule:
-    """One typed rule: for paths matching `path` (a regex matched in full), which `method`
-    adapts the kernel, its `layout` (a name such as "out_in", a dict or a `KernelLayout`), and
-    the `strategy` `wrap` runs it with. Fields left None say nothing for those paths.
+    """One typed rule: for paths matching `path` (a regex matched in full; None: every default
+    target), which `method` adapts the kernel, its `layout` (a name such as "out_in", a dict or
+    a `KernelLayout`), and the `strategy` `wrap` runs it with. Fields left None say nothing for
+    those paths.
+
+    On a parameter pytree (`adapt`) the rules choose among the targets that `targets=` selects,
+    so path=None and path=".*" are the same. On an NNX model (`svft_jax.nnx.adapt`) path=None
+    means the default targets (matmul weights outside embeddings, norms and heads) while an
+    explicit regex may also pick a head, and `layout` is a check of the layout read from the op.
 
     `label` names the rule in error messages (the sugar spellings set it, e.g.
     "overrides key '.*q'"); by default the rule's own repr.
     """
 
-    path: str
+    path: str | None = None
     method: Method | None = None
     layout: Any = None
     strategy: str | None = None
     label: str | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
-        if not isinstance(self.path, str):
-            raise TypeError(f"Rule(path=...) must be a regex string, got {type(self.path).__name__}.")
+        if self.path is not None and not isinstance(self.path, str):
+            raise TypeError(f"Rule(path=...) must be a regex string or None (the default targets), got {type(self.path).__name__}.")
         compile_regex(self.path, self.where)  # a bad regex fails when the rule is built
         if self.method is not None and not isinstance(self.method, Method):
             raise TypeError(f"{self.where}: method= must be a method config such as svft_jax.SVFT(...) or "
@@ -96,13 +102,14 @@ class Rule:
         return self.label or f"Rule(path={self.path!r})"
 
     def matches(self, path: str) -> bool:
-        return matches(compile_regex(self.path, self.where), path)
+        """Whether `path` is one of this rule's (None: every target matches)."""
+        return self.path is None or matches(compile_regex(self.path, self.where), path)
 
 
 def as_rules(config_or_rules) -> tuple[Rule, ...]:
     """A method config (every target) or a sequence of `Rule`s, as rules."""
     if isinstance(config_or_rules, Method):
-        return (Rule(path=".*", method=config_or_rules, label=f"{type(config_or_rules).__name__}(...)"),)
+        return (Rule(method=config_or_rules, label=f"{type(config_or_rules).__name__}(...)"),)
     if isinstance(config_or_rules, Rule):
         return (config_or_rules,)
     if isinstance(config_or_rules, Sequence) and not isinstance(config_or_rules, str):

@@ -87,6 +87,7 @@ class DoRANode(AdapterNode):
     """
 
     plan_cls = DoRAPlan
+    axis_roles = {"magnitude": ("out",), "a": (None, "in"), "b": ("out", None)}
 
     magnitude: Any = trainable_field()
     a: Any = trainable_field()

@@ -70,6 +70,7 @@ class LoRANode(AdapterNode):
     """One LoRA-adapted kernel: a (*stack, r, d2), b (*stack, d1, r) trainable float32; base W0."""
 
     plan_cls = LoRAPlan
+    axis_roles = {"a": (None, "in"), "b": ("out", None)}
 
     a: Any = trainable_field()
     b: Any = trainable_field()

@@ -80,6 +80,7 @@ class VeRANode(AdapterNode):
     """
 
     plan_cls = VeRAPlan
+    axis_roles = {"shared_a": (None, "in"), "shared_b": ("out", None), "scale_b": ("out",)}
     shared_fields = ("shared_a", "shared_b")  # one pair for all layers of a stack
 
     shared_a: Any = frozen_field()

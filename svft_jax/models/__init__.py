@@ -14,7 +14,8 @@ Flax linen and NNX models need no adapter: pass their `params` (or `nnx.split` s
 declare kernel layouts that the path does not show.
 
 Decoder LLMs offline: `load_pretrained("model.gguf")` (llama.cpp files, e.g. `smollm2_path()`),
-`load_gguf_tokenizer(path)`, `generate` / `generate_text` (batched KV-cache decoding of an
+`load_gguf_tokenizer(path)`, `load_gguf_tunix(path)` (the same file as a Tunix Llama3 NNX
+model, transformers-free), `generate` / `generate_text` (batched KV-cache decoding of an
 adapted model); every load makes transformers' Flax Llama/Mistral/Gemma honour
 `config.rope_theta` (`honour_rope_theta`).
 """
@@ -22,6 +23,7 @@ adapted model); every load makes transformers' Flax Llama/Mistral/Gemma honour
 from svft_jax.models._transformers import FlaxModelsUnavailableError, has_flax_models
 from svft_jax.models.generation import GenerationOutput, generate, generate_text, left_pad
 from svft_jax.models.gguf import gguf_config, load_gguf, load_gguf_tokenizer, smollm2_path
+from svft_jax.models.gguf_tunix import load_gguf_tunix, tunix_llama_config
 from svft_jax.models.hf import load_pretrained, minilm_path
 from svft_jax.models.layouts import attention_layouts, nnx_layouts, stacked_layouts
 from svft_jax.models.rope import (
@@ -59,6 +61,7 @@ __all__ = [
     "left_pad",
     "load_gguf",
     "load_gguf_tokenizer",
+    "load_gguf_tunix",
     "load_pretrained",
     "minilm_path",
     "model_type_of",
@@ -69,4 +72,5 @@ __all__ = [
     "stacked_layouts",
     "stock_rope",
     "supported_model_types",
+    "tunix_llama_config",
 ]

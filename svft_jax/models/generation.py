@@ -5,10 +5,12 @@
     out.lengths     # (2,) tokens generated per row, the stop token included
     texts = svft_jax.models.generate_text(model, adapted, tokenizer, ["The capital of France is"])
 
-One jitted program per (model, batch, prompt length, max_new_tokens, greedy or sampled,
-number of stop ids); temperature, top-k, top-p, stop and pad ids are traced values. The
-adapter is merged once (`svft_jax.merge`; a plain parameter tree passes through unchanged),
-the left-padded prompts run in one forward that fills the model's cache
+One jitted decoding program per (model, batch, prompt length, max_new_tokens, greedy or
+sampled, number of stop ids); temperature, top-k, top-p, stop and pad ids are traced values.
+An adapted tree is merged once per call, by its own jitted program (`_merge_once`),
+before decoding starts: the decoding program then sees plain parameters, exactly the program
+that merged params get (no second compilation, no merge inside the loop); a plain parameter
+tree passes through unchanged. The left-padded prompts run in one forward that fills the model's cache
 (`init_cache` / `past_key_values`, as transformers' Flax `generate` uses it), then a
 `lax.while_loop` feeds one token per step until every row has emitted a stop token or
 `max_new_tokens` are done. Ragged prompts are left-padded: pad positions are masked out of
@@ -26,9 +28,10 @@ Mistral, Gemma, GPT-J, GPT-Neo, GPT-2) should work unchanged but are not tested 
 
 Merging costs one dense d1·r·d2 product per target, once per call: for SmolLM2 with every
 projection adapted that is ~58 G multiply-adds, ~7x the 64 decoding steps of batch 1 (~0.13 G
-multiply-adds per token). To
-decode many times with the same adapter, pass `svft_jax.merge(adapted)` (same tree structure as
-the base params: no recompilation).
+multiply-adds per token), so it is most of a short call's time
+(`experiments/bench_generate.py` measures both). To decode many times with the same adapter,
+merge once yourself and pass `svft_jax.merge(adapted)` (same tree structure as the base params:
+no recompilation).
 """
 
 from __future__ import annotations
@@ -141,12 +144,31 @@ def _empty_cache(model, batch: int, length: int):
     return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _decode(model, steps: int, sample: bool, params, ids, mask, stop, pad, temperature, top_k, top_p, rng):
-    """(tokens (B, steps), done (B,)); static: the model, the step count and greedy vs sampled."""
+@jax.jit
+def _merged(params):
     from svft_jax.core import merge
 
-    params = merge(params)
+    return merge(params)
+
+
+def _merge_once(params):
+    """The dense parameters `generate` decodes with: `svft_jax.merge(params)` run as one jitted
+    program (compiled once per tree structure) when `params` holds adapter nodes or `Trainable`
+    markers; a plain parameter tree is returned as it is.
+
+    `generate` calls this once per call, before decoding, so the decoding loop never merges.
+    """
+    from svft_jax.core._protocol import is_special
+
+    if not any(is_special(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_special)):
+        return params
+    return _merged(params)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _decode(model, steps: int, sample: bool, params, ids, mask, stop, pad, temperature, top_k, top_p, rng):
+    """(tokens (B, steps), done (B,)); static: the model, the step count and greedy vs sampled.
+    `params` is a plain (merged) parameter tree."""
     batch, prompt_len = ids.shape
     full_mask = jnp.concatenate([mask, jnp.ones((batch, steps), mask.dtype)], axis=1)
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
@@ -251,7 +273,9 @@ def generate(model, params, prompts, *, max_new_tokens: int, attention_mask=None
 
     Args:
       model: a transformers Flax causal LM (e.g. from `load_pretrained`).
-      params: its parameters, plain or SVFT/LoRA-adapted (merged once per call).
+      params: its parameters, plain or SVFT/LoRA-adapted (merged once per call, before
+        decoding, by `_merge_once`; pass `svft_jax.merge(adapted)` to merge once for
+        many calls).
       prompts: a list of token-id lists (ragged; left-padded here), or a (B, T) int array of
         left-padded ids with `attention_mask` (B, T) (1 = token, 0 = pad). Right padding is
         refused: the last prompt position must be a real token. Integer ids only (floats
@@ -327,7 +351,7 @@ def generate(model, params, prompts, *, max_new_tokens: int, attention_mask=None
                          f"config.max_position_embeddings = {limit}.")
     # A -1 sentinel keeps the stop array's shape (1,) for "no stop" and one stop id: one compile.
     stop_array = jnp.asarray(stop or (-1,), jnp.int32)
-    tokens, done = _decode(model, int(max_new_tokens), temperature > 0, params, jnp.asarray(ids), jnp.asarray(mask),
+    tokens, done = _decode(model, int(max_new_tokens), temperature > 0, _merge_once(params), jnp.asarray(ids), jnp.asarray(mask),
                            stop_array, jnp.int32(pad_token_id), jnp.float32(max(temperature, 1e-6)),
                            jnp.int32(config.vocab_size if top_k is None else top_k),
                            jnp.float32(1.0 if top_p is None else top_p), rng)

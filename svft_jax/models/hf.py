@@ -78,6 +78,13 @@ def minilm_path() -> Path:
 HUB_FILES = ("*.json", "*.msgpack", "*.safetensors", "*.model", "*.txt", "*.tiktoken")
 
 
+def _is_hub_name(value) -> bool:
+    """Whether `value` reads as a hub repository id ("name" or "org/name"), not a file-system path."""
+    if not isinstance(value, str) or value.startswith(("/", ".", "~")) or "\\" in value:
+        return False
+    return value.count("/") <= 1 and all(part and not part.startswith(".") for part in value.split("/"))
+
+
 def _resolve_directory(path_or_name, *, local_files_only: bool = False,
                        revision: str | None = None) -> tuple[Path, Path | None]:
     """(model directory, explicit weights file or None) for a directory, a weights file or a hub name
@@ -87,15 +94,24 @@ def _resolve_directory(path_or_name, *, local_files_only: bool = False,
         return path, None
     if path.is_file():
         return path.parent, path
+    if not _is_hub_name(path_or_name):
+        raise FileNotFoundError(
+            f"load_pretrained: {str(path_or_name)!r} does not exist (it is a file-system path, not a hub name "
+            "'org/name'). Pass the directory that holds config.json and the weights, e.g. "
+            "svft_jax.models.minilm_path().")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(str(path_or_name), revision=revision, local_files_only=local_files_only,
                                       allow_patterns=list(HUB_FILES))), None
     except Exception as err:  # noqa: BLE001 - the hub client's errors differ by version; say what was tried
-        where = ("the local Hugging Face cache (local_files_only=True: nothing is downloaded; pass "
-                 "local_files_only=False to download it)" if local_files_only
-                 else "the Hugging Face hub (download failed: see the error above)")
+        if local_files_only:
+            where = ("the local Hugging Face cache (local_files_only=True: nothing is downloaded; pass "
+                     "local_files_only=False to download it)")
+        elif os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            where = "the local Hugging Face cache (HF_HUB_OFFLINE is set: nothing is downloaded)"
+        else:
+            where = f"the Hugging Face hub (the download failed: {type(err).__name__}: {err})"
         raise FileNotFoundError(
             f"load_pretrained: {str(path_or_name)!r} is neither a local directory or file nor a model in "
             f"{where}. Pass the directory that holds config.json and the weights, e.g. "

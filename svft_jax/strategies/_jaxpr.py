@@ -122,3 +122,23 @@ def bind(eqn: JaxprEqn, invals) -> Any:
     params = eqn.primitive.get_bind_params(eqn.params)
     with eqn.ctx.manager:
         return eqn.primitive.bind(*invals, **params)
+
+
+def source_line(eqn: JaxprEqn) -> str:
+    """'file.py:123 (function)' of the innermost model code that emitted `eqn` (frames of jax,
+    flax and svft_jax skipped), or '' where this JAX does not say. Used only in messages (which
+    op a weight meets), never for a decision."""
+    import os
+
+    skipped = tuple(os.sep + name + os.sep for name in ("jax", "jaxlib", "flax", "svft_jax"))
+    try:
+        from jax._src import source_info_util  # private: read in this one module, guarded
+
+        frames = source_info_util.user_frames(eqn.source_info.traceback)
+        for frame in frames:
+            if not any(part in frame.file_name for part in skipped):
+                short = os.sep.join(frame.file_name.split(os.sep)[-2:])  # 'llama3/model.py'
+                return f"{short}:{frame.start_line} ({frame.function_name})"
+        return source_info_util.summarize(eqn.source_info)
+    except Exception:  # noqa: BLE001 - any failure only loses the location in a message
+        return ""

@@ -228,6 +228,7 @@ class SVFTNode(AdapterNode):
     """One SVFT-adapted kernel. See the module docstring for shapes."""
 
     plan_cls = SVFTPlan
+    axis_roles = {"u": ("out", None), "s": (None,), "v": ("in", None)}
 
     u: Any = frozen_field()
     s: Any = frozen_field()

@@ -1,0 +1,85 @@
+"""SVFT in place on Flax NNX models, the way qwix adds LoRA — and Tunix trains it unchanged.
+
+    import svft_jax.nnx as snnx
+    model = snnx.adapt(model, snnx.SVFT(pattern=snnx.Banded(d=2)), *dummy_inputs)   # a clone
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.LoRAParam)          # trains M only
+    print(snnx.summary(model))
+    snnx.merge(model)                                                               # dense again, in place
+
+Rules are the library's typed rules (`svft_jax.Rule`, first match wins; re-exported here with
+the method configs and patterns): `Rule(path=regex | None, method=SVFT(...) | LoRA(...) |
+DoRA(...) | VeRA(...) | None, layout=..., strategy=...)`; path=None is the default targets and
+`layout` is checked against the op, not declared. Each weight's (stack, in, out) axes come from the
+matmul it takes part in, read once from a trace of the model on the dummy inputs.
+
+Why not qwix's interception (`qwix.QuantizationProvider` + `qwix.quantize_model`), decided for
+this path:
+  * qwix is optional (the `[nnx]` extra, installed on Python ≥ 3.12 only), and this path must
+    work without it, down to the oldest supported stack (Python 3.11, jax 0.10.2, flax 0.12.8);
+  * a qwix provider finds the weight of an op and its module through private helpers
+    (`qwix._src.utils.flax_util.find_param`, a frame walk for the current module), patches
+    `jax.numpy.einsum` / `jax.lax.dot_general` process-wide, and sees only calls made through the
+    names it patched;
+  * the library already has a tested interceptor at the op: `svft_jax.wrap`'s jaxpr interpreter.
+    It sees every way a weight reaches a `dot_general` (einsum, dot, `@`, a captured
+    `lax.dot_general`), follows scan/remat/custom-vjp bodies, and runs the same strategies and
+    cost model as the pytree API, so execution is not implemented twice.
+qwix stays what it is for LoRA; a qwix-LoRA model and an SVFT model train the same way in Tunix
+(`experiments/bench_nnx.py` runs both). One difference worth knowing: qwix 0.1.8 swaps the
+model's class with `type(...)`, which drops Tunix's `pytree=False` on flax 0.12.12 (gradients
+then fail); `adapt` keeps the original class's pytree mode.
+"""
+
+from svft_jax.nnx._adapt import (
+    LeftOut,
+    Report,
+    Target,
+    adapt,
+    from_tree,
+    is_adapted,
+    load_adapter,
+    merge,
+    params,
+    report,
+    save_adapter,
+    summary,
+    to_tree,
+)
+from svft_jax.core import Method, Rule
+from svft_jax.methods.dora import DoRA
+from svft_jax.methods.lora import LoRA
+from svft_jax.methods.svft import SVFT
+from svft_jax.methods.vera import VeRA
+from svft_jax.patterns import Banded, Named, Pattern, Plain, Random, TopK
+from svft_jax.nnx._variables import AdapterFactor, AdapterParam, Omega
+
+__all__ = [
+    "SVFT",
+    "AdapterFactor",
+    "AdapterParam",
+    "Banded",
+    "DoRA",
+    "LeftOut",
+    "LoRA",
+    "Method",
+    "Named",
+    "Omega",
+    "Pattern",
+    "Plain",
+    "Random",
+    "Report",
+    "Rule",
+    "Target",
+    "TopK",
+    "VeRA",
+    "adapt",
+    "from_tree",
+    "is_adapted",
+    "load_adapter",
+    "merge",
+    "params",
+    "report",
+    "save_adapter",
+    "summary",
+    "to_tree",
+]
