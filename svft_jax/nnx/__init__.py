@@ -30,6 +30,11 @@ model's class with `type(...)`, which drops Tunix's `pytree=False` on flax 0.12.
 then fail); `adapt` keeps the original class's pytree mode.
 """
 
+from svft_jax.core import Method, Rule
+from svft_jax.methods.dora import DoRA
+from svft_jax.methods.lora import LoRA
+from svft_jax.methods.svft import SVFT
+from svft_jax.methods.vera import VeRA
 from svft_jax.nnx._adapt import (
     LeftOut,
     Report,
@@ -45,13 +50,8 @@ from svft_jax.nnx._adapt import (
     summary,
     to_tree,
 )
-from svft_jax.core import Method, Rule
-from svft_jax.methods.dora import DoRA
-from svft_jax.methods.lora import LoRA
-from svft_jax.methods.svft import SVFT
-from svft_jax.methods.vera import VeRA
-from svft_jax.patterns import Banded, Named, Pattern, Plain, Random, TopK
 from svft_jax.nnx._variables import AdapterFactor, AdapterParam, Omega
+from svft_jax.patterns import Banded, Named, Pattern, Plain, Random, TopK
 
 __all__ = [
     "SVFT",
