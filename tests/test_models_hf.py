@@ -351,6 +351,26 @@ def test_gpt2_user_overrides_keep_the_conv1d_layout():
     assert mlp.meta.pattern == "banded" and mlp.meta.layout.d1 == 4 * HIDDEN  # c_fc kernel is (4·hidden, hidden)
 
 
+def test_method_configs_and_rules_get_the_family_targets_and_layout():
+    model = FAMILIES["gpt2"].build()
+    by_string = svft_models.adapt(model, pattern="banded", d=1, **SVD)
+    by_config = svft_models.adapt(model, None, svft_jax.SVFT(pattern=svft_jax.Banded(d=1), **SVD))
+    flat_s, flat_c = _flat(by_string), _flat(by_config)
+    assert {p for p, x in flat_s.items() if svft_jax.is_node(x)} == {p for p, x in flat_c.items() if svft_jax.is_node(x)}
+    for path, node in flat_s.items():
+        if svft_jax.is_node(node):
+            np.testing.assert_array_equal(np.asarray(node.u), np.asarray(flat_c[path].u))
+            assert node.meta == flat_c[path].meta
+    # LoRA through the family: GPT-2's Conv1D kernels read (out, in), so B A has the stored shape.
+    lora = svft_models.adapt(model, None, [svft_jax.Rule(path=r".*attn/c_attn/kernel", method=svft_jax.LoRA(rank=2)),
+                                           svft_jax.Rule(method=svft_jax.SVFT(**SVD))])
+    fused = lora["transformer"]["h"]["0"]["attn"]["c_attn"]["kernel"]
+    assert fused.method == "lora" and fused.b.shape == (3 * HIDDEN, 2) and fused.a.shape == (2, HIDDEN)
+    assert lora["transformer"]["h"]["0"]["mlp"]["c_fc"]["kernel"].method == "svft"
+    with pytest.raises(ValueError, match="overrides= belongs to the pattern-name"):
+        svft_models.adapt(model, None, svft_jax.LoRA(rank=2), overrides={".*": {"d": 1}})
+
+
 def test_gqa_key_value_projections_keep_their_narrow_shape():
     model = FAMILIES["llama"].build()
     adapted = svft_models.adapt(model, pattern="banded", d=1, attention_only=True, **SVD)

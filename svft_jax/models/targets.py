@@ -166,24 +166,48 @@ def _with_family_layout(family: ModelFamily, overrides: Mapping[str, Mapping[str
     return merged
 
 
-def adapt(model, params=None, pattern: str = "plain", *, attention_only: bool = False, qv_only: bool = False,
+def family_rules(model_or_config, rules) -> tuple:
+    """`rules` (a method config or `Rule`s) with the family's kernel layout in every rule that
+    names a method and no layout (GPT-2: "out_in"), as `overrides` get it; others unchanged."""
+    from svft_jax.core._rules import as_rules
+
+    family = family_of(model_or_config)
+    rules = as_rules(rules)
+    if family.layout is None:
+        return rules
+    return tuple(dataclasses.replace(r, layout=family.layout) if r.method is not None and r.layout is None else r
+                 for r in rules)
+
+
+def adapt(model, params=None, pattern="plain", *, attention_only: bool = False, qv_only: bool = False,
           targets: str | None = None, overrides: Mapping[str, Mapping[str, Any]] | None = None, **kwargs):
-    """`svft_jax.apply` with the architecture's default targets and layouts filled in.
+    """Adapt a transformers Flax model's parameters with the architecture's default targets and
+    layouts filled in: `svft_jax.apply` for a pattern name, `svft_jax.adapt` for any method.
+
+        svft_models.adapt(model, params, "banded", d=2)                        # SVFT, keyword spelling
+        svft_models.adapt(model, params, svft_jax.LoRA(rank=8, alpha=16))      # any method config
+        svft_models.adapt(model, params, [svft_jax.Rule(path=".*attn.*", method=svft_jax.LoRA(rank=8)),
+                                          svft_jax.Rule(method=svft_jax.SVFT())])  # typed rules
 
     Args:
       model: a transformers Flax model (its `config.model_type` picks the family).
       params: the parameter pytree (default `model.params`; required for a model built
         with `_do_init=False`, e.g. by `load_pretrained`).
-      pattern: as in `svft_jax.apply`.
+      pattern: an SVFT pattern name as in `svft_jax.apply`, or a method config / list of
+        `svft_jax.Rule`s as in `svft_jax.adapt` (each rule that names a method and no layout
+        gets the family's layout, as overrides do).
       attention_only, qv_only: narrow the default targets (see `default_targets`).
       targets: overrides the default targets entirely.
-      overrides: per-target options as in `svft_jax.apply`; for GPT-2 each one also gets
-        layout="out_in" unless it sets a layout.
-      **kwargs: everything else `svft_jax.apply` takes (d, k, rank, seed, keep_base, ...).
+      overrides: per-target options as in `svft_jax.apply` (pattern-name spelling only; rules
+        carry their own options); for GPT-2 each one also gets layout="out_in" unless it sets one.
+      **kwargs: with a pattern name, everything else `svft_jax.apply` takes (d, k, rank, seed,
+        keep_base, ...); with a config or rules, what `svft_jax.adapt` takes (exclude, extra,
+        and the build options: factors, batch, progress, mesh, fsdp).
 
     Returns:
-      The adapted pytree (see `svft_jax.apply`).
+      The adapted pytree.
     """
+    from svft_jax.core._adapt import adapt as adapt_tree
     from svft_jax.methods.svft import apply
 
     if isinstance(params, str):
@@ -197,4 +221,10 @@ def adapt(model, params=None, pattern: str = "plain", *, attention_only: bool = 
         params = model.params
     if targets is None:
         targets = default_targets(family.model_type, attention_only=attention_only, qv_only=qv_only)
-    return apply(params, pattern, targets=targets, overrides=_with_family_layout(family, overrides), **kwargs)
+    if isinstance(pattern, str):
+        return apply(params, pattern, targets=targets, overrides=_with_family_layout(family, overrides), **kwargs)
+    if overrides is not None:
+        raise ValueError("adapt(model, params, <method config or rules>, overrides=...): per-target options are "
+                         "svft_jax.Rule(path=..., method=...)s in the rules list; overrides= belongs to the pattern-name "
+                         "spelling (adapt(model, params, 'banded', d=2, overrides=...)).")
+    return adapt_tree(params, family_rules(family.model_type, pattern), targets=targets, **kwargs)
