@@ -137,10 +137,12 @@ def test_adapted_model_decodes_like_its_merged_params(tiny):
     np.testing.assert_array_equal(ours.tokens, merged.tokens)
 
 
-def test_adapted_tree_gives_the_merged_tokens_and_merges_once_per_call(tiny, monkeypatch):
+def test_adapted_tree_gives_the_merged_tokens_and_is_merged_once_while_it_is_passed_again(tiny, monkeypatch):
     from svft_jax.models import generation
 
+    generation.clear_merge_cache()
     model, params, _ = tiny
+    params = jax.tree_util.tree_map(jnp.asarray, params)  # jax arrays, as load_pretrained/load_gguf give
     adapted = svft_jax.apply(params, "banded", d=1, targets=r".*(q|v|gate|down)_proj/kernel")
     train, frozen = svft_jax.split(adapted)
     adapted = svft_jax.combine(jax.tree_util.tree_map(lambda m: m + 0.5, train), frozen)
@@ -160,12 +162,27 @@ def test_adapted_tree_gives_the_merged_tokens_and_merges_once_per_call(tiny, mon
     prompts = [[5, 9, 11], [7, 3]]
     want = svft_models.generate(model, svft_jax.merge(adapted), prompts, max_new_tokens=12, stop_token_id=())
     assert merges == []  # merged params pass through: nothing to merge
-    for call in (1, 2):
+    for _ in range(2):
         got = svft_models.generate(model, adapted, prompts, max_new_tokens=12, stop_token_id=())
         np.testing.assert_array_equal(got.tokens, want.tokens)
-        assert len(merges) == call  # one merge per call, whatever max_new_tokens is
+    assert len(merges) == 1  # the same adapted tree again: its merge is reused
     assert decoded_with == [False, False, False]  # the decoding program never sees an adapter node
     assert len(set(want.tokens[0].tolist())) > 1
+    # A new M (new arrays) is merged anew and decodes like its own merged params.
+    moved = svft_jax.combine(jax.tree_util.tree_map(lambda m: m - 1.0, train), frozen)
+    got = svft_models.generate(model, moved, prompts, max_new_tokens=12, stop_token_id=())
+    assert len(merges) == 2
+    np.testing.assert_array_equal(got.tokens, svft_models.generate(model, svft_jax.merge(moved), prompts,
+                                                                   max_new_tokens=12, stop_token_id=()).tokens)
+    assert not np.array_equal(got.tokens, want.tokens)
+    # numpy arrays can change in place, so a tree holding them is merged on every call.
+    host = jax.tree_util.tree_map(np.asarray, moved)
+    svft_models.generate(model, host, prompts, max_new_tokens=12, stop_token_id=())
+    svft_models.generate(model, host, prompts, max_new_tokens=12, stop_token_id=())
+    assert len(merges) == 4
+    generation.clear_merge_cache()
+    svft_models.generate(model, moved, prompts, max_new_tokens=12, stop_token_id=())
+    assert len(merges) == 5
 
 
 def test_bad_arguments_raise(tiny):

@@ -21,7 +21,13 @@ adapted model); every load makes transformers' Flax Llama/Mistral/Gemma honour
 """
 
 from svft_jax.models._transformers import FlaxModelsUnavailableError, has_flax_models
-from svft_jax.models.generation import GenerationOutput, generate, generate_text, left_pad
+from svft_jax.models.generation import (
+    GenerationOutput,
+    clear_merge_cache,
+    generate,
+    generate_text,
+    left_pad,
+)
 from svft_jax.models.gguf import gguf_config, load_gguf, load_gguf_tokenizer, smollm2_path
 from svft_jax.models.gguf_tunix import load_gguf_tunix, tunix_llama_config
 from svft_jax.models.hf import load_pretrained, minilm_path
@@ -53,6 +59,7 @@ __all__ = [
     "default_overrides",
     "default_targets",
     "family_of",
+    "clear_merge_cache",
     "generate",
     "generate_text",
     "gguf_config",

@@ -7,10 +7,14 @@
 
 One jitted decoding program per (model, batch, prompt length, max_new_tokens, greedy or
 sampled, number of stop ids); temperature, top-k, top-p, stop and pad ids are traced values.
-An adapted tree is merged once per call, by its own jitted program (`_merge_once`),
-before decoding starts: the decoding program then sees plain parameters, exactly the program
-that merged params get (no second compilation, no merge inside the loop); a plain parameter
-tree passes through unchanged. The left-padded prompts run in one forward that fills the model's cache
+An adapted tree is merged by its own jitted program (`_merge_once`) before decoding starts:
+the decoding program then sees plain parameters, exactly the program that merged params get
+(no second compilation, no merge inside the loop); a plain parameter tree passes through
+unchanged. The merged weights of the last adapted tree are kept (one entry, keyed on the
+identity of its arrays, held by weak references): calling `generate` again with the same
+adapted tree — an evaluation over many batches — merges once, not once per call. Only trees
+whose arrays are all `jax.Array`s (immutable) are kept; a tree holding numpy arrays, which
+could change in place, is merged on every call. The left-padded prompts run in one forward that fills the model's cache
 (`init_cache` / `past_key_values`, as transformers' Flax `generate` uses it), then a
 `lax.while_loop` feeds one token per step until every row has emitted a stop token or
 `max_new_tokens` are done. Ragged prompts are left-padded: pad positions are masked out of
@@ -39,6 +43,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -151,18 +156,56 @@ def _merged(params):
     return merge(params)
 
 
+class _MergeCache:
+    """The merged weights of the last adapted tree, keyed on its structure and the identity of
+    its arrays (weak references: a key whose arrays were freed is never matched, so a recycled
+    `id` cannot return stale weights). One entry, so at most one merged copy is held."""
+
+    def __init__(self):
+        self._refs, self._treedef, self._merged = (), None, None
+
+    def get(self, leaves, treedef):
+        if self._merged is None or treedef != self._treedef or len(leaves) != len(self._refs):
+            return None
+        if all(ref() is leaf for ref, leaf in zip(self._refs, leaves, strict=True)):
+            return self._merged
+        return None
+
+    def put(self, leaves, treedef, merged) -> None:
+        self._refs, self._treedef, self._merged = tuple(weakref.ref(leaf) for leaf in leaves), treedef, merged
+
+    def clear(self) -> None:
+        self._refs, self._treedef, self._merged = (), None, None
+
+
+_MERGE_CACHE = _MergeCache()
+
+
+def clear_merge_cache() -> None:
+    """Drop the merged weights `generate` keeps for the last adapted tree (frees their memory)."""
+    _MERGE_CACHE.clear()
+
+
 def _merge_once(params):
     """The dense parameters `generate` decodes with: `svft_jax.merge(params)` run as one jitted
     program (compiled once per tree structure) when `params` holds adapter nodes or `Trainable`
     markers; a plain parameter tree is returned as it is.
 
-    `generate` calls this once per call, before decoding, so the decoding loop never merges.
+    `generate` calls this before decoding, so the decoding loop never merges; the same adapted
+    tree (the same jax arrays) passed again reuses the last merge (`_MergeCache`).
     """
     from svft_jax.core._protocol import is_special
 
     if not any(is_special(leaf) for leaf in jax.tree_util.tree_leaves(params, is_leaf=is_special)):
         return params
-    return _merged(params)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    if not all(isinstance(leaf, jax.Array) for leaf in leaves):  # numpy arrays can change in place
+        return _merged(params)
+    merged = _MERGE_CACHE.get(leaves, treedef)
+    if merged is None:
+        merged = _merged(params)
+        _MERGE_CACHE.put(leaves, treedef, merged)
+    return merged
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -273,9 +316,9 @@ def generate(model, params, prompts, *, max_new_tokens: int, attention_mask=None
 
     Args:
       model: a transformers Flax causal LM (e.g. from `load_pretrained`).
-      params: its parameters, plain or SVFT/LoRA-adapted (merged once per call, before
-        decoding, by `_merge_once`; pass `svft_jax.merge(adapted)` to merge once for
-        many calls).
+      params: its parameters, plain or SVFT/LoRA-adapted (merged before decoding; the merge of
+        the last adapted tree is reused while the same jax arrays are passed again, so an
+        evaluation loop merges once; `clear_merge_cache()` frees it).
       prompts: a list of token-id lists (ragged; left-padded here), or a (B, T) int array of
         left-padded ids with `attention_mask` (B, T) (1 = token, 0 = pad). Right padding is
         refused: the last prompt position must be a real token. Integer ids only (floats
