@@ -1,8 +1,8 @@
-"""Every public namespace exports a bounded, real set of names, and exports what the README
-and the experiments use from it.
+"""Every public namespace exports a bounded, real set of names, and exports what the README,
+the docs and the experiments use from it.
 
-Truth: the modules themselves (each `__all__` name resolves) and the text of README.md and
-experiments/*.py (every `from svft_jax.<ns> import name` / `svft_jax.<ns>.name` they use is in
+Truth: the modules themselves (each `__all__` name resolves) and the text of README.md,
+docs/*.md and experiments/*.py (every `from svft_jax.<ns> import name` / `svft_jax.<ns>.name` they use is in
 `<ns>.__all__` or is a submodule)."""
 
 import importlib
@@ -55,7 +55,7 @@ def test_renamed_namespace_exports_the_same_objects(old, new):
 
 def _uses():
     """(namespace, name) pairs the README and experiments use."""
-    texts = [REPO / "README.md", *sorted((REPO / "experiments").rglob("*.py"))]
+    texts = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "experiments").rglob("*.py"))]
     for path in texts:
         if not path.exists():
             continue

@@ -217,14 +217,10 @@ def test_u_and_v_inherit_the_weight_sharding_names_and_m_is_replicated():
 
 @pytest.mark.slow  # ~20 s on 2 shared cores (a PeftTrainer compile); the steps it shows are tested above
 def test_the_readme_tunix_example_runs_and_trains_m_only(capsys):
-    import re
-    from pathlib import Path
+    from tests.test_docs import code_block
 
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    section = text[text.index("## NNX models in place"):]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     scope: dict = {}
-    exec(compile(code, "README.md#nnx-models-in-place", "exec"), scope)
+    exec(compile(code_block("docs/nnx.md", "NNX models in place"), "docs/nnx.md#nnx-models-in-place", "exec"), scope)
     out = capsys.readouterr().out
     assert "adapted weights: 14" in out and "lm_head/w" in out and "embedder/input_embedding" in out
     assert scope["trainer"].train_steps == 5

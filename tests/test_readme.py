@@ -5,19 +5,10 @@ Truth: the band's size |Ω| = r + 2·Σ_{k=1..d} (r − k) for each kernel's ran
 size; one optimiser step moves M and the head and nothing else.
 """
 
-import re
-from pathlib import Path
-
 import jax
 import numpy as np
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-def _section_code(heading: str) -> str:
-    text = README.read_text()
-    section = text[text.index(f"## {heading}\n"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+from tests.test_docs import code_block
 
 
 def _band(r: int, d: int) -> int:
@@ -26,7 +17,7 @@ def _band(r: int, d: int) -> int:
 
 def test_quick_start_runs_and_trains_exactly_the_band_and_the_head(capsys):
     scope: dict = {}
-    exec(compile(_section_code("Quick start"), "README.md#quick-start", "exec"), scope)
+    exec(compile(code_block("README.md", "Quick start"), "README.md#quick-start", "exec"), scope)
     import svft_jax
 
     counts = svft_jax.count_parameters(svft_jax.combine(scope["train"], scope["frozen"]))
