@@ -1,10 +1,14 @@
 """SVFT in place on Flax NNX models, the way qwix adds LoRA — and Tunix trains it unchanged.
 
     import svft_jax.nnx as snnx
-    model = snnx.adapt(model, snnx.SVFT(pattern=snnx.Banded(d=2)), *dummy_inputs)   # a clone
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.LoRAParam)          # trains M only
+    print(snnx.size(base, snnx.SVFT(pattern=snnx.Banded(d=2)), *dummy_inputs))     # no SVD: counts, memory, FLOPs
+    model = snnx.adapt(base, snnx.SVFT(pattern=snnx.Banded(d=2)), *dummy_inputs)   # a clone
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.LoRAParam)         # trains M only
     print(snnx.summary(model))
-    snnx.merge(model)                                                               # dense again, in place
+    snnx.merge(model)                                                              # dense again, in place
+
+`SVFT(pattern=snnx.Banded(), budget=N)` lets SVFT pick the one d whose trainable total over the
+adapted weights is the largest ≤ N (`Random()`/`TopK()`: k per weight); `size` shows the choice.
 
 Rules are the library's typed rules (`svft_jax.Rule`, first match wins; re-exported here with
 the method configs and patterns): `Rule(path=regex | None, method=SVFT(...) | LoRA(...) |
@@ -47,6 +51,7 @@ from svft_jax.nnx._adapt import (
     params,
     report,
     save_adapter,
+    size,
     summary,
     to_tree,
 )
@@ -80,6 +85,7 @@ __all__ = [
     "params",
     "report",
     "save_adapter",
+    "size",
     "summary",
     "to_tree",
 ]
