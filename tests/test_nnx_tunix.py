@@ -24,6 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from tunix.generate import sampler as sampler_lib  # noqa: E402
 from tunix.models.gemma3 import model as gemma3  # noqa: E402
 from tunix.models.llama3 import model as llama3  # noqa: E402
 from tunix.models.qwen3 import model as qwen3  # noqa: E402
@@ -255,3 +256,71 @@ def test_a_kv_cache_call_equals_the_merged_model():
     want_logits, want_cache = merged(tokens, positions, cache, mask)
     np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new_cache["layer_1"]["k"], want_cache["layer_1"]["k"], rtol=1e-5, atol=1e-5)
+
+
+class _Tokens:
+    """A tokenizer over token ids written as text ("5 9 13"): what Tunix's sampler needs
+    (encode, decode, bos/eos/pad ids) for a random model with no vocabulary."""
+
+    def encode(self, text, **kwargs):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, **kwargs):
+        return " ".join(map(str, ids))
+
+    def bos_id(self):
+        return 1
+
+    def eos_id(self):
+        return VOCAB  # outside the vocabulary: generation runs every step
+
+    def pad_id(self):
+        return 0
+
+
+def _greedy(model, prompts=("5 9 13 2", "7 7 30"), steps=8):
+    cache = sampler_lib.CacheConfig(cache_size=32, num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
+    sampler = sampler_lib.Sampler(model, _Tokens(), cache)
+    out = sampler(list(prompts), max_generation_steps=steps, max_prompt_length=8, temperature=0.0)
+    return [np.asarray(t).tolist() for t in out.tokens], sampler
+
+
+def test_tunix_sampler_generates_greedily_with_the_adapters_as_the_merged_model_does():
+    """Tunix's Sampler (graphdef + state, `nnx.merge` inside its jitted prefill and decode)
+    rebuilds the adapted class and runs the adapters: the adapted model's greedy tokens are the
+    merged model's, and not the base model's."""
+    base = llama()
+    tokens, positions, attention_mask = _inputs()
+    model = snnx.adapt(base, snnx.SVFT(pattern=snnx.Banded(d=1)), tokens, positions, None, attention_mask)
+    rng = np.random.default_rng(1)
+    nnx.update(model, jax.tree.map(lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype),
+                                   nnx.state(model, nnx.LoRAParam)))
+    adapted, sampler = _greedy(model)
+    merged, _ = _greedy(snnx.merge(nnx.clone(model)))
+    original, _ = _greedy(base)
+    assert adapted == merged and all(len(t) == 8 for t in adapted)
+    assert adapted != original
+    assert snnx.is_adapted(sampler.transformer)  # the sampler's model is the adapted class
+    # new M reaches an existing sampler as the whole state (LoRA-only sync: see the next test)
+    nnx.update(model, jax.tree.map(lambda a: -a, nnx.state(model, nnx.LoRAParam)))
+    sampler.transformer_state = nnx.variables(model)
+    synced = sampler(["5 9 13 2", "7 7 30"], max_generation_steps=8, max_prompt_length=8, temperature=0.0)
+    assert [np.asarray(t).tolist() for t in synced.tokens] == _greedy(snnx.merge(nnx.clone(model)))[0]
+
+
+def test_tunix_sampler_weight_sync_of_lora_params_or_params_only_is_refused_by_tunix():
+    """Known limitation (tunix 0.1.x): `Sampler.transformer_state = state` accepts a LoRA-only
+    state only if every variable's type *is* `nnx.LoRAParam` (ours is its subclass
+    `AdapterParam`), and a Param-only state (`nnx.variables(model, nnx.Param)`, what the vanilla
+    rollout's `update_params` passes) lacks the frozen U, s, V (`AdapterFactor`, not Params).
+    The whole state syncs (previous test), or merge first and sync the merged Params."""
+    tokens, positions, attention_mask = _inputs()
+    model = snnx.adapt(llama(), snnx.SVFT(pattern=snnx.Banded(d=1)), tokens, positions, None, attention_mask)
+    _, sampler = _greedy(model, steps=1)
+    with pytest.raises(ValueError, match="Only LoRAParam is supported"):
+        sampler.transformer_state = nnx.state(model, nnx.LoRAParam)
+    with pytest.raises(ValueError, match="same structure"):
+        sampler.transformer_state = nnx.variables(model, nnx.Param)
+    merged = snnx.merge(nnx.clone(model))  # the workaround: a merged model's sampler syncs Params
+    _, plain = _greedy(merged, steps=1)
+    plain.transformer_state = nnx.variables(merged, nnx.Param)

@@ -10,6 +10,21 @@
 `SVFT(pattern=snnx.Banded(), budget=N)` lets SVFT pick the one d whose trainable total over the
 adapted weights is the largest ≤ N (`Random()`/`TopK()`: k per weight); `size` shows the choice.
 
+Generation with Tunix's sampler (greedy tokens equal the merged model's, `tests/test_nnx_tunix.py`):
+
+    from tunix.generate import sampler as sampler_lib
+    sampler = sampler_lib.Sampler(model, tokenizer, sampler_lib.CacheConfig(cache_size=..., num_layers=...,
+                                                                             num_kv_heads=..., head_dim=...))
+    out = sampler(prompts, max_generation_steps=64, temperature=0.0)   # the adapters run at each step
+    sampler.transformer_state = nnx.variables(model)                   # after training: sync the whole state
+
+The sampler keeps the model's graphdef (the adapted class) and state, so its jitted prefill and
+decode run the adapters. Tunix 0.1.x refuses the two partial syncs: a LoRA-only state
+(`nnx.state(model, nnx.LoRAParam)`: it wants the exact type `nnx.LoRAParam`, ours is the subclass
+`AdapterParam`) and a Param-only one (`nnx.variables(model, nnx.Param)`, what its vanilla RL
+rollout passes: the frozen U, s, V are `AdapterFactor`s, not Params). Sync the whole state, or
+serve a merged model (`merge(nnx.clone(model))`), whose Params sync as any plain model's.
+
 Rules are the library's typed rules (`svft_jax.Rule`, first match wins; re-exported here with
 the method configs and patterns): `Rule(path=regex | None, method=SVFT(...) | LoRA(...) |
 DoRA(...) | VeRA(...) | None, layout=..., strategy=...)`; path=None is the default targets and
