@@ -1,9 +1,11 @@
-"""SVFT in place on Tunix's Llama3, Qwen3 and Gemma3 models, trained by Tunix's PeftTrainer.
+"""SVFT in place on every decoder family tunix ships as an NNX model (Llama3, Qwen2, Qwen3,
+Gemma (1/2), Gemma3), trained by Tunix's PeftTrainer and sampled by Tunix's Sampler.
 
 Tiny random models (MLP kernels given random values: Tunix zero-initialises them). Truths:
   * every attention and MLP projection is adapted with no override (Gemma3's k and v share one
-    `kv_einsum` weight, one matrix as its einsum 'BSD,CKDH->CBSKH' says), the embedding and the
-    head are left out, and the summary says why;
+    `kv_einsum` weight, one matrix as its einsum 'BSD,CKDH->CBSKH' says; Gemma's q, k and v one
+    `qkv_einsum`, 'BTD,SNDH->SBTNH'), the embedding and the head are left out, and the summary
+    says why;
   * at M = 0 the logits equal the base model's;
   * logits equal the base model run on kernels merged in numpy float64 from U, s, V and M, and
     the gradient of M equals (Uᵀ G_W V) on Ω from the dense model's own kernel gradient;
@@ -25,8 +27,10 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 from tunix.generate import sampler as sampler_lib  # noqa: E402
+from tunix.models.gemma import model as gemma1  # noqa: E402
 from tunix.models.gemma3 import model as gemma3  # noqa: E402
 from tunix.models.llama3 import model as llama3  # noqa: E402
+from tunix.models.qwen2 import model as qwen2  # noqa: E402
 from tunix.models.qwen3 import model as qwen3  # noqa: E402
 from tunix.sft import peft_trainer  # noqa: E402
 from tunix.sft import utils as sft_utils  # noqa: E402
@@ -55,7 +59,7 @@ def _randomise_mlps(model, seed=0):
 def _built(name):
     """Each tiny model is built once per process (building one eagerly compiles every
     initializer: seconds); tests get a clone."""
-    return {"llama3": _llama, "qwen3": _qwen, "gemma3": _gemma}[name]()
+    return {"llama3": _llama, "qwen2": _qwen2, "qwen3": _qwen, "gemma": _gemma1, "gemma3": _gemma}[name]()
 
 
 def llama():
@@ -82,6 +86,29 @@ def _qwen():
     return _randomise_mlps(qwen3.Qwen3(config, rngs=nnx.Rngs(0)))
 
 
+def _qwen2():
+    config = qwen2.ModelConfig(num_layers=LAYERS, vocab_size=VOCAB, embed_dim=EMBED, hidden_dim=HIDDEN, num_heads=HEADS,
+                               head_dim=HEAD_DIM, num_kv_heads=KV_HEADS, rope_theta=10_000, norm_eps=1e-6)
+    model = _randomise_mlps(qwen2.Qwen2(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)  # Qwen2's q/k/v biases start at zero too
+    for layer in model.layers:
+        for name in ("q_bias", "k_bias", "v_bias"):
+            bias = getattr(layer.attn, name)
+            bias.set_value(jnp.asarray(0.2 * rng.standard_normal(bias[...].shape), bias[...].dtype))
+    return model
+
+
+def _gemma1():
+    """Gemma 2's architecture (soft caps, post norms, local and global layers) with MHA, so q, k and
+    v are one `qkv_einsum` weight."""
+    config = gemma1.ModelConfig(num_layers=LAYERS, num_embed=VOCAB, embed_dim=EMBED, hidden_dim=HIDDEN, num_heads=HEADS,
+                                head_dim=HEAD_DIM, num_kv_heads=HEADS, final_logit_softcap=30.0, use_post_attn_norm=True,
+                                use_pre_ffw_norm=True, use_post_ffw_norm=True, attn_logits_soft_cap=50.0,
+                                attention_types=(gemma1.AttentionType.LOCAL_SLIDING, gemma1.AttentionType.GLOBAL),
+                                sliding_window_size=4)
+    return _randomise_mlps(gemma1.Transformer(config, rngs=nnx.Rngs(0)))
+
+
 def _gemma():
     config = gemma3.ModelConfig(num_layers=LAYERS, num_embed=VOCAB, embed_dim=EMBED, hidden_dim=HIDDEN, num_heads=HEADS,
                                 head_dim=HEAD_DIM, num_kv_heads=KV_HEADS, sliding_window_size=4, param_dtype=jnp.float32)
@@ -91,8 +118,12 @@ def _gemma():
 PROJECTIONS = {
     "llama3": (llama, ("attn/q_proj/w", "attn/k_proj/w", "attn/v_proj/w", "attn/o_proj/w",
                        "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
+    "qwen2": (lambda: nnx.clone(_built("qwen2")), ("attn/q_proj/w", "attn/k_proj/w", "attn/v_proj/w", "attn/o_proj/w",
+                                                   "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
     "qwen3": (qwen, ("attn/q_proj/w", "attn/k_proj/w", "attn/v_proj/w", "attn/o_proj/w",
                      "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
+    "gemma": (lambda: nnx.clone(_built("gemma")), ("attn/qkv_einsum/w", "attn/attn_vec_einsum/w",
+                                                   "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
     "gemma3": (gemma, ("attn/q_einsum/w", "attn/kv_einsum/w", "attn/attn_vec_einsum/w",
                        "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
 }
@@ -139,10 +170,10 @@ def test_every_projection_is_adapted_with_no_override_and_m_zero_is_the_base(nam
     assert {t.path for t in report.targets} == {f"layers/{i}/{p}" for i in range(LAYERS) for p in projections}
     left = {x.path: x.reason for x in report.left_out}
     assert "gather" in left["embedder/input_embedding"]
-    if name != "gemma3":  # Gemma3 decodes with the (tied) embedding
+    if not name.startswith("gemma"):  # Gemma decodes with the (tied) embedding
         assert "'lm_head'" in left["lm_head/w"]
     np.testing.assert_allclose(_logits(model, *inputs), _logits(base, *inputs), rtol=1e-5, atol=1e-5)
-    if name == "gemma3":  # one matrix for k and v, as the einsum contracts D only
+    if name.startswith("gemma"):  # one matrix for k and v (q, k and v), as the einsum contracts D only
         kv = next(t for t in report.targets if t.path.endswith("kv_einsum/w"))
         assert (kv.layout.in_axes, kv.layout.out_axes) == ((2,), (0, 1, 3))
 
