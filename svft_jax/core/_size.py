@@ -151,7 +151,7 @@ def _choice(planned: Planned) -> dict:
     if planned.choice:
         return dict(planned.choice)
     chosen = [c for c in (getattr(config, "budget_choice", lambda plans: {})(plans) for config, plans in planned.groups) if c]
-    return chosen[0] if len(chosen) == 1 else {f"rule {i}": c for i, c in enumerate(chosen)}
+    return chosen[0] if len(chosen) == 1 else {f"budgeted config {i}": c for i, c in enumerate(chosen)}
 
 
 def _check_tokens(tokens) -> None:
