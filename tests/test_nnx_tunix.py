@@ -1,9 +1,11 @@
-"""SVFT in place on Tunix's Llama3, Qwen3 and Gemma3 models, trained by Tunix's PeftTrainer.
+"""SVFT in place on every decoder family tunix ships as an NNX model (Llama3, Qwen2, Qwen3,
+Gemma (1/2), Gemma3), trained by Tunix's PeftTrainer and sampled by Tunix's Sampler.
 
 Tiny random models (MLP kernels given random values: Tunix zero-initialises them). Truths:
   * every attention and MLP projection is adapted with no override (Gemma3's k and v share one
-    `kv_einsum` weight, one matrix as its einsum 'BSD,CKDH->CBSKH' says), the embedding and the
-    head are left out, and the summary says why;
+    `kv_einsum` weight, one matrix as its einsum 'BSD,CKDH->CBSKH' says; Gemma's q, k and v one
+    `qkv_einsum`, 'BTD,SNDH->SBTNH'), the embedding and the head are left out, and the summary
+    says why;
   * at M = 0 the logits equal the base model's;
   * logits equal the base model run on kernels merged in numpy float64 from U, s, V and M, and
     the gradient of M equals (Uᵀ G_W V) on Ω from the dense model's own kernel gradient;
@@ -24,8 +26,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
+from tunix.generate import sampler as sampler_lib  # noqa: E402
+from tunix.models.gemma import model as gemma1  # noqa: E402
 from tunix.models.gemma3 import model as gemma3  # noqa: E402
 from tunix.models.llama3 import model as llama3  # noqa: E402
+from tunix.models.qwen2 import model as qwen2  # noqa: E402
 from tunix.models.qwen3 import model as qwen3  # noqa: E402
 from tunix.sft import peft_trainer  # noqa: E402
 from tunix.sft import utils as sft_utils  # noqa: E402
@@ -54,7 +59,7 @@ def _randomise_mlps(model, seed=0):
 def _built(name):
     """Each tiny model is built once per process (building one eagerly compiles every
     initializer: seconds); tests get a clone."""
-    return {"llama3": _llama, "qwen3": _qwen, "gemma3": _gemma}[name]()
+    return {"llama3": _llama, "qwen2": _qwen2, "qwen3": _qwen, "gemma": _gemma1, "gemma3": _gemma}[name]()
 
 
 def llama():
@@ -81,6 +86,29 @@ def _qwen():
     return _randomise_mlps(qwen3.Qwen3(config, rngs=nnx.Rngs(0)))
 
 
+def _qwen2():
+    config = qwen2.ModelConfig(num_layers=LAYERS, vocab_size=VOCAB, embed_dim=EMBED, hidden_dim=HIDDEN, num_heads=HEADS,
+                               head_dim=HEAD_DIM, num_kv_heads=KV_HEADS, rope_theta=10_000, norm_eps=1e-6)
+    model = _randomise_mlps(qwen2.Qwen2(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)  # Qwen2's q/k/v biases start at zero too
+    for layer in model.layers:
+        for name in ("q_bias", "k_bias", "v_bias"):
+            bias = getattr(layer.attn, name)
+            bias.set_value(jnp.asarray(0.2 * rng.standard_normal(bias[...].shape), bias[...].dtype))
+    return model
+
+
+def _gemma1():
+    """Gemma 2's architecture (soft caps, post norms, local and global layers) with MHA, so q, k and
+    v are one `qkv_einsum` weight."""
+    config = gemma1.ModelConfig(num_layers=LAYERS, num_embed=VOCAB, embed_dim=EMBED, hidden_dim=HIDDEN, num_heads=HEADS,
+                                head_dim=HEAD_DIM, num_kv_heads=HEADS, final_logit_softcap=30.0, use_post_attn_norm=True,
+                                use_pre_ffw_norm=True, use_post_ffw_norm=True, attn_logits_soft_cap=50.0,
+                                attention_types=(gemma1.AttentionType.LOCAL_SLIDING, gemma1.AttentionType.GLOBAL),
+                                sliding_window_size=4)
+    return _randomise_mlps(gemma1.Transformer(config, rngs=nnx.Rngs(0)))
+
+
 def _gemma():
     config = gemma3.ModelConfig(num_layers=LAYERS, num_embed=VOCAB, embed_dim=EMBED, hidden_dim=HIDDEN, num_heads=HEADS,
                                 head_dim=HEAD_DIM, num_kv_heads=KV_HEADS, sliding_window_size=4, param_dtype=jnp.float32)
@@ -90,8 +118,12 @@ def _gemma():
 PROJECTIONS = {
     "llama3": (llama, ("attn/q_proj/w", "attn/k_proj/w", "attn/v_proj/w", "attn/o_proj/w",
                        "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
+    "qwen2": (lambda: nnx.clone(_built("qwen2")), ("attn/q_proj/w", "attn/k_proj/w", "attn/v_proj/w", "attn/o_proj/w",
+                                                   "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
     "qwen3": (qwen, ("attn/q_proj/w", "attn/k_proj/w", "attn/v_proj/w", "attn/o_proj/w",
                      "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
+    "gemma": (lambda: nnx.clone(_built("gemma")), ("attn/qkv_einsum/w", "attn/attn_vec_einsum/w",
+                                                   "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
     "gemma3": (gemma, ("attn/q_einsum/w", "attn/kv_einsum/w", "attn/attn_vec_einsum/w",
                        "mlp/gate_proj/kernel", "mlp/up_proj/kernel", "mlp/down_proj/kernel")),
 }
@@ -138,10 +170,10 @@ def test_every_projection_is_adapted_with_no_override_and_m_zero_is_the_base(nam
     assert {t.path for t in report.targets} == {f"layers/{i}/{p}" for i in range(LAYERS) for p in projections}
     left = {x.path: x.reason for x in report.left_out}
     assert "gather" in left["embedder/input_embedding"]
-    if name != "gemma3":  # Gemma3 decodes with the (tied) embedding
+    if not name.startswith("gemma"):  # Gemma decodes with the (tied) embedding
         assert "'lm_head'" in left["lm_head/w"]
     np.testing.assert_allclose(_logits(model, *inputs), _logits(base, *inputs), rtol=1e-5, atol=1e-5)
-    if name == "gemma3":  # one matrix for k and v, as the einsum contracts D only
+    if name.startswith("gemma"):  # one matrix for k and v (q, k and v), as the einsum contracts D only
         kv = next(t for t in report.targets if t.path.endswith("kv_einsum/w"))
         assert (kv.layout.in_axes, kv.layout.out_axes) == ((2,), (0, 1, 3))
 
@@ -251,3 +283,71 @@ def test_a_kv_cache_call_equals_the_merged_model():
     want_logits, want_cache = merged(tokens, positions, cache, mask)
     np.testing.assert_allclose(logits, want_logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(new_cache["layer_1"]["k"], want_cache["layer_1"]["k"], rtol=1e-5, atol=1e-5)
+
+
+class _Tokens:
+    """A tokenizer over token ids written as text ("5 9 13"): what Tunix's sampler needs
+    (encode, decode, bos/eos/pad ids) for a random model with no vocabulary."""
+
+    def encode(self, text, **kwargs):
+        return [int(t) for t in text.split()]
+
+    def decode(self, ids, **kwargs):
+        return " ".join(map(str, ids))
+
+    def bos_id(self):
+        return 1
+
+    def eos_id(self):
+        return VOCAB  # outside the vocabulary: generation runs every step
+
+    def pad_id(self):
+        return 0
+
+
+def _greedy(model, prompts=("5 9 13 2", "7 7 30"), steps=8):
+    cache = sampler_lib.CacheConfig(cache_size=32, num_layers=LAYERS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM)
+    sampler = sampler_lib.Sampler(model, _Tokens(), cache)
+    out = sampler(list(prompts), max_generation_steps=steps, max_prompt_length=8, temperature=0.0)
+    return [np.asarray(t).tolist() for t in out.tokens], sampler
+
+
+def test_tunix_sampler_generates_greedily_with_the_adapters_as_the_merged_model_does():
+    """Tunix's Sampler (graphdef + state, `nnx.merge` inside its jitted prefill and decode)
+    rebuilds the adapted class and runs the adapters: the adapted model's greedy tokens are the
+    merged model's, and not the base model's."""
+    base = llama()
+    tokens, positions, attention_mask = _inputs()
+    model = snnx.adapt(base, snnx.SVFT(pattern=snnx.Banded(d=1)), tokens, positions, None, attention_mask)
+    rng = np.random.default_rng(1)
+    nnx.update(model, jax.tree.map(lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype),
+                                   nnx.state(model, nnx.LoRAParam)))
+    adapted, sampler = _greedy(model)
+    merged, _ = _greedy(snnx.merge(nnx.clone(model)))
+    original, _ = _greedy(base)
+    assert adapted == merged and all(len(t) == 8 for t in adapted)
+    assert adapted != original
+    assert snnx.is_adapted(sampler.transformer)  # the sampler's model is the adapted class
+    # new M reaches an existing sampler as the whole state (LoRA-only sync: see the next test)
+    nnx.update(model, jax.tree.map(lambda a: -a, nnx.state(model, nnx.LoRAParam)))
+    sampler.transformer_state = nnx.variables(model)
+    synced = sampler(["5 9 13 2", "7 7 30"], max_generation_steps=8, max_prompt_length=8, temperature=0.0)
+    assert [np.asarray(t).tolist() for t in synced.tokens] == _greedy(snnx.merge(nnx.clone(model)))[0]
+
+
+def test_tunix_sampler_weight_sync_of_lora_params_or_params_only_is_refused_by_tunix():
+    """Known limitation (tunix 0.1.x): `Sampler.transformer_state = state` accepts a LoRA-only
+    state only if every variable's type *is* `nnx.LoRAParam` (ours is its subclass
+    `AdapterParam`), and a Param-only state (`nnx.variables(model, nnx.Param)`, what the vanilla
+    rollout's `update_params` passes) lacks the frozen U, s, V (`AdapterFactor`, not Params).
+    The whole state syncs (previous test), or merge first and sync the merged Params."""
+    tokens, positions, attention_mask = _inputs()
+    model = snnx.adapt(llama(), snnx.SVFT(pattern=snnx.Banded(d=1)), tokens, positions, None, attention_mask)
+    _, sampler = _greedy(model, steps=1)
+    with pytest.raises(ValueError, match="Only LoRAParam is supported"):
+        sampler.transformer_state = nnx.state(model, nnx.LoRAParam)
+    with pytest.raises(ValueError, match="same structure"):
+        sampler.transformer_state = nnx.variables(model, nnx.Param)
+    merged = snnx.merge(nnx.clone(model))  # the workaround: a merged model's sampler syncs Params
+    _, plain = _greedy(merged, steps=1)
+    plain.transformer_state = nnx.variables(merged, nnx.Param)

@@ -142,7 +142,16 @@ def report(planned: Planned, leaves: Mapping[str, Any], tokens: int) -> SizeRepo
     totals["targets"] = len(planned.plans)
     totals["percent"] = 100.0 * totals["trainable"] / max(totals["total"], 1)
     method = "+".join(dict.fromkeys(config.name for config, _ in planned.groups)) if planned.groups else ""
-    return SizeReport(method, tuple(rows), totals, tuple(planned.plans), tuple(planned.extra), dict(planned.choice), tokens)
+    return SizeReport(method, tuple(rows), totals, tuple(planned.plans), tuple(planned.extra), _choice(planned), tokens)
+
+
+def _choice(planned: Planned) -> dict:
+    """What whole-set options chose: `planned.choice` (the keyword spelling's), else each config's
+    own (`budget_choice`, e.g. `SVFT(budget=N)`); several such configs are listed in order."""
+    if planned.choice:
+        return dict(planned.choice)
+    chosen = [c for c in (getattr(config, "budget_choice", lambda plans: {})(plans) for config, plans in planned.groups) if c]
+    return chosen[0] if len(chosen) == 1 else {f"budgeted config {i}": c for i, c in enumerate(chosen)}
 
 
 def _check_tokens(tokens) -> None:

@@ -166,6 +166,44 @@ def _check_config(source: str, arch: str, kwargs: dict, overrides: dict) -> None
                          "override the file's value, or fix the file's metadata.")
 
 
+def _check_llama_file(reader, model: str) -> tuple[str, str, set[str], int, int, int]:
+    """The checks every loader of a llama GGUF file makes before reading a tensor (`gguf_config`
+    for FlaxLlama, `gguf_tunix.tunix_llama_config` for Tunix's Llama3), each message naming the
+    file: the architecture is "llama" (which llama.cpp also uses for Mistral); no per-frequency
+    RoPE factors (`rope_freqs.weight`); head count and hidden size ≥ 1, the heads split the hidden
+    size, and keys, values and RoPE span the whole head.
+
+    Args:
+      reader: a `gguf.GGUFReader`.
+      model: the model the file is loaded as, for messages ("FlaxLlama", "Tunix's Llama3").
+    Returns:
+      (source, arch, tensor names, heads, hidden size, head size).
+    """
+    source = _source(reader)
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported by {model} (only 'llama', which also covers Mistral).")
+    tensors = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise ValueError(f"{source}: per-frequency RoPE factors (rope_freqs.weight, Llama-3.1 'llama3' scaling) are not "
+                         f"supported by {model}: the file lacks the parameters needed to rebuild that scaling.")
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    for key, value in ((f"{arch}.attention.head_count", heads), (f"{arch}.embedding_length", hidden)):
+        if value < 1:
+            raise ValueError(f"{source}: metadata {key} = {value} must be >= 1; the file is not a usable llama "
+                             "model (fix its metadata).")
+    head_dim = hidden // heads
+    if head_dim * heads != hidden:
+        raise ValueError(f"{source}: embedding_length {hidden} is not a multiple of head_count {heads}.")
+    for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length", f"{arch}.rope.dimension_count"):
+        value = _field(reader, key, None)
+        if value is not None and int(value) != head_dim:
+            raise ValueError(f"{source}: {key} = {value} differs from embedding_length / head_count = {head_dim}; "
+                             f"{model} rotates and attends over the full head of embedding_length // head_count.")
+    return source, arch, tensors, heads, hidden, head_dim
+
+
 def _float32(value) -> float:
     # GGUF stores float32; take its shortest round-trip decimal (1e-05, not 9.99999974738e-06).
     return float(np.format_float_positional(np.float32(value), unique=True, trim="-"))
@@ -191,28 +229,7 @@ def gguf_config(path_or_reader, **overrides):
     from transformers import LlamaConfig
 
     reader = _reader(path_or_reader)
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only 'llama', which also covers Mistral).")
-    tensors = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise ValueError("GGUF has per-frequency RoPE factors (rope_freqs.weight, Llama-3.1 'llama3' scaling) "
-                         "without the parameters needed to rebuild config.rope_scaling; not supported.")
-    source = _source(reader)
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    for key, value in ((f"{arch}.attention.head_count", heads), (f"{arch}.embedding_length", hidden)):
-        if value < 1:
-            raise ValueError(f"{source}: metadata {key} = {value} must be >= 1; the file is not a usable llama "
-                             "model (fix its metadata).")
-    head_dim = hidden // heads
-    if head_dim * heads != hidden:
-        raise ValueError(f"{source}: embedding_length {hidden} is not a multiple of head_count {heads}.")
-    for key in (f"{arch}.attention.key_length", f"{arch}.attention.value_length", f"{arch}.rope.dimension_count"):
-        value = _field(reader, key, None)
-        if value is not None and int(value) != head_dim:
-            raise ValueError(f"{source}: {key} = {value} differs from embedding_length / head_count = {head_dim}; "
-                             "FlaxLlama rotates and attends over the full head of hidden_size // heads.")
+    source, arch, tensors, heads, hidden, head_dim = _check_llama_file(reader, "FlaxLlama")
     tokens = _field(reader, "tokenizer.ggml.tokens", None)
     embedding = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
     vocab = int(_field(reader, f"{arch}.vocab_size", len(tokens) if tokens is not None else

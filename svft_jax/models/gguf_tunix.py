@@ -35,7 +35,14 @@ from typing import Any
 import numpy as np
 
 from svft_jax._paths import path_to_str
-from svft_jax.models.gguf import _field, _float32, _reader, _source, read_gguf_weights
+from svft_jax.models.gguf import (
+    _check_llama_file,
+    _field,
+    _float32,
+    _reader,
+    _source,
+    read_gguf_weights,
+)
 
 __all__ = ["load_gguf_tunix", "tunix_llama_config"]
 
@@ -53,27 +60,13 @@ def tunix_llama_config(path_or_reader, **overrides):
     from tunix.models.llama3 import model as llama3
 
     reader = _reader(path_or_reader)
-    source = _source(reader)
-    arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{source}: GGUF architecture {arch!r} is not supported (only 'llama').")
-    tensors = {t.name for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise ValueError(f"{source}: per-frequency RoPE factors (rope_freqs.weight) are not supported by Tunix's Llama3.")
+    source, arch, tensors, heads, hidden, head_dim = _check_llama_file(reader, "Tunix's Llama3")
     if any(name.endswith(".bias") for name in tensors):
         raise ValueError(f"{source}: the file has biases ({sorted(n for n in tensors if n.endswith('.bias'))[:3]}); "
                          "Tunix's Llama3 has no bias. Use svft_jax.models.load_gguf (FlaxLlama) instead.")
     scaling = _field(reader, f"{arch}.rope.scaling.type", None)
     if scaling not in (None, "none"):
         raise ValueError(f"{source}: RoPE scaling {scaling!r} is not supported by Tunix's Llama3.")
-    heads = int(_field(reader, f"{arch}.attention.head_count"))
-    hidden = int(_field(reader, f"{arch}.embedding_length"))
-    if heads < 1 or hidden % heads:
-        raise ValueError(f"{source}: embedding_length {hidden} is not a multiple of head_count {heads}.")
-    head_dim = hidden // heads
-    rotated = _field(reader, f"{arch}.rope.dimension_count", None)
-    if rotated is not None and int(rotated) != head_dim:
-        raise ValueError(f"{source}: RoPE rotates {rotated} of {head_dim} head dimensions; Tunix's Llama3 rotates all.")
     tokens = _field(reader, "tokenizer.ggml.tokens", None)
     theta = _float32(_field(reader, f"{arch}.rope.freq_base", 10000.0))
     kwargs: dict[str, Any] = dict(

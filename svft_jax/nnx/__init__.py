@@ -1,10 +1,29 @@
 """SVFT in place on Flax NNX models, the way qwix adds LoRA — and Tunix trains it unchanged.
 
     import svft_jax.nnx as snnx
-    model = snnx.adapt(model, snnx.SVFT(pattern=snnx.Banded(d=2)), *dummy_inputs)   # a clone
-    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.LoRAParam)          # trains M only
+    print(snnx.size(base, snnx.SVFT(pattern=snnx.Banded(d=2)), *dummy_inputs))     # no SVD: counts, memory, FLOPs
+    model = snnx.adapt(base, snnx.SVFT(pattern=snnx.Banded(d=2)), *dummy_inputs)   # a clone
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.LoRAParam)         # trains M only
     print(snnx.summary(model))
-    snnx.merge(model)                                                               # dense again, in place
+    snnx.merge(model)                                                              # dense again, in place
+
+`SVFT(pattern=snnx.Banded(), budget=N)` lets SVFT pick the one d whose trainable total over the
+adapted weights is the largest ≤ N (`Random()`/`TopK()`: k per weight); `size` shows the choice.
+
+Generation with Tunix's sampler (greedy tokens equal the merged model's, `tests/test_nnx_tunix.py`):
+
+    from tunix.generate import sampler as sampler_lib
+    sampler = sampler_lib.Sampler(model, tokenizer, sampler_lib.CacheConfig(cache_size=..., num_layers=...,
+                                                                             num_kv_heads=..., head_dim=...))
+    out = sampler(prompts, max_generation_steps=64, temperature=0.0)   # the adapters run at each step
+    sampler.transformer_state = nnx.variables(model)                   # after training: sync the whole state
+
+The sampler keeps the model's graphdef (the adapted class) and state, so its jitted prefill and
+decode run the adapters. Tunix 0.1.x refuses the two partial syncs: a LoRA-only state
+(`nnx.state(model, nnx.LoRAParam)`: it wants the exact type `nnx.LoRAParam`, ours is the subclass
+`AdapterParam`) and a Param-only one (`nnx.variables(model, nnx.Param)`, what its vanilla RL
+rollout passes: the frozen U, s, V are `AdapterFactor`s, not Params). Sync the whole state, or
+serve a merged model (`merge(nnx.clone(model))`), whose Params sync as any plain model's.
 
 Rules are the library's typed rules (`svft_jax.Rule`, first match wins; re-exported here with
 the method configs and patterns): `Rule(path=regex | None, method=SVFT(...) | LoRA(...) |
@@ -47,6 +66,7 @@ from svft_jax.nnx._adapt import (
     params,
     report,
     save_adapter,
+    size,
     summary,
     to_tree,
 )
@@ -80,6 +100,7 @@ __all__ = [
     "params",
     "report",
     "save_adapter",
+    "size",
     "summary",
     "to_tree",
 ]

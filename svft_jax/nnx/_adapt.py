@@ -286,15 +286,22 @@ def _check_declared_layout(path: str, weight, rule: Rule, index: int) -> None:
                          f"({weight.matmul_uses[0].describe()}) reads {found}; fix or drop the rule's layout.")
 
 
-def _build(weights: dict[str, _Weight], chosen: dict, factors) -> dict:
-    """{path: node}: the library's generic plan and build over the chosen weights, each with its
-    rule's method and the layout read from its op (one batched SVD for every SVFT target)."""
+def _plan(weights: dict[str, _Weight], chosen: dict):
+    """(values, planned): the library's generic plans of the chosen weights, each with its rule's
+    method and the layout read from its op (no array built; what `size` reports). A method's
+    whole-set option (SVFT's `budget`) sees every weight its config adapts."""
     values = {p: _variables.variable_value(weights[p].variable) for p in chosen}
     rules = [Rule(path=re.escape(p), method=rule.method, layout=_op_layout(weights[p]), label=f"weight {p!r}")
              for p, (_, rule) in chosen.items()]
     planned = plan_adapt(values, rules, targets="|".join(re.escape(p) for p in values))
     for plan in planned.plans:
         _check_layer_axes(plan)
+    return values, planned
+
+
+def _build(weights: dict[str, _Weight], chosen: dict, factors) -> dict:
+    """{path: node}: `_plan`'s plans built (one batched SVD for every SVFT target)."""
+    values, planned = _plan(weights, chosen)
     nodes = build(values, planned, **({} if factors is None else {"factors": factors}))
     return {path: nodes[path] for path in chosen}
 
@@ -414,19 +421,8 @@ def adapt(model, rules, *model_inputs, call_method: str = "__call__", factors=No
       matmul disagrees with a rule's `layout`; VeRA on stacked weights.
     """
     _check_model(model, "svft_jax.nnx.adapt")
-    if is_adapted(model):
-        raise ValueError("this model is already adapted; merge it first (svft_jax.nnx.merge) or adapt the original model.")
-    rules = as_rules(rules)
-    _check_strategies(rules)
-    if not hasattr(type(model), call_method):
-        raise ValueError(f"{type(model).__name__} has no method {call_method!r} (call_method=).")
     model = nnx.clone(model)
-    weights = _candidates(model)
-    _trace_uses(model, call_method, model_inputs, model_inputs_kwargs, weights)
-    chosen, left = _select(weights, rules)
-    if not chosen:
-        raise ValueError("the rules adapt no weight (every matched weight is left out by a rule with method=None); "
-                         "give some rule a method.")
+    weights, chosen, left = _targets(model, rules, call_method, model_inputs, model_inputs_kwargs, "svft_jax.nnx.adapt")
     nodes = _build(weights, chosen, factors)
     shared: dict = {}
     targets = []
@@ -439,6 +435,55 @@ def adapt(model, rules, *model_inputs, call_method: str = "__call__", factors=No
     report = Report(tuple(targets), tuple(left))
     model.__class__ = _adapted_class(type(model), call_method, report)
     return model
+
+
+def _targets(model, rules, call_method: str, model_inputs, model_inputs_kwargs, where: str):
+    """(weights, chosen, left out): `adapt`'s reading of `model` (one traced call) and its rules'
+    choice of targets, validated; `model` is not changed."""
+    _check_model(model, where)
+    if is_adapted(model):
+        raise ValueError("this model is already adapted; merge it first (svft_jax.nnx.merge) or adapt the original model.")
+    rules = as_rules(rules)
+    _check_strategies(rules)
+    if not hasattr(type(model), call_method):
+        raise ValueError(f"{type(model).__name__} has no method {call_method!r} (call_method=).")
+    weights = _candidates(model)
+    _trace_uses(model, call_method, model_inputs, model_inputs_kwargs, weights)
+    chosen, left = _select(weights, rules)
+    if not chosen:
+        raise ValueError("the rules adapt no weight (every matched weight is left out by a rule with method=None); "
+                         "give some rule a method.")
+    return weights, chosen, left
+
+
+def size(model, rules, *model_inputs, tokens: int = 1024, print_fn=None, call_method: str = "__call__",
+         **model_inputs_kwargs):
+    """What `adapt(model, rules, *model_inputs)` would build, without building it: no SVD runs and
+    `model` is not modified (the `svft_jax.size` report of a pytree, for an NNX model).
+
+    Each weight's layout is read from its op, as `adapt` reads it (one traced call on the dummy
+    inputs), and the plans are the very plans `adapt` builds from, so the counts agree.
+
+    Args:
+      model, rules, *model_inputs, call_method, **model_inputs_kwargs: as `adapt` takes them.
+      tokens: T, tokens per call, for the per-token training FLOPs.
+      print_fn: e.g. `print` to print the table.
+    Returns:
+      A `svft_jax.SizeReport`: `.rows` per target (path, W's shape, method, rank, entries,
+      trainable, factor / trainable / W0 bytes, FLOPs per token per strategy), `.totals`
+      (`total`: the model's `nnx.Param` scalars), `.plans`, `.choice` (SVFT's budget) and
+      `str(report)`, the table.
+    Raises:
+      ValueError/TypeError as `adapt` would, before anything is computed.
+    """
+    from svft_jax.core._size import _check_tokens, _finish
+    from svft_jax.core._size import report as size_report
+
+    _check_tokens(tokens)
+    weights, chosen, _ = _targets(model, rules, call_method, model_inputs, model_inputs_kwargs, "svft_jax.nnx.size")
+    _, planned = _plan(weights, chosen)
+    leaves = {_canonical(p): x for p, x in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+    return _finish(size_report(planned, leaves, tokens), print_fn)
 
 
 def summary(model) -> str:

@@ -173,7 +173,10 @@ BANDED = register_pattern(
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Banded(Pattern):
-    """SVFT^B: |i − j| ≤ d (the diagonal and d off-diagonals on each side of M)."""
+    """SVFT^B: |i − j| ≤ d (the diagonal and d off-diagonals on each side of M).
+
+    d=None (`Banded()`) only with `SVFT(budget=N)`, which then chooses d; `SVFT` refuses it
+    otherwise."""
 
     name: ClassVar[str] = "banded"
-    d: int
+    d: int | None = None

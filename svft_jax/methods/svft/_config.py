@@ -1,7 +1,9 @@
 """SVFT's typed config and its keyword spelling: `SVFT(pattern=Banded(d=2), rank=None, ...)`
 plans one target (validated, naming its path, before any SVD); `apply(params, pattern, d=...)`
 is sugar that builds `Rule`s — one per `overrides` entry, then every target — and hands them to
-the core's verb; `budget=` (a whole-set choice of d or k) is resolved here, on the plans.
+the core's verb. `budget` (a whole-set choice of d or k) is a field of the config, solved by
+`SVFT.plans` over the targets the config adapts (`_solve_budget`); `apply(budget=)` turns its
+fraction or count into that field, less what `extra` leaves and size-setting overrides train.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from svft_jax.core._targets import flatten_by_path
 from svft_jax.errors import PrecisionWarning
 from svft_jax.methods.svft import _factorize
 from svft_jax.methods.svft._node import SVFTNode, SVFTPlan
-from svft_jax.patterns import Named, Pattern, PatternOptions, Plain, get_pattern
+from svft_jax.patterns import Banded, Named, Pattern, PatternOptions, Plain, get_pattern
 
 INITS = ("zeros", "reference")
 OVERRIDE_KEYS = ("pattern", "d", "k", "rank", "seed", "init", "factor_dtype", "layout", "keep_base")
@@ -43,6 +45,13 @@ class SVFT(Method):
       factor_dtype: dtype of the stored U, s, V (M is always float32).
       keep_base: store W0 in the node (exact W0 at M = 0; needed below full rank).
       svd_backend: "auto", "numpy", "jax" or "randomized"; svd_dtype: "float32" or "float64".
+      budget: pick the pattern's size instead of setting it: an absolute count (int) of trainable
+        scalars for the targets this config adapts (M's entries, plus the gate of
+        init="reference"). With `Banded()` (no d) one d for every target, the largest whose
+        total fits; with `Random()`/`TopK()` (no k) k proportional to each target's rank,
+        k = ⌊K·r/r_max⌋ with the largest K that fits. The pattern must leave its d/k unset.
+        A fraction of the whole model (`apply(budget=0.01)`) stays a keyword of `apply`/`plan`:
+        a config sees only its own targets, not the model they belong to.
     Options are checked per target when planned, so every message names the parameter path.
     """
 
@@ -55,6 +64,7 @@ class SVFT(Method):
     keep_base: bool = True
     svd_backend: str = "auto"
     svd_dtype: str = "float32"
+    budget: int | None = None
 
     def __post_init__(self):
         if isinstance(self.pattern, str):  # a registered name with no options of its own ("plain")
@@ -63,20 +73,64 @@ class SVFT(Method):
             raise TypeError(f"SVFT(pattern=...) must be a pattern spec such as svft_jax.Banded(d=2), got {self.pattern!r}.")
         if self.svd_dtype not in _factorize.SVD_DTYPES:
             raise ValueError(f"`svd_dtype` must be one of {_factorize.SVD_DTYPES}, got {self.svd_dtype!r}; to store the factors in bfloat16 pass factor_dtype=jnp.bfloat16.")
+        name, d, k = self.pattern.pattern_name, getattr(self.pattern, "d", None), getattr(self.pattern, "k", None)
+        if self.budget is None:
+            if isinstance(self.pattern, Banded) and d is None:
+                raise ValueError("SVFT(pattern=Banded()) has no band half-width: set it (Banded(d=2)) or let a trainable "
+                                 "count choose it (SVFT(pattern=Banded(), budget=N)).")
+            return
+        if isinstance(self.budget, bool) or not isinstance(self.budget, int | np.integer):
+            fraction = " (a fraction of the whole model is apply(budget=0.01)'s keyword: a config sees only its targets)" \
+                if isinstance(self.budget, float | np.floating) else ""
+            raise TypeError(f"SVFT(budget=...) is a count of trainable scalars (int), got {self.budget!r}{fraction}.")
+        if self.budget < 1:
+            raise ValueError(f"SVFT(budget=...) must be a positive count, got {self.budget!r}.")
+        if name not in BUDGET_PATTERNS:
+            raise ValueError(f"SVFT(budget=...) picks d (banded) or k (random/topk); pattern={name!r} has no size to pick. "
+                             f"Use Banded(), Random() or TopK().")
+        if d is not None or k is not None:
+            set_ = ", ".join(f"{n}={v!r}" for n, v in (("d", d), ("k", k)) if v is not None)
+            raise ValueError(f"SVFT(budget=...) picks {'d' if name == 'banded' else 'k'} itself; drop {set_} from the "
+                             f"pattern or drop the budget.")
+        object.__setattr__(self, "budget", int(self.budget))
 
     def values(self) -> dict:
-        """The option values a target is planned from (the pattern's d, k flattened in)."""
-        return {"pattern": self.pattern.pattern_name, "d": getattr(self.pattern, "d", None), "k": getattr(self.pattern, "k", None),
+        """The option values a target is planned from (the pattern's d, k flattened in; with a
+        budget, the smallest size, which `plans` then replaces)."""
+        d, k = getattr(self.pattern, "d", None), getattr(self.pattern, "k", None)
+        if self.budget is not None:  # provisional values so each target validates
+            d, k = (0, None) if self.pattern.pattern_name == "banded" else (None, 1)
+        return {"pattern": self.pattern.pattern_name, "d": d, "k": k,
                 "own": self.pattern.options().own,
                 "rank": self.rank, "seed": self.seed, "init": self.init, "factor_dtype": self.factor_dtype,
                 "keep_base": self.keep_base}
 
     def plan(self, target) -> SVFTPlan:
+        if self.budget is not None:  # a budget is a choice over the whole set of targets
+            return self.plans([target])[0]
         return plan_target(target, self.values(), _factorize.resolve_backend(self.svd_backend), self.svd_dtype)
 
     def plans(self, targets) -> list[SVFTPlan]:
+        """Every target's plan; with `budget`, the one d (or K) that makes their trainable total
+        the largest ≤ budget (`_solve_budget`)."""
         backend = _factorize.resolve_backend(self.svd_backend)  # once for the set
-        return [plan_target(t, self.values(), backend, self.svd_dtype) for t in targets]
+        plans = [plan_target(t, self.values(), backend, self.svd_dtype) for t in targets]
+        if self.budget is None or not plans:
+            return plans
+        return _solve_budget(plans, list(range(len(plans))), 0, self.budget, self.pattern.pattern_name)[0]
+
+    def budget_choice(self, plans) -> dict:
+        """What `budget` chose on `plans` (this config's): {} without a budget."""
+        if self.budget is None or not plans:
+            return {}
+        trainable = sum(_trainable(p) for p in plans)
+        choice = {"budget": self.budget, "trainable": trainable}
+        if self.pattern.pattern_name == "banded":
+            choice["d"] = plans[0].d
+        else:
+            r_max = max(p.rank for p in plans)
+            choice.update(k_at_max_rank=next(p.k for p in plans if p.rank == r_max), max_rank=r_max)
+        return choice
 
 
 def plan_target(target, config: dict, svd_backend: str, svd_dtype: str) -> SVFTPlan:
@@ -199,7 +253,7 @@ def _solve_budget(plans: list, budgeted: list[int], fixed_count: int, limit: int
         for i in budgeted:
             plan = plans[i]
             entries = banded_count(plan.rank, x) if pattern == "banded" else min(max(x * plan.rank // r_max, 1), plan.rank**2)
-            count += plan.layers * (entries + (1 if plan.init == "reference" else 0))
+            count += plan.layers * (entries + (plan.init == "reference"))
         return count
 
     lo, hi = (0, r_max - 1) if pattern == "banded" else (1, r_max * r_max)
@@ -264,19 +318,42 @@ def make_plans(
     planned = plan_adapt(params, rules, targets=targets, exclude=exclude, extra=extra, leaves=leaves)
     if budget is None:
         return planned
+    # The plans above are provisional (the smallest d or k): they say which targets share the
+    # budget and what the rest (extra leaves, overrides that set a size) trains.
     plans = planned.plans
     limit = _budget_total(budget, total_parameters(leaves))
-    # targets whose pattern or size an override sets keep it; the rest share the budget
     sized = [r for r in rules[:-1] if {"pattern", "d", "k"} & set(overrides[r.path])]
     first = {p.path: next((r for r in rules if r.matches(p.path)), None) for p in plans}
     budgeted = [i for i, p in enumerate(plans) if first[p.path] not in sized]
     if not budgeted:
         raise ValueError("`budget`: every target's pattern size is set by `overrides`; nothing is left to choose.")
     fixed = sum(leaf_size(leaves[p]) for p in planned.extra)
-    fixed += sum(plans[i].layers * (plans[i].entries + (plans[i].init == "reference"))
-                 for i in range(len(plans)) if i not in set(budgeted))
+    fixed += sum(_trainable(plans[i]) for i in range(len(plans)) if i not in set(budgeted))
+    smallest = fixed + sum(_trainable(plans[i]) for i in budgeted)
+    if smallest > limit:
+        knob = "d=0" if pattern == "banded" else "k=1 per target"
+        raise ValueError(f"`budget` allows {limit:,} trainable parameters but the smallest {pattern} pattern ({knob}) needs {smallest:,}; raise the budget or narrow `targets`.")
+    budgeted_paths = {plans[i].path for i in budgeted}
+    configs = [(config, {p.path for p in group}) for config, group in planned.groups if budgeted_paths & {p.path for p in group}]
+    if len(configs) == 1 and configs[0][1] == budgeted_paths:
+        config = configs[0][0]
+        # One config adapts every budgeted target (no override changes their rank, seed, ...):
+        # it carries the budget, solved by `SVFT.plans` as `SVFT(budget=N)` is.
+        budgeted_config = dataclasses.replace(config, pattern=Named(pattern=pattern), budget=limit - fixed)
+        rules = [dataclasses.replace(r, method=budgeted_config) if r.method == config else r for r in rules]
+        planned = plan_adapt(params, rules, targets=targets, exclude=exclude, extra=extra, leaves=leaves)
+        choice = budgeted_config.budget_choice(next(group for c, group in planned.groups if c == budgeted_config))
+        choice.update(budget=limit, trainable=fixed + choice["trainable"])
+        return Planned(planned.plans, planned.groups, planned.extra, choice)
+    # Overrides that change a budgeted target's rank (seed, init, ...) make several configs share
+    # one budget: the same solver, on their union.
     plans, choice = _solve_budget(plans, budgeted, fixed, limit, pattern)
     return Planned(plans, [(rules[-1].method, plans)], planned.extra, choice)
+
+
+def _trainable(plan) -> int:
+    """Trainable scalars of one SVFT plan: M's entries (and the reference init's gate) per layer."""
+    return plan.layers * (plan.entries + (plan.init == "reference"))
 
 
 def apply(
