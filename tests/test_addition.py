@@ -1,5 +1,5 @@
 # ruff: noqa: E402  (the module skips on transformers 5 before importing Flax models)
-"""The LLM experiment's task (experiments.addition) on the tiny tied Llama: disjoint splits,
+"""The LLM experiment's task (experiments.tasks.addition) on the tiny tied Llama: disjoint splits,
 the teacher-forced exact-match rule, the gathered tied head, the equal-budget rows, the frontier
 plot and the computed reading, and a smoke run of the sweep.
 
@@ -20,7 +20,7 @@ import pytest
 from transformers import FlaxLlamaModel
 
 import svft_jax
-from experiments import addition
+from experiments.tasks import addition
 
 
 def test_splits_are_disjoint_fixed_and_sized_by_digit_count():

