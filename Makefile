@@ -39,7 +39,7 @@ $(STAMP_LATEST): pyproject.toml
 	touch $(STAMP_LATEST)
 
 demo: install
-	$(PY) -m experiments.demo
+	$(PY) -m experiments.tasks.demo
 
 test: install
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile

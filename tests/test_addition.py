@@ -1,5 +1,5 @@
 # ruff: noqa: E402  (the module skips on transformers 5 before importing Flax models)
-"""The LLM experiment's task (experiments.addition) on the tiny tied Llama: disjoint splits,
+"""The LLM experiment's task (experiments.tasks.addition) on the tiny tied Llama: disjoint splits,
 the teacher-forced exact-match rule, the gathered tied head, the equal-budget rows, the frontier
 plot and the computed reading, and a smoke run of the sweep.
 
@@ -20,7 +20,7 @@ import pytest
 from transformers import FlaxLlamaModel
 
 import svft_jax
-from experiments import addition
+from experiments.tasks import addition
 
 
 def test_splits_are_disjoint_fixed_and_sized_by_digit_count():
@@ -102,6 +102,18 @@ def test_smoke_run_chooses_the_rate_on_validation_and_writes_its_tables(tmp_path
                        "--resume", "--compilation_cache="])
 
 
+def test_resume_accepts_results_written_under_the_old_module_path(tmp_path):
+    """Results files record `python -m experiments.addition ...` (before experiments/tasks/); only
+    the budget decides whether `--resume` may continue them, and their command is kept."""
+    options = addition.Options(output_dir=str(tmp_path))
+    budget = addition.config_lib.json_ready(addition.budget(options, addition.TRAIN))
+    runs = [dict(method="svft_plain", seed=0, learning_rate=0.01)]
+    old = "python -m experiments.addition --seeds=0"
+    (tmp_path / "addition.json").write_text(json.dumps(dict(command=old, config=budget, runs=runs)))
+    _, finished, command = addition.report.resume(tmp_path / "addition.json", budget, ["svft_plain"], [0])
+    assert finished == runs and command == old + addition.report.RESUMED
+
+
 def test_nll_gain_is_the_share_of_full_fts_drop_from_the_frozen_model():
     table = [dict(method=addition.FROZEN, test_nll_mean=4.0), dict(method="full_ft", test_nll_mean=2.0),
              dict(method="svft_banded_d2", test_nll_mean=2.5), dict(method="lora_r8", test_nll_mean=1.5)]
@@ -171,7 +183,7 @@ def test_frontier_plot_has_sd_error_bars_and_the_frozen_line_and_the_reading_is_
     monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", record_errorbar)
     monkeypatch.setattr(matplotlib.axes.Axes, "axhline", record_axhline)
     options = addition.Options(model="tiny", output_dir=str(tmp_path))
-    addition.write_tables(rows, options, addition.TRAIN, "python -m experiments.addition", tmp_path)
+    addition.write_tables(rows, options, addition.TRAIN, "python -m experiments.tasks.addition", tmp_path)
     assert (tmp_path / "addition.png").stat().st_size > 0
     # one error bar per trained method at its trainable count: mean ± the seeds' sd, in %
     assert set(bars) == {1_000_000, 4_000, 200, 3_000, 24_000, 400}

@@ -1,8 +1,8 @@
-"""experiments.bench_layers refuses what it cannot measure (the benchmark itself is not a test)."""
+"""experiments.bench.layers refuses what it cannot measure (the benchmark itself is not a test)."""
 
 import pytest
 
-from experiments import bench_layers
+from experiments.bench import layers as bench_layers
 
 
 def test_profile_refuses_auto_instead_of_dropping_it(capsys):

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import svft_jax
-from experiments import config, data, presets, report, train
+from experiments.harness import config, data, presets, report, train
 from svft_jax.training import losses
 from tests.stack import needs_flax_models
 
@@ -155,7 +155,7 @@ def test_full_finetune_trains_weights_and_head_at_their_own_rates(rng):
 
 
 def test_learning_rate_sweep_chooses_on_validation_and_reruns_only_the_chosen_rate():
-    from experiments import report
+    from experiments.harness import report
 
     calls = []
 
@@ -297,7 +297,7 @@ def _perturbed(adapted, extra, seed):
 def test_sentiment_loss_through_wrap_equals_the_merged_models_loss_and_gradient(method):
     from transformers import BertConfig, FlaxBertModel
 
-    from experiments import models
+    from experiments.harness import models
 
     # hidden 48 at 32 tokens: `auto` picks spectral (SVFT) and factored (LoRA, DoRA), not the merge
     config = BertConfig(vocab_size=64, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
@@ -344,7 +344,7 @@ def test_sentiment_loss_through_wrap_equals_the_merged_models_loss_and_gradient(
 
 @needs_flax_models
 def test_demo_task_loss_through_wrap_equals_the_merged_models_loss_and_gradient():
-    from experiments import models
+    from experiments.harness import models
 
     config = train.TrainConfig(steps=2, batch_size=4)
     task = train.demo_task(config, num_train=8, num_eval=4, seq_len=8, num_layers=1)

@@ -140,7 +140,7 @@ def test_smollm2_svft_on_all_projections_trains_with_peft_trainer_and_decodes_gr
     from tunix.sft import peft_trainer
     from tunix.sft import utils as sft_utils
 
-    from experiments.addition import prompt_of, train_stream
+    from experiments.tasks.addition import prompt_of, train_stream
     from svft_jax.models import load_gguf_tokenizer
 
     path = _smollm2()

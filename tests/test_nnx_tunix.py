@@ -262,7 +262,7 @@ def test_the_readme_tunix_example_runs_and_trains_m_only(capsys):
 
 @pytest.mark.slow
 def test_bench_nnx_runs_its_three_methods_side_by_side(tmp_path):
-    from experiments import bench_nnx
+    from experiments.bench import nnx as bench_nnx
 
     report = bench_nnx.main(["--config=tiny", "--repeats=1", f"--output={tmp_path / 'bench.md'}"])
     rows = [line for line in report.splitlines() if line.startswith("| ") and "method" not in line]

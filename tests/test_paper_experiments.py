@@ -18,7 +18,7 @@ import scipy.stats
 import tensorflow_datasets as tfds
 
 import svft_jax
-from experiments import data, presets
+from experiments.harness import data, presets
 from experiments.paper import commonsense, configs, glue, math_reasoning
 from experiments.paper import image_classification as vision
 from tests.stack import needs_flax_models

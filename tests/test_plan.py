@@ -244,7 +244,7 @@ def test_budget_keeps_overridden_targets_and_refuses_what_it_cannot_do():
 
 
 def test_paper_counts_from_config_shapes():
-    from experiments import paper_counts
+    from experiments.paper import paper_counts
 
     gemma = paper_counts.llm_shapes(**paper_counts.CONFIGS["gemma-2b"])
     seven = paper_counts.PROJECTIONS

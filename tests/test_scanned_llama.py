@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import svft_jax
-from experiments import models
+from experiments.harness import models
 from svft_jax.strategies import wrap
 from tests.strategy_checks import assert_same, loss_and_grads, perturb
 
@@ -65,7 +65,7 @@ def test_scanned_llama_every_strategy_matches_merged(llama, form, strategy):
 @pytest.mark.slow  # baselines through nn.scan are in the suite already (test_wrap_control_flow)
 @pytest.mark.parametrize("preset", ["lora_r8", "dora_r1", "vera_r256"])
 def test_scanned_llama_baselines_factored_match_merged(llama, preset):
-    from experiments import presets
+    from experiments.harness import presets
 
     apply_fn, params, ids = llama[0]["scanned"], llama[1], llama[2]
     p = presets.get(preset)

@@ -1,6 +1,6 @@
 """The offline experiment: the Rotten Tomatoes pipeline (TFDS ArrayRecord + grain) and the
 sentiment task end to end on the harness's driver with a tiny random BERT (the real model is
-exercised by `python -m experiments.sentiment` itself).
+exercised by `python -m experiments.tasks.sentiment` itself).
 
 Truths: the corpus counts documented in rotten_tomatoes.py; parameter counts from the
 banded |Ω| formula; on snippets whose label is carried by their words, every trained method
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 import svft_jax
-from experiments import data, models, presets, report, rotten_tomatoes, sentiment
+from experiments.harness import data, models, presets, report
+from experiments.tasks import rotten_tomatoes, sentiment
 from tests.stack import needs_flax_models
 
 
@@ -270,7 +271,7 @@ def test_head_only_leaves_the_encoder_untouched(tiny_bert, tokenizer):
     options = sentiment.Options(methods=("head_only",), seeds=(0,), max_length=8, eval_batch_size=8)
     train = dataclasses.replace(sentiment.TRAIN, steps=2, batch_size=4, data_parallel=False)
     task = sentiment.make_task(setting, presets.get("head_only"), 0, options, train)
-    from experiments.train import run
+    from experiments.harness.train import run
 
     results = run(task, dataclasses.replace(train, learning_rate=0.0))
     jax.tree_util.tree_map(np.testing.assert_array_equal, results["adapted"]["encoder"], params)
@@ -285,7 +286,7 @@ def test_unknown_method_is_rejected_before_any_work():
 
 
 def test_demo_uses_the_sentiment_task_with_a_shorter_budget():
-    from experiments import demo
+    from experiments.tasks import demo
 
     assert set(demo.DEMO_METHODS) <= set(sentiment.METHODS)
     assert models.new_head(384, 2, 0)["kernel"].shape == (384, 2)

@@ -392,7 +392,7 @@ def test_schedule_arguments_are_checked():
 
 
 def _driver():
-    from experiments import train  # importable from the repo root (pytest's pythonpath = ".")
+    from experiments.harness import train  # importable from the repo root (pythonpath = ".")
 
     return train
 

@@ -1,8 +1,8 @@
 """Paper reproductions for SVFT (Lingam et al., NeurIPS 2024, arXiv:2405.19597).
 
-One task per table of the paper, all on the harness (the driver `experiments.train`, the
-dataclass config reader `experiments.config`, the data path `experiments.data`, the method
-presets `experiments.presets`):
+One task per table of the paper, all on the harness (the driver `experiments.harness.train`, the
+dataclass config reader `experiments.harness.config`, the data path `experiments.harness.data`, the method
+presets `experiments.harness.presets`):
 
 - `glue.py`                  GLUE (paper Table 3; DeBERTaV3-base there, RoBERTa/BERT here)
 - `image_classification.py`  ViT-B/16, ViT-L/16 on CIFAR-100, Flowers102, Food101, RESISC45

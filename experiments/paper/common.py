@@ -2,7 +2,7 @@
 and the metrics file.
 
 Each task script defines `Options(PaperOptions)` with its own fields and calls `setup`, which
-reads the command line with the harness's one config reader (`experiments.config.parse`):
+reads the command line with the harness's one config reader (`experiments.harness.config.parse`):
 task flags as `--name=value`, the driver's as `--config.name=value` (or `--name=value`).
 """
 
@@ -17,9 +17,9 @@ import jax
 import numpy as np
 
 import svft_jax
-from experiments import config as config_lib
-from experiments import presets
-from experiments.train import TrainConfig
+from experiments.harness import config as config_lib
+from experiments.harness import presets
+from experiments.harness.train import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ class PaperOptions:
     Attributes:
       model: hub name or local directory for from_pretrained, or 'tiny' (a random tiny
         config, for tests); '' means the table's default model.
-      method: a preset of `experiments.presets` (svft_plain, svft_banded_d2, lora_r8, ...,
+      method: a preset of `experiments.harness.presets` (svft_plain, svft_banded_d2, lora_r8, ...,
         or a parsed width such as svft_random_d16; 'head' is head_only).
       targets: regex of adapted kernels (None: the table's, per method where the paper
         adapts different projections per method).

@@ -31,7 +31,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from experiments import data
+from experiments.harness import data
 from experiments.paper import common, lm
 from experiments.paper.configs import COMMONSENSE
 

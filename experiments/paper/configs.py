@@ -15,7 +15,7 @@ Sources, cited per value below:
                  while writing this; such values are marked and follow the usual LoRA/VeRA GLUE
                  protocol. Check them against the appendix before quoting numbers.
 
-Methods are the harness's presets (`experiments.presets`): `svft_plain`, `svft_banded_d2`,
+Methods are the harness's presets (`experiments.harness.presets`): `svft_plain`, `svft_banded_d2`,
 `svft_random_d16`, `lora_r8`, `dora_r1`, `vera_r256`, `head_only`, ...
 """
 
@@ -35,7 +35,7 @@ class TableConfig:
         svft_jax's default (every dense kernel except embeddings, norms, heads). Ignored when
         `per_method_targets` is set.
       per_method_targets: the paper adapts different projections per method (ViT): each
-        preset's `scope` picks them (`experiments.presets`), read for `model_type`.
+        preset's `scope` picks them (`experiments.harness.presets`), read for `model_type`.
       model_type: architecture of the table's models, for per-method targets.
       extra: regex of fully-trainable extra leaves (a new classifier head), or None.
       epochs: passes over the training set (converted to optimiser steps by the script).
@@ -81,7 +81,7 @@ class TableConfig:
 
     def train_config(self, **fields):
         """The driver's TrainConfig with this table's optimisation values (steps set later)."""
-        from experiments.train import TrainConfig
+        from experiments.harness.train import TrainConfig
 
         values = dict(steps=1, batch_size=self.batch_size, accumulation_steps=self.accumulation_steps,
                       learning_rate=1e-3, head_learning_rate=self.head_learning_rate,

@@ -32,11 +32,11 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import data, models
+from experiments.harness import data, models
+from experiments.harness.text import ByteTokenizer, load_tokenizer, pad_to
+from experiments.harness.train import Task, evaluate_model, run
 from experiments.paper import common
 from experiments.paper.configs import GLUE, GLUE_EPOCHS, GLUE_MAX_LENGTH
-from experiments.text import ByteTokenizer, load_tokenizer, pad_to
-from experiments.train import Task, evaluate_model, run
 from svft_jax.training import losses
 
 

@@ -4,7 +4,7 @@ ViT-B/16 or ViT-L/16 (ImageNet-21k checkpoints, `FlaxViTForImageClassification` 
 head) on CIFAR-100, Flowers102, Food101 and RESISC45. As in the authors' code, 10 training and
 2 validation images per class are drawn (deterministically, seeded), the projections the
 authors adapt with each method are adapted (query+value for VeRA and SVFT^P, all six for LoRA,
-DoRA and SVFT^B: `experiments.presets`), the classifier head is trained at its own learning rate, the best
+DoRA and SVFT^B: `experiments.harness.presets`), the classifier head is trained at its own learning rate, the best
 epoch on the validation images is kept and the full test set is scored.
 
 Splits (TFDS names): cifar100 train→sample / test; food101 train→sample / validation (its only
@@ -34,7 +34,8 @@ import numpy as np
 from PIL import Image
 
 import svft_jax
-from experiments import data, models
+from experiments.harness import data, models
+from experiments.harness.train import Task, evaluate_model, run
 from experiments.paper import common
 from experiments.paper.configs import (
     TRAIN_PER_CLASS,
@@ -43,7 +44,6 @@ from experiments.paper.configs import (
     VISION_MODELS,
     VISION_PAPER_COUNTS,
 )
-from experiments.train import Task, evaluate_model, run
 from svft_jax.training import losses
 
 

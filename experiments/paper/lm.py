@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import svft_jax
-from experiments import data, models
+from experiments.harness import data, models
+from experiments.harness.text import ByteTokenizer, load_tokenizer, pad_to
+from experiments.harness.train import Task, run
 from experiments.paper import common
-from experiments.text import ByteTokenizer, load_tokenizer, pad_to
-from experiments.train import Task, run
 from svft_jax.training import losses
 
 

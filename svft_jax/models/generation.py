@@ -33,7 +33,7 @@ Mistral, Gemma, GPT-J, GPT-Neo, GPT-2) should work unchanged but are not tested 
 Merging costs one dense d1·r·d2 product per target, once per call: for SmolLM2 with every
 projection adapted that is ~58 G multiply-adds, ~7x the 64 decoding steps of batch 1 (~0.13 G
 multiply-adds per token), so it is most of a short call's time
-(`experiments/bench_generate.py` measures both). To decode many times with the same adapter,
+(`experiments/bench/generate.py` measures both). To decode many times with the same adapter,
 merge once yourself and pass `svft_jax.merge(adapted)` (same tree structure as the base params:
 no recompilation).
 """

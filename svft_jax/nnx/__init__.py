@@ -44,7 +44,7 @@ this path:
     `lax.dot_general`), follows scan/remat/custom-vjp bodies, and runs the same strategies and
     cost model as the pytree API, so execution is not implemented twice.
 qwix stays what it is for LoRA; a qwix-LoRA model and an SVFT model train the same way in Tunix
-(`experiments/bench_nnx.py` runs both). One difference worth knowing: qwix 0.1.8 swaps the
+(`experiments/bench/nnx.py` runs both). One difference worth knowing: qwix 0.1.8 swaps the
 model's class with `type(...)`, which drops Tunix's `pytree=False` on flax 0.12.12 (gradients
 then fail); `adapt` keeps the original class's pytree mode.
 """

@@ -1,5 +1,5 @@
-"""Shared helpers of the bench_*.py scripts: machine description, timing, markdown tables, and
-pausing other jobs on a shared machine while timing."""
+"""Shared helpers of the benchmarks (experiments/bench/) and the tasks' reports: machine
+description, timing, markdown tables, and pausing other jobs on a shared machine while timing."""
 
 from __future__ import annotations
 

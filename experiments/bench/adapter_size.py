@@ -1,6 +1,6 @@
 """Adapter file size for a BERT-base-shaped model, next to the full model.
 
-    python -m experiments.bench_adapter_size [--layers=12] [--json=out.json]
+    python -m experiments.bench.adapter_size [--layers=12] [--json=out.json]
 
 Builds a random parameter pytree with BERT-base shapes (hidden 768, 12 layers, intermediate
 3072, vocab 30522; ≈110M params — no real model needed, the sizes depend on shapes only),
@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 import svft_jax
-from experiments import config as config_lib
+from experiments.harness import config as config_lib
 from svft_jax.checkpoint import save_adapter, save_factor_cache, save_merged_safetensors
 
 TARGETS = r".*attention/self/(query|key|value)/kernel|.*attention/output/dense/kernel|.*(intermediate|output)/dense/kernel"

@@ -1,6 +1,6 @@
 """Serving many SVFT adapters on one base: per-example routing vs separately merged models.
 
-    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python experiments/bench_adapters.py [--batch 16] [--seq 32]
+    OPENBLAS_NUM_THREADS=1 python -m experiments.bench.adapters [--batch 16] [--seq 32]
 
 A MiniLM-sized BERT (hidden 384, 6 layers, intermediate 1536, random weights: the timing depends
 on shapes only) with SVFT banded d=2 on q, k, v, o and both MLP kernels (36 targets). For

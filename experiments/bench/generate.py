@@ -19,7 +19,7 @@ The bounds beside them are measured here, not quoted:
   compute    2 FLOPs per weight per token: tokens/s ≤ matmul FLOP/s ÷ (2 × parameters), the
              FLOP/s of a large square float32 matmul.
 
-    python -m experiments.bench_generate [--new_tokens=64] [--repeats=3] [--pause=<pgrep pattern>]
+    python -m experiments.bench.generate [--new_tokens=64] [--repeats=3] [--pause=<pgrep pattern>]
 """
 
 from __future__ import annotations
@@ -36,11 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import svft_jax
-from experiments import config as config_lib
-from experiments._bench_common import machine_description, markdown_table, paused
-from experiments.train import keep_freed_memory
+from experiments.harness import config as config_lib
+from experiments.harness.bench import machine_description, markdown_table, paused
+from experiments.harness.train import keep_freed_memory
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +87,7 @@ def main(argv=None):
     keep_freed_memory()
     argv = list(sys.argv[1:] if argv is None else argv)
     (options,) = config_lib.parse(argv, Options(), description=__doc__)
-    from experiments.bench_llm_step import TARGETS, factor_store
+    from experiments.bench.llm_step import TARGETS, factor_store
     from svft_jax.models import generate, generation
 
     start = time.perf_counter()
@@ -137,7 +137,7 @@ def main(argv=None):
                 print(f"batch {batch} {kind}: {rate:.1f} tokens/s (bandwidth bound {bound:.0f})", flush=True)
     table = markdown_table(["batch", "params", "tokens/s", "s per call", "merge s (in the call)",
                             "bandwidth bound tokens/s", "bound ÷ measured", "compute bound tokens/s"], rows)
-    command = " ".join(["python -m experiments.bench_generate", *argv])
+    command = " ".join(["python -m experiments.bench.generate", *argv])
     text = [f"# bench_generate: SmolLM2-135M-Instruct, greedy, {options.prompt_tokens}-token prompt, "
             f"{options.new_tokens} new tokens", "", header,
             f"- Command: `{command}` (total {time.perf_counter() - start:.0f} s)",

@@ -5,7 +5,7 @@ gate/up 512→1376, down 1376→512), Dense (in, out) kernels in HF Flax Llama's
 Reported per variant: median wall time and median process CPU time over `repeats`
 interleaved runs, and their ratio to `np.linalg.svd` called on each matrix in a loop.
 
-    python -m experiments.bench_apply --layers 8 --repeats 3
+    python -m experiments.bench.apply --layers 8 --repeats 3
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import jax
 import numpy as np
 
 import svft_jax
-from experiments import config as config_lib
-from experiments._bench_common import machine_description, markdown_table, timed
+from experiments.harness import config as config_lib
+from experiments.harness.bench import machine_description, markdown_table, timed
 
 SHAPES = {"self_attn/q_proj": (512, 512), "self_attn/k_proj": (512, 512), "self_attn/v_proj": (512, 512),
           "self_attn/o_proj": (512, 512), "mlp/gate_proj": (512, 1376), "mlp/up_proj": (512, 1376),
@@ -88,7 +88,7 @@ def main(argv=None) -> None:
             f"- {args.layers} layers × 7 kernels = {matrices} matrices (512×512 ×4, 512×1376 ×3 per layer), "
             f"float32; banded d=2; {args.repeats} interleaved repeats after one warm-up; "
             f'"auto" is LAPACK (numpy) on CPU, XLA\'s SVD on an accelerator; this run: {jax.default_backend()}.\n'
-            f"- Command: `python -m experiments.bench_apply --layers {args.layers} --repeats {args.repeats}`\n\n"
+            f"- Command: `python -m experiments.bench.apply --layers {args.layers} --repeats {args.repeats}`\n\n"
             f"{table}\n")
     pathlib.Path(args.output).write_text(text)
     print(text)

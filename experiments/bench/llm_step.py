@@ -5,7 +5,7 @@ hidden 576, MLP 1536, 9 query / 3 KV heads, tied 49,152-token embedding), the ca
 on every position of batch 8 × 64 tokens, AdamW (the harness's `make_optimizer`), adapters on
 all seven projections (q, k, v, o, gate, up, down) of all 30 layers (210 kernels), the model
 run through `svft_jax.wrap(model, "auto", strict=True)` (the harness's path,
-`experiments.models.run_adapted`). Methods: full fine-tuning (every weight, the tied
+`experiments.harness.models.run_adapted`). Methods: full fine-tuning (every weight, the tied
 embedding included), LoRA r=8 (α = 16), SVFT^P and SVFT^B d=2, plus the variants this
 benchmark exists to compare (see `VARIANTS`).
 
@@ -19,9 +19,9 @@ Each method is measured twice:
 XLA peak = the compiled step's memory analysis: temp + arguments + outputs − aliased bytes,
 what the step needs resident (frozen weights included), not a measured RSS.
 
-    python -m experiments.bench_llm_step                             # alone, then interleaved -> results
-    python -m experiments.bench_llm_step --mode=alone --methods=svft_banded_d2 --steps=6
-    python -m experiments.bench_llm_step --methods=full_ft,lora_r8,svft_banded_d2_noW0 --rounds=5
+    python -m experiments.bench.llm_step                             # alone, then interleaved -> results
+    python -m experiments.bench.llm_step --mode=alone --methods=svft_banded_d2 --steps=6
+    python -m experiments.bench.llm_step --methods=full_ft,lora_r8,svft_banded_d2_noW0 --rounds=5
 
 SVFT's factors are computed once and cached in experiments/runs/ (a factor file, reused by
 every method and process).
@@ -45,14 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import svft_jax
-from experiments import config as config_lib
-from experiments import models, presets
-from experiments._bench_common import machine_description, markdown_table, paused
-from experiments.train import TrainConfig, keep_freed_memory, make_optimizer
+from experiments.harness import config as config_lib
+from experiments.harness import models, presets
+from experiments.harness.bench import machine_description, markdown_table, paused
+from experiments.harness.train import TrainConfig, keep_freed_memory, make_optimizer
 from svft_jax.training import losses, train_step_fn
 
-RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-RUNS = pathlib.Path(__file__).resolve().parent / "runs"
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
+RUNS = pathlib.Path(__file__).resolve().parents[1] / "runs"
 FACTOR_CACHE = RUNS / "smollm2_factors.safetensors"
 BATCH, SEQUENCE = 8, 64
 TARGETS = r".*layers/\d+/(self_attn/(q|k|v|o)_proj|mlp/(gate|up|down)_proj)/kernel"
@@ -63,7 +63,7 @@ class Variant:
     """One measured configuration: a preset, `apply` options and how the step is built.
 
     Attributes:
-      preset: an `experiments.presets` name.
+      preset: an `experiments.harness.presets` name.
       options: extra keywords of the adapter's `apply` (e.g. keep_base=False).
       donate: donate the trainable state and optimiser state to the step (the harness does).
       env: environment variables of the process that measures it alone (allocator settings);
@@ -108,7 +108,7 @@ class Options:
     names; steps: timed steps alone; passes: processes per method alone, run in turn (the one
     with the lower median is kept: load on a shared machine only slows); rounds: interleaved
     rounds; allocator: 'keep' (the
-    harness's `experiments.train.keep_freed_memory`) or 'default' (glibc's own settings);
+    harness's `experiments.harness.train.keep_freed_memory`) or 'default' (glibc's own settings);
     pause: a `pgrep -f` pattern of other jobs on a shared machine to stop (SIGSTOP) while steps
     are timed and resume (SIGCONT) right after, also on failure ('' = none); output: results
     prefix ('' = none)."""
@@ -134,7 +134,7 @@ class Options:
 # ----------------------------------------------------------------------------- set-up
 
 
-ALLOCATORS = {"keep": "malloc keeps freed memory (`experiments.train.keep_freed_memory`, the harness's setting)",
+ALLOCATORS = {"keep": "malloc keeps freed memory (`experiments.harness.train.keep_freed_memory`, the harness's setting)",
               "default": "glibc's defaults (each step's XLA scratch is mmapped and unmapped anew)"}
 
 
@@ -289,7 +289,7 @@ def measure_alone(name: str, steps: int, pause: str = "") -> dict:
 
 def run_alone_in_subprocess(name: str, steps: int, allocator: str, pause: str) -> dict:
     env = {**os.environ, **dict(VARIANTS[name].env)}
-    command = [sys.executable, "-m", "experiments.bench_llm_step", "--child=true", "--mode=alone",
+    command = [sys.executable, "-m", "experiments.bench.llm_step", "--child=true", "--mode=alone",
                f"--methods={name}", f"--steps={steps}", f"--allocator={allocator}", f"--pause={pause}"]
     out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
@@ -392,10 +392,10 @@ def main(argv=None):
     if options.mode in ("both", "interleaved"):
         interleaved = measure_interleaved([m for m in options.methods if not VARIANTS[m].env], options.rounds,
                                           options.pause)
-    command = " ".join(["python -m experiments.bench_llm_step", *argv])
+    command = " ".join(["python -m experiments.bench.llm_step", *argv])
     text = [f"# bench_llm_step: SmolLM2-135M-Instruct, batch {BATCH} × {SEQUENCE} tokens, AdamW", "",
             header, f"- Command: `{command}` (total {time.perf_counter() - start:.0f} s)",
-            f"- Execution path: `{models.EXECUTION}` (`experiments.models.run_adapted`); full FT runs the plain model.",
+            f"- Execution path: `{models.EXECUTION}` (`experiments.harness.models.run_adapted`); full FT runs the plain model.",
             f"- Allocator: {ALLOCATORS[options.allocator]}",
             "- plan: how many of the 210 target kernels ran each strategy.", ""]
     if alone:

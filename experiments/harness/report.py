@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import presets as presets_lib
+from experiments.harness import presets as presets_lib
 
 RESUMED = "  (interrupted, then completed with --resume)"
 

@@ -14,7 +14,7 @@ Configs (randomly initialised, transformers Flax classes):
                              batch 16×64 or 32×128 tokens.
   llama-4x256                Llama: hidden 512, 8 layers, 8 heads, MLP 1376, vocab 8192;
                              causal LM; batch 4×256 tokens.
-  linen-llama-scan-4x256     the same shape as a linen model (`experiments.models.LinenLlama`,
+  linen-llama-scan-4x256     the same shape as a linen model (`experiments.harness.models.LinenLlama`,
                              tied head) with its blocks `nn.scan`ned and remat'ed, as LLMs are
                              trained in JAX: kernels stacked (8, in, out);
   linen-llama-4x256          the same linen model unrolled (no scan, no remat): the ratios of
@@ -22,10 +22,10 @@ Configs (randomly initialised, transformers Flax classes):
 Adapters target every attention and MLP kernel (the library default); the classifier head
 (BERT) is trained fully by every adapter method.
 
-    python -m experiments.bench_step --config=bert-16x64 --repeats=5
+    python -m experiments.bench.step --config=bert-16x64 --repeats=5
 
-Methods are the harness's presets (`experiments.presets`) plus execution options; the models
-come from `experiments.models`.
+Methods are the harness's presets (`experiments.harness.presets`) plus execution options; the models
+come from `experiments.harness.models`.
 """
 
 from __future__ import annotations
@@ -42,16 +42,16 @@ import numpy as np
 import optax
 
 import svft_jax
-from experiments import config as config_lib
-from experiments import models, presets
-from experiments._bench_common import machine_description, markdown_table
+from experiments.harness import config as config_lib
+from experiments.harness import models, presets
+from experiments.harness.bench import machine_description, markdown_table
 from svft_jax.training import losses
 
 
 @dataclasses.dataclass
 class Method:
     name: str
-    preset: str  # an `experiments.presets` name
+    preset: str  # an `experiments.harness.presets` name
     strategy: str | None  # None: full FT (no nodes)
     options: dict = dataclasses.field(default_factory=dict)  # extra `apply` keywords
 
@@ -227,7 +227,7 @@ def main(argv=None) -> None:
             f"AdamW, trainable state donated.\n"
             f"- peak MiB = XLA compiled memory analysis of the jitted step (temp + argument + output − aliased), "
             f"not measured RSS.\n"
-            f"- Command: `python -m experiments.bench_step --config {args.config} --methods {args.methods} --repeats {args.repeats}` "
+            f"- Command: `python -m experiments.bench.step --config {args.config} --methods {args.methods} --repeats {args.repeats}` "
             f"(total {time.perf_counter() - start:.0f} s)\n\n{table}\n")
     output.write_text(text)
     print(text)

@@ -1,10 +1,10 @@
 """One layer's training step under every execution strategy, side by side, with FLOP floors and
 peak memory.
 
-    python -m experiments.bench_layers                      # T = 1024, the five shapes
-    python -m experiments.bench_layers --tokens 256 4096 --shapes 384x384 1536x384 384x1536 768x768
-    python -m experiments.bench_layers --models bert-16x64 bert-32x128 llama-4x256   # whole models
-    python -m experiments.bench_layers --profile --tokens 1024 4096    # where the time goes (band vs matmuls)
+    python -m experiments.bench.layers                      # T = 1024, the five shapes
+    python -m experiments.bench.layers --tokens 256 4096 --shapes 384x384 1536x384 384x1536 768x768
+    python -m experiments.bench.layers --models bert-16x64 bert-32x128 llama-4x256   # whole models
+    python -m experiments.bench.layers --profile --tokens 1024 4096    # where the time goes (band vs matmuls)
 
 A step is forward + backward + Adam for one layer y = x Wᵀ (W: out × in) over T tokens, with the
 layer-input gradient on (as inside a network): `dense` trains W itself (full fine-tuning);
@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import svft_jax  # noqa: E402
-from experiments._bench_common import machine_description, markdown_table, timed  # noqa: E402
+from experiments.harness.bench import machine_description, markdown_table, timed  # noqa: E402
 from svft_jax import baselines  # noqa: E402
 from svft_jax.strategies import drop_unused_base, step_flops, wrap  # noqa: E402
 
@@ -316,18 +316,18 @@ def main(argv=None):
     header = ["method", "ms", "÷ dense", "FLOPs ÷ dense", "time ÷ FLOP floor", "memory MiB"]
     started = time.perf_counter()
     text = [f"# Layer training step (fwd + bwd + Adam, input gradient on), SVFT^B d=2 full rank\n\n"
-            f"`python -m experiments.bench_layers --tokens {' '.join(map(str, args.tokens))} --shapes {' '.join(args.shapes)}`\n\n"
+            f"`python -m experiments.bench.layers --tokens {' '.join(map(str, args.tokens))} --shapes {' '.join(args.shapes)}`\n\n"
             f"{machine_description()}\n"]
     if args.numerics:
         text[0] = (f"# Numerics: one layer's output vs float64 x (W0 + U M Vᵀ)ᵀ, SVFT^B d=2 full rank, M ≠ 0, T = 256\n\n"
-                   f"`python -m experiments.bench_layers --numerics`\n\n{machine_description()}\n\n")
+                   f"`python -m experiments.bench.layers --numerics`\n\n{machine_description()}\n\n")
         block = markdown_table(["shape", "factors", "rebuild (W0 kept)", "factored (W0 kept)", "spectral (W0 not read)"], numerics(args.shapes)) + "\n"
         print(block)
         text.append(block)
         args.tokens, args.models = [], ["numerics"]
     elif args.profile:
         text[0] = (f"# Where the time goes: one layer's training step per strategy, SVFT^B d=2 vs SVFT^P, full rank\n\n"
-                   f"`python -m experiments.bench_layers --profile --tokens {' '.join(map(str, args.tokens))} --shapes {' '.join(args.shapes)} --strategies {' '.join(args.strategies)}`\n\n"
+                   f"`python -m experiments.bench.layers --profile --tokens {' '.join(map(str, args.tokens))} --shapes {' '.join(args.shapes)} --strategies {' '.join(args.strategies)}`\n\n"
                    f"{machine_description()}\n- {' '.join(profile_shape.__doc__.split(chr(10) + chr(10))[1].split())}\n")
         profile_header = ["method", "banded ms", "plain ms", "banded ÷ dense", "banded ÷ FLOP floor",
                           "matmul chain ÷ floor", "band ÷ dense", "band share"]
@@ -342,7 +342,7 @@ def main(argv=None):
         args.models, args.tokens = ["profile-T" + "-".join(map(str, args.tokens))], []
     elif args.models:
         text[0] = (f"# Whole-model training step (fwd + bwd + AdamW), SVFT^B d=2 full rank\n\n"
-                   f"`python -m experiments.bench_layers --models {' '.join(args.models)}`\n\n{machine_description()}\n")
+                   f"`python -m experiments.bench.layers --models {' '.join(args.models)}`\n\n{machine_description()}\n")
         model_header = ["method", "ms", "÷ full FT", "÷ LoRA r=8", "memory MiB", "memory ÷ LoRA", "strategies (targets)"]
         for config in args.models:
             repeats = args.repeats or 5
@@ -360,7 +360,7 @@ def main(argv=None):
             text.append(block)
     text.append(f"\nTotal run time {time.perf_counter() - started:.0f} s; load average at end {os.getloadavg()[0]:.1f}.\n")
     suffix = "-".join(args.models) if args.models else "T" + "-".join(map(str, args.tokens))
-    output = args.output or os.path.join(os.path.dirname(__file__), "results", f"bench_layers-{suffix}.md")
+    output = args.output or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "results", f"bench_layers-{suffix}.md")
     with open(output, "w") as handle:
         handle.write("".join(text))
     print(f"wrote {output}")

@@ -1,6 +1,6 @@
 """Many adapters on one base, on real weights: all-MiniLM-L6-v2 serving two SVFT adapters at once.
 
-    OPENBLAS_NUM_THREADS=1 PYTHONPATH=. .venv/bin/python experiments/many_adapters.py [--steps 30]
+    OPENBLAS_NUM_THREADS=1 python -m experiments.tasks.many_adapters [--steps 30]
 
 The installed sentence encoder (`svft_jax.models.minilm_path()`) gets one adapter set (banded
 d=2 on q/k/v/o of the 6 layers; one SVD, shared). Two adapters are trained on the same dozen

@@ -9,7 +9,7 @@ kernel layout. Reported:
 - memory (`--memory`): each variant in a fresh process, peak resident set (VmHWM) above the
   resident set once the parameters exist, i.e. what the SVDs and the adapted tree add.
 
-    python -m experiments.bench_apply_scale --layers=30 --devices=1,8 --repeats=1 --memory
+    python -m experiments.bench.apply_scale --layers=30 --devices=1,8 --repeats=1 --memory
 
 The virtual devices share this machine's cores, so "wall vs devices" measures the overhead of
 splitting (and any core-level parallelism), not a real multi-chip speed-up.
@@ -28,9 +28,9 @@ if __name__ == "__main__" and "XLA_FLAGS" not in os.environ:
 
 import numpy as np
 
-from experiments import bench_apply
-from experiments import config as config_lib
-from experiments.bench_apply import llama_stack
+from experiments.bench import apply as bench_apply
+from experiments.bench.apply import llama_stack
+from experiments.harness import config as config_lib
 
 SHAPES = {"self_attn/q_proj": (576, 576), "self_attn/k_proj": (576, 192), "self_attn/v_proj": (576, 192),
           "self_attn/o_proj": (576, 576), "mlp/gate_proj": (576, 1536), "mlp/up_proj": (576, 1536),
@@ -119,7 +119,7 @@ def main(argv=None) -> None:
 
     import jax
 
-    from experiments._bench_common import machine_description, markdown_table, timed
+    from experiments.harness.bench import machine_description, markdown_table, timed
 
     params = smollm_shapes_params(args.layers)
     table = variants(params, devices)
@@ -134,9 +134,9 @@ def main(argv=None) -> None:
     memory = {}
     if args.memory or args.memory_only:
         for name in table:
-            out = subprocess.run([sys.executable, "-m", "experiments.bench_apply_scale", f"--layers={args.layers}",
+            out = subprocess.run([sys.executable, "-m", "experiments.bench.apply_scale", f"--layers={args.layers}",
                                   f"--devices={','.join(map(str, devices))}", f"--peak_of={name}"], capture_output=True, text=True,
-                                 check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                                 check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
             memory[name] = json.loads(out.stdout.strip().splitlines()[-1])["peak_above_params_mib"]
     rows = [[name, f"{wall:.2f}", f"{wall / base_wall:.2f}×", f"{cpu:.2f}", f"{cpu / base_cpu:.2f}×",
              f"{memory[name]:.0f}" if name in memory else "-"] for name, (wall, cpu) in medians.items()]
@@ -145,7 +145,7 @@ def main(argv=None) -> None:
     text = (f"# bench_apply_scale: `svft_jax.apply` on SmolLM2-135M-shaped kernels\n\n{machine_description()}\n"
             f"- {args.layers} layers × 7 kernels = {7 * args.layers} matrices, float32, banded d=2, full rank; "
             f"{args.repeats} interleaved repeat(s) after one warm-up. Factors U, s, V in float32: {factors_mib:.0f} MiB.\n"
-            f"- Command: `python -m experiments.bench_apply_scale --layers={args.layers} "
+            f"- Command: `python -m experiments.bench.apply_scale --layers={args.layers} "
             f"--devices={','.join(map(str, devices))} --repeats={args.repeats}{' --memory' if args.memory else ''}`\n\n"
             + markdown_table(["variant", "wall s", "wall / LAPACK", "CPU s", "CPU / LAPACK", "peak host MiB above params"], rows)
             + "\n")

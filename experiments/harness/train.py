@@ -9,7 +9,7 @@ tqdm bar and JSON/CSV metric logs. See `experiments/README.md` for the contract.
 Before saving a checkpoint the driver checks that the eval metrics are finite; a NaN or Inf
 stops the run (FloatingPointError) with the last finite checkpoint left as it was.
 
-    python -m experiments.train --config.steps=30 --config.output_dir=/tmp/svft_demo
+    python -m experiments.harness.train --config.steps=30 --config.output_dir=/tmp/svft_demo
 
 runs a built-in demo (a tiny random Flax BERT classifier on synthetic tokens).
 """
@@ -34,8 +34,8 @@ import numpy as np
 import optax
 
 import svft_jax
-from experiments import config as config_lib
-from experiments import data
+from experiments.harness import config as config_lib
+from experiments.harness import data
 from svft_jax import distributed
 from svft_jax.training import make_eval_step, make_schedule, make_train_step
 
@@ -45,7 +45,7 @@ LOG_FORMATS = ("json", "csv")
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything the loop needs besides the task. Override from the command line with
-    `experiments.config.parse` (`--config.steps=10`); see experiments/README.md per field."""
+    `experiments.harness.config.parse` (`--config.steps=10`); see experiments/README.md per field."""
 
     steps: int = 1000
     batch_size: int = 32
@@ -114,7 +114,7 @@ class Task:
         loss_fn's loss and metrics with a fixed rng.
       aggregate_fn: list of per-batch metric dicts (numpy) -> {name: float}; default
         (`mean_metrics`): per-example (B,) arrays averaged over the rows whose `valid` is
-        True (the padding rule of `experiments.data`), scalars weighted by batch size.
+        True (the padding rule of `experiments.harness.data`), scalars weighted by batch size.
       extra: regex of fully-trainable extra leaves (a new head), trained at
         `head_learning_rate`.
       full_finetune: every leaf trains (full fine-tuning): `extra` leaves at
@@ -146,7 +146,7 @@ class Task:
 def parse_config(argv: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
     """`base` with command-line overrides `--config.name=value` (or `--name=value`).
 
-    A thin wrapper of `experiments.config.parse` (the harness's one config reader) for
+    A thin wrapper of `experiments.harness.config.parse` (the harness's one config reader) for
     drivers that have no options of their own.
 
     Args:
@@ -168,7 +168,7 @@ def keep_freed_memory() -> bool:
     at the end of the step. glibc serves such blocks from fresh `mmap`s (a worker thread's arena
     cannot hold them) and unmaps them on free, so every step page-faults its whole scratch in
     anew and the kernel zeroes every page: on SmolLM2 that is ~0.26 M minor faults and 0.4–0.7 s
-    of system CPU per step (`experiments/bench_llm_step.py`). One arena, no mmap and no trimming
+    of system CPU per step (`experiments/bench/llm_step.py`). One arena, no mmap and no trimming
     (`mallopt`) keep the freed blocks in the heap instead: no faults after the first step. The
     price: the process keeps its peak heap (a training process does anyway).
 
@@ -361,7 +361,7 @@ def mean_metrics(per_batch: list[dict], sizes: list[int] | None = None) -> dict:
     """The default aggregate: the mean of each metric over the evaluation set.
 
     A per-example metric (an array whose leading axis is the batch) is averaged over the rows
-    whose `valid` entry is True (`experiments.data.pad_rows` marks padding that way; without
+    whose `valid` entry is True (`experiments.harness.data.pad_rows` marks padding that way; without
     `valid` every row counts). A scalar metric is weighted by its batch's real rows.
 
     Args:
@@ -627,11 +627,11 @@ def demo_task(config: TrainConfig, *, num_train: int = 256, num_eval: int = 64, 
     Positive sequences draw their tokens from ids [8, 36), negative ones from [36, 64): every
     position carries the label, so a few steps of M and head training lower the loss.
     SVFT (banded, d=1) on every attention/MLP kernel; the classifier head is trained in full.
-    Data go through the harness's one path (`experiments.data`).
+    Data go through the harness's one path (`experiments.harness.data`).
     """
     import optax as _optax
 
-    from experiments import models
+    from experiments.harness import models
     from svft_jax.training import losses
 
     model, params = models.tiny_bert_classifier(num_layers=num_layers, seq_len=seq_len, seed=config.seed)

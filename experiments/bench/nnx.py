@@ -12,7 +12,7 @@ compiled memory analysis of the step (temp + argument + output − aliased bytes
 step needs resident, not a measured RSS; on GPU the device's own peak is added when it reports
 one.
 
-    python -m experiments.bench_nnx --config=llama-4x256 --repeats=5
+    python -m experiments.bench.nnx --config=llama-4x256 --repeats=5
 
 Needs the `nnx` extra (google-tunix, qwix: Python ≥ 3.12).
 """
@@ -31,7 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from experiments._bench_common import machine_description, markdown_table
+from experiments.harness.bench import machine_description, markdown_table
 
 PROJECTIONS = r".*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 

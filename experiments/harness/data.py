@@ -2,7 +2,7 @@
 files, or any sequence) batched by `grain.MapDataset`, and the one rule for a ragged last batch.
 
 Every task reads through these functions: the paper tasks (TFDS names, `load_source`), the
-offline sentiment task (its own TFDS builder, `experiments.rotten_tomatoes`) and the tests
+offline sentiment task (its own TFDS builder, `experiments.tasks.rotten_tomatoes`) and the tests
 (`tfds.testing.mock_data`). Nothing here imports TensorFlow.
 
 - `train_batches(source, transform, batch_size=, seed=, epoch=)`: one shuffled epoch of full

@@ -1,8 +1,8 @@
 """The harness's one configuration system: frozen dataclasses, filled from the command line.
 
 Every setting of every task is a field of a frozen dataclass with a type annotation and a
-default: the loop's `experiments.train.TrainConfig`, and one options dataclass per task
-(`experiments.sentiment.Options`, `experiments.paper.glue.Options`, ...). Validation lives in
+default: the loop's `experiments.harness.train.TrainConfig`, and one options dataclass per task
+(`experiments.tasks.sentiment.Options`, `experiments.paper.glue.Options`, ...). Validation lives in
 each dataclass's `__post_init__`, so a config is checked when it is built, whether it came from
 the command line, from a results file or from Python. `parse` is the only command-line reader:
 
