@@ -6,12 +6,12 @@ The installed sentence encoder (`svft_jax.models.minilm_path()`) gets one adapte
 d=2 on q/k/v/o of the 6 layers; one SVD, shared). Two adapters are trained on the same dozen
 review snippets for two "prompts": "up" pulls each snippet's mean-pooled embedding towards the
 embedding of "an absolutely wonderful, delightful film", "down" towards "a dull, terrible,
-boring mess" (loss 1 − cosine). Each is trained as an ordinary SVFT tree (`adapters.extract`,
-`svft_jax.optimizer`), while the other stays frozen, and put back with `adapters.insert`.
+boring mess" (loss 1 − cosine). Each is trained as an ordinary SVFT tree (`banks.extract`,
+`svft_jax.optimizer`), while the other stays frozen, and put back with `banks.insert`.
 
 Then one jitted, routed forward pass serves a batch in which each example picks "up", "down" or
-the base model (`adapters.route`), and each row is compared with that adapter's own merged
-model; finally `adapters.mix` interpolates (1 − α)·up + α·down, and the cosine to both anchors
+the base model (`banks.route`), and each row is compared with that adapter's own merged
+model; finally `banks.mix` interpolates (1 − α)·up + α·down, and the cosine to both anchors
 moves from one to the other. Output is Markdown (committed as experiments/results/many_adapters.md).
 """
 
@@ -32,8 +32,9 @@ import optax  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 import svft_jax  # noqa: E402
-import svft_jax.adapters as adapters  # noqa: E402
+import svft_jax.banks as banks  # noqa: E402
 import svft_jax.models as svft_models  # noqa: E402
+from experiments.harness.models import run_adapted  # noqa: E402
 
 SNIPPETS = [
     "the plot wanders but the actors hold it together",
@@ -76,18 +77,20 @@ def main():
     anchors = jax.jit(embed)(params, anchor_ids, anchor_mask)  # (2, 384), from the base model
 
     base = svft_models.adapt(model, params, "banded", d=2, attention_only=True)
-    tree = adapters.add(adapters.create(base, "up"), "down")  # both at M = 0, one SVD
+    tree = banks.add(banks.create(base, "up"), "down")  # both at M = 0, one SVD
     print("# Many adapters on one base: all-MiniLM-L6-v2\n")
     print("```")
-    adapters.summary(tree)
+    banks.summary(tree)
     print("```\n")
 
     tx = svft_jax.optimizer(optax.adam(args.lr))
+    # Training runs on the library's fastest exact path (wrap(auto, strict)), not a merge per step.
+    adapted_embed = run_adapted(embed, params_argname=None)
     for k, name in enumerate(ANCHORS):
-        trainable, frozen = svft_jax.split(adapters.extract(tree, name))  # only this adapter's m trains
+        trainable, frozen = svft_jax.split(banks.extract(tree, name))  # only this adapter's m trains
 
         def loss_fn(trainable, frozen=frozen, k=k):
-            e = embed(svft_jax.merge(svft_jax.combine(trainable, frozen)), ids, mask)
+            e = adapted_embed(svft_jax.combine(trainable, frozen), ids, mask)
             return jnp.mean(1.0 - e @ anchors[k])
 
         @jax.jit
@@ -102,13 +105,13 @@ def main():
             trainable, state, loss = step(trainable, state)
         print(f"- trained **{name}** ({args.steps} Adam steps, lr {args.lr}): loss 1 − cos(snippet, “{ANCHORS[name]}”) "
               f"{first:.4f} → {float(loss_fn(trainable)):.4f}")
-        tree = adapters.insert(tree, name, svft_jax.combine(trainable, frozen))
+        tree = banks.insert(tree, name, svft_jax.combine(trainable, frozen))
 
     # One routed pass: each example picks its adapter; compare with that adapter's merged model.
     routed_embed = jax.jit(svft_jax.wrap(embed, strategy="routed"))
     choice = np.array([0, 1, -1, 1, 0, -1, 0, 1, 1, 0, -1, 0])  # up/down/base per example
-    served = np.asarray(routed_embed(adapters.route(tree, choice), ids, mask))
-    merged = {name: jax.jit(svft_jax.merge)(adapters.extract(tree, name)) for name in ANCHORS}
+    served = np.asarray(routed_embed(banks.route(tree, choice), ids, mask))
+    merged = {name: jax.jit(svft_jax.merge)(banks.extract(tree, name)) for name in ANCHORS}
     singles = {name: np.asarray(jax.jit(embed)(merged[name], ids, mask)) for name in ANCHORS}
     singles["base"] = np.asarray(jax.jit(embed)(params, ids, mask))
     labels = [("up", "down")[c] if c >= 0 else "base" for c in choice]
@@ -123,7 +126,7 @@ def main():
     print(f"\nLargest difference between a routed row and the same snippet through its own merged model: **{worst:.2e}** "
           "(float32 rounding; the routed pass never forms a per-adapter weight).\n")
 
-    print("## Interpolation (1 − α)·up + α·down (`adapters.mix`; ΔW is linear in M)\n")
+    print("## Interpolation (1 − α)·up + α·down (`banks.mix`; ΔW is linear in M)\n")
     traces = []
 
     def counted(p, ids, mask):
@@ -134,7 +137,7 @@ def main():
     print("| α | mean cos to up-anchor | mean cos to down-anchor |")
     print("|---|---|---|")
     for alpha in (0.0, 0.25, 0.5, 0.75, 1.0):
-        e = np.asarray(mixed_embed(adapters.mix(tree, {"up": 1 - alpha, "down": alpha}), ids, mask))
+        e = np.asarray(mixed_embed(banks.mix(tree, {"up": 1 - alpha, "down": alpha}), ids, mask))
         print(f"| {alpha:.2f} | {np.mean(e @ np.asarray(anchors[0])):.4f} | {np.mean(e @ np.asarray(anchors[1])):.4f} |")
     e = singles["base"]
     print(f"| base | {np.mean(e @ np.asarray(anchors[0])):.4f} | {np.mean(e @ np.asarray(anchors[1])):.4f} |")
