@@ -329,6 +329,26 @@ def test_optimizer_on_lora_params_trains_only_the_adapters():
     assert not np.array_equal(np.asarray(model.bn.mean[...]), np.asarray(base.bn.mean[...]))
 
 
+def test_trainable_arrays_are_plain_lora_params_that_adapter_param_tells_from_other_lora_params():
+    """Tunix's sampler takes a LoRA-only sync only of the exact type `nnx.LoRAParam`: the
+    trainable arrays are of that type, and `snnx.AdapterParam` (a test on their metadata)
+    selects them and not a LoRAParam of the user's own."""
+    x = _x()
+    model = snnx.adapt(Net(nnx.Rngs(0)), [snnx.Rule(path="mlp/kernel", method=snnx.LoRA(rank=2)),
+                                          snnx.Rule(method=snnx.SVFT(pattern=snnx.Banded(d=1)))], x)
+    model.mlp.own = nnx.LoRAParam(jnp.zeros(3))  # a LoRAParam that is not an adapter's
+    def paths(state):
+        leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda v: isinstance(v, nnx.Variable))[0]
+        return {"/".join(str(getattr(k, "key", k)) for k in path): type(v) for path, v in leaves}
+
+    lora, ours = paths(nnx.state(model, nnx.LoRAParam)), paths(nnx.state(model, snnx.AdapterParam))
+    assert set(lora.values()) == {nnx.LoRAParam}
+    assert set(lora) - set(ours) == {"mlp/own"}
+    assert {p.rsplit("_", 1)[-1] for p in ours} == {"m", "a", "b"} and len(ours) == len(snnx.report(model).targets) + 1
+    assert isinstance(model.mlp.kernel_lora_a, snnx.AdapterParam) and not isinstance(model.mlp.own, snnx.AdapterParam)
+    assert not isinstance(model.mlp.kernel, snnx.AdapterParam)
+
+
 def test_scanned_stack_is_read_per_layer_and_equals_its_merged_model():
     base = Scanned(nnx.Rngs(0))
     x, g = _x(), _x(seed=2)

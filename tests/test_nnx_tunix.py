@@ -335,19 +335,89 @@ def test_tunix_sampler_generates_greedily_with_the_adapters_as_the_merged_model_
     assert [np.asarray(t).tolist() for t in synced.tokens] == _greedy(snnx.merge(nnx.clone(model)))[0]
 
 
-def test_tunix_sampler_weight_sync_of_lora_params_or_params_only_is_refused_by_tunix():
-    """Known limitation (tunix 0.1.x): `Sampler.transformer_state = state` accepts a LoRA-only
-    state only if every variable's type *is* `nnx.LoRAParam` (ours is its subclass
-    `AdapterParam`), and a Param-only state (`nnx.variables(model, nnx.Param)`, what the vanilla
-    rollout's `update_params` passes) lacks the frozen U, s, V (`AdapterFactor`, not Params).
-    The whole state syncs (previous test), or merge first and sync the merged Params."""
+def _set_m(model, seed, scale=0.5):
+    """Every adapter's M set to random values, each on its current device placement."""
+    rng = np.random.default_rng(seed)
+    nnx.update(model, jax.tree.map(
+        lambda a: jax.device_put(jnp.asarray(scale * rng.standard_normal(a.shape), a.dtype), a.sharding),
+        nnx.state(model, nnx.LoRAParam)))
+
+
+def test_tunix_sampler_lora_only_sync_of_a_new_m_gives_the_merged_models_greedy_tokens():
+    """`Sampler.transformer_state = nnx.state(model, nnx.LoRAParam)` (Tunix's LoRA-only sync,
+    which wants every variable's type to *be* `nnx.LoRAParam`) takes the adapters' M: a sampler
+    built on a clone, synced after M changed, generates the merged model's greedy tokens, and
+    not the ones it generated before the sync."""
     tokens, positions, attention_mask = _inputs()
     model = snnx.adapt(llama(), snnx.SVFT(pattern=snnx.Banded(d=1)), tokens, positions, None, attention_mask)
-    _, sampler = _greedy(model, steps=1)
-    with pytest.raises(ValueError, match="Only LoRAParam is supported"):
-        sampler.transformer_state = nnx.state(model, nnx.LoRAParam)
+    _set_m(model, seed=1)
+    before, sampler = _greedy(nnx.clone(model))
+    _set_m(model, seed=2)
+    lora = nnx.state(model, nnx.LoRAParam)
+    assert {type(v) for v in jax.tree.leaves(lora, is_leaf=lambda x: isinstance(x, nnx.Variable))} == {nnx.LoRAParam}
+    sampler.transformer_state = lora
+    out = sampler(["5 9 13 2", "7 7 30"], max_generation_steps=8, max_prompt_length=8, temperature=0.0)
+    synced = [np.asarray(t).tolist() for t in out.tokens]
+    assert synced == _greedy(snnx.merge(nnx.clone(model)))[0]
+    assert synced != before
+    assert snnx.is_adapted(sampler.transformer)
+
+
+def _rl_cluster(model, rollout_axes):
+    """A Tunix RLCluster (vanilla rollout) with `model` as the actor on a ('fsdp', 'tp') mesh and
+    the rollout on a mesh with `rollout_axes`: the same mesh is Tunix's colocated setup."""
+    from tunix.rl import rl_cluster as rlc
+    from tunix.rl.rollout import base_rollout
+
+    def mesh(axes):
+        return jax.make_mesh((1, 1), axes, axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+    actor = mesh(("fsdp", "tp"))
+    rollout = actor if rollout_axes == ("fsdp", "tp") else mesh(rollout_axes)
+    config = rlc.ClusterConfig(
+        role_to_mesh={rlc.Role.ACTOR: actor, rlc.Role.REFERENCE: actor, rlc.Role.ROLLOUT: rollout},
+        rollout_engine="vanilla",
+        training_config=rlc.RLTrainingConfig(actor_optimizer=optax.sgd(1e-3), eval_every_n_steps=10, max_steps=1),
+        rollout_config=base_rollout.RolloutConfig(max_tokens_to_generate=8, max_prompt_length=8, temperature=0.0,
+                                                  top_p=None, kv_cache_size=32))
+    return rlc.RLCluster(actor=model, tokenizer=_Tokens(), cluster_config=config)
+
+
+def _rl_greedy(cluster):
+    return [np.asarray(t).tolist() for t in cluster.generate(["5 9 13 2", "7 7 30"]).tokens]
+
+
+@pytest.mark.slow  # ~10 s on 2 shared cores (an RLCluster and two rollouts)
+def test_tunix_rl_colocated_rollout_shares_the_actor_so_generates_the_new_m_with_no_sync():
+    """Tunix's RL on one mesh (actor and rollout colocated, its default): the rollout samples the
+    actor model itself, so `RLLearner` finds the weights shared (`rl_utils.is_sharing_weights`,
+    rl_learner.py) and never syncs; after M changes, the rollout's greedy tokens are the merged
+    model's and not the ones before."""
+    from tunix.rl import utils as rl_utils
+
+    tokens, positions, attention_mask = _inputs()
+    model = snnx.adapt(llama(), snnx.SVFT(pattern=snnx.Banded(d=1)), tokens, positions, None, attention_mask)
+    _set_m(model, seed=1)
+    cluster = _rl_cluster(model, ("fsdp", "tp"))
+    actor = cluster.actor_trainer.model
+    assert rl_utils.is_sharing_weights(actor, cluster.rollout.model())
+    before = _rl_greedy(cluster)
+    _set_m(actor, seed=2)
+    after = _rl_greedy(cluster)
+    assert after == _greedy(snnx.merge(nnx.clone(actor)))[0]
+    assert after != before
+
+
+@pytest.mark.slow  # ~10 s on 2 shared cores
+def test_tunix_rl_disaggregated_vanilla_rollout_sync_is_refused_for_the_frozen_factors():
+    """Known limitation (tunix 0.1.x): with the rollout on another mesh, `RLCluster.sync_weights`
+    pushes `nnx.state(actor, nnx.LoRAParam)` (accepted) but `VanillaRollout.update_params` then
+    sets the sampler's state to `nnx.variables(model, nnx.Param)`, which leaves out U, s, V
+    (`AdapterFactor`, not Params, so no Param filter trains them): Tunix refuses it ("same
+    structure"). Pinned so that a Tunix that keeps non-Param variables shows up here."""
+    tokens, positions, attention_mask = _inputs()
+    model = snnx.adapt(llama(), snnx.SVFT(pattern=snnx.Banded(d=1)), tokens, positions, None, attention_mask)
+    cluster = _rl_cluster(model, ("tp", "fsdp"))
+    _set_m(cluster.actor_trainer.model, seed=2)
     with pytest.raises(ValueError, match="same structure"):
-        sampler.transformer_state = nnx.variables(model, nnx.Param)
-    merged = snnx.merge(nnx.clone(model))  # the workaround: a merged model's sampler syncs Params
-    _, plain = _greedy(merged, steps=1)
-    plain.transformer_state = nnx.variables(merged, nnx.Param)
+        cluster.sync_weights()

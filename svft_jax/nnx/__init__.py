@@ -16,14 +16,28 @@ Generation with Tunix's sampler (greedy tokens equal the merged model's, `tests/
     sampler = sampler_lib.Sampler(model, tokenizer, sampler_lib.CacheConfig(cache_size=..., num_layers=...,
                                                                              num_kv_heads=..., head_dim=...))
     out = sampler(prompts, max_generation_steps=64, temperature=0.0)   # the adapters run at each step
-    sampler.transformer_state = nnx.variables(model)                   # after training: sync the whole state
+    sampler.transformer_state = nnx.state(model, nnx.LoRAParam)        # after training: a LoRA-only sync
 
 The sampler keeps the model's graphdef (the adapted class) and state, so its jitted prefill and
-decode run the adapters. Tunix 0.1.x refuses the two partial syncs: a LoRA-only state
-(`nnx.state(model, nnx.LoRAParam)`: it wants the exact type `nnx.LoRAParam`, ours is the subclass
-`AdapterParam`) and a Param-only one (`nnx.variables(model, nnx.Param)`, what its vanilla RL
-rollout passes: the frozen U, s, V are `AdapterFactor`s, not Params). Sync the whole state, or
-serve a merged model (`merge(nnx.clone(model))`), whose Params sync as any plain model's.
+decode run the adapters. The adapters' trainable arrays are plain `nnx.LoRAParam`s (told apart
+by their `adapter_method` metadata; `AdapterParam` is that test), because Tunix's sampler takes
+a LoRA-only state only when every variable's type *is* `nnx.LoRAParam`
+(`tunix/generate/sampler.py`, `transformer_state` setter); the whole state
+(`nnx.variables(model)`) syncs too.
+
+Tunix's RL (GRPO, DPO, ... through `RLCluster`) with the vanilla rollout:
+  * actor and rollout on one mesh (colocated, Tunix's default): the rollout samples the actor
+    model itself, `RLLearner` finds the weights shared (`rl_utils.is_sharing_weights`) and never
+    calls `sync_weights`; the rollout generates with the trained M
+    (`tests/test_nnx_tunix.py::test_tunix_rl_colocated_rollout_shares_the_actor_so_generates_the_new_m_with_no_sync`);
+  * rollout on another mesh: `RLCluster.sync_weights` pushes `nnx.state(actor, nnx.LoRAParam)`,
+    but `VanillaRollout.update_params` (also used by `offload_to_cpu`) ends with
+    `sampler.transformer_state = nnx.variables(new_model, nnx.Param)`, which drops every
+    variable that is not a Param: the frozen U, s, V (`AdapterFactor`) are not, so Tunix
+    refuses it ("same structure"; pinned by `..._disaggregated_vanilla_rollout_sync_is_refused_...`).
+    Making the factors Params would let it pass, but then `nnx.grad`'s default and any
+    `wrt=nnx.Param` filter would differentiate and train U, s, V; they stay non-Params, so an
+    SVFT actor runs colocated (a merged model, `merge(nnx.clone(model))`, syncs as any other).
 
 Rules are the library's typed rules (`svft_jax.Rule`, first match wins; re-exported here with
 the method configs and patterns): `Rule(path=regex | None, method=SVFT(...) | LoRA(...) |

@@ -389,8 +389,9 @@ def adapt(model, rules, *model_inputs, call_method: str = "__call__", factors=No
     """Adapt an NNX model in place of its weights, after one run on dummy inputs (qwix-style).
 
     Returns an adapted *clone* (the given model is not modified, as qwix's `quantize_model`):
-    every targeted weight's module gains the adapter's variables — trainable arrays as
-    `nnx.LoRAParam`s (`AdapterParam`), frozen factors as plain variables (`AdapterFactor`) — and
+    every targeted weight's module gains the adapter's variables — trainable arrays as plain
+    `nnx.LoRAParam`s with adapter metadata (`AdapterParam` selects them), frozen factors as
+    plain variables (`AdapterFactor`) — and
     the model's class becomes a subclass whose `call_method` runs each adapted matmul with its
     execution strategy. `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`, `nnx.state(model,
     nnx.LoRAParam)`, `nnx.jit`, `nnx.grad` and Tunix's `PeftTrainer` work on it unchanged.

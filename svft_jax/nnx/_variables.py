@@ -4,9 +4,12 @@ On the module that owns an adapted weight `w`, each array field of the adapter n
 attribute `w_<method>_<field>` (as qwix names `w_lora_a`):
 
   trainable fields (SVFT's M and gate, LoRA's A and B, DoRA's magnitude, VeRA's scales)
-      `AdapterParam`, a subclass of `nnx.LoRAParam`: `nnx.Optimizer(model, tx,
+      plain `nnx.LoRAParam`s (as qwix's LoRA A and B), told apart from other LoRAParams by
+      their `adapter_method` metadata (`AdapterParam` is that test): `nnx.Optimizer(model, tx,
       wrt=nnx.LoRAParam)`, `nnx.state(model, nnx.LoRAParam)` and Tunix's `PeftTrainer` (which
-      switches to LoRA mode when it finds a LoRAParam) train exactly these;
+      switches to LoRA mode when it finds a LoRAParam) train exactly these, and Tunix's
+      sampler takes `nnx.state(model, nnx.LoRAParam)` as a LoRA-only weight sync (it checks
+      the exact type);
   frozen fields (SVFT's U, s, V; VeRA's shared random pair)
       `AdapterFactor`, a plain `nnx.Variable` (not a Param): no optimizer, gradient filter or
       Param checkpoint touches them;
@@ -32,19 +35,34 @@ from flax import nnx
 from svft_jax.core._protocol import METHODS
 
 
-class AdapterParam(nnx.LoRAParam):
-    """A trainable adapter array (SVFT's M, LoRA's A and B, ...): an `nnx.LoRAParam`."""
+def _is_adapter_lora(value) -> bool:
+    """A plain `nnx.LoRAParam` that `install` made (it carries `adapter_method`)."""
+    if not isinstance(value, nnx.LoRAParam) or not hasattr(value, "get_metadata"):
+        return False
+    return "adapter_method" in value.get_metadata()
+
+
+class _AdapterParamType(type(nnx.LoRAParam)):
+    def __instancecheck__(cls, instance):
+        return _is_adapter_lora(instance)
+
+
+class AdapterParam(nnx.LoRAParam, metaclass=_AdapterParamType):
+    """A filter for the adapters' trainable arrays (SVFT's M, LoRA's A and B, ...).
+
+    Those arrays are plain `nnx.LoRAParam`s (Tunix's sampler accepts a LoRA-only state of the
+    exact type `nnx.LoRAParam` only) told apart by their `adapter_method` metadata. This name is
+    kept for one release as that test: `isinstance(v, AdapterParam)` and `nnx.state(model,
+    AdapterParam)` select them (and no other LoRAParam); no variable is of this class.
+    """
 
 
 class AdapterFactor(nnx.Variable):
     """A frozen adapter array (SVFT's U, s, V; VeRA's shared pair): not an `nnx.Param`."""
 
 
-ADAPTER_VARIABLES = (AdapterParam, AdapterFactor)
-
-
 def is_adapter_variable(value) -> bool:
-    return isinstance(value, ADAPTER_VARIABLES)
+    return isinstance(value, AdapterFactor) or _is_adapter_lora(value)
 
 
 def attribute_name(weight: str, method: str, field: str) -> str:
@@ -153,7 +171,7 @@ def install(module, weight: str, node, strategy: str, shared: dict) -> list[str]
                 metadata.update(adapter_meta=meta, adapter_strategy=strategy, describe=node.describe())
                 if hasattr(meta, "rows"):  # a method with a sparse pattern (SVFT) records Ω itself
                     metadata["omega"] = Omega(node.describe(), int(meta.rank), meta.rows, meta.cols)
-            kind = AdapterParam if field in trainable else AdapterFactor
+            kind = nnx.LoRAParam if field in trainable else AdapterFactor
             # eager_sharding=False: the value is placed here from the weight's own sharding; flax
             # must not demand a mesh context for the names (Tunix turns eager sharding off too).
             variable = kind(_placed(value, weight_value, sharding), eager_sharding=False, **metadata)
