@@ -34,7 +34,9 @@ check that the path leaves test accuracy where it was (`--check_methods`, full r
 first seed; see `check_invariance`). It rewrites the file's .json (`retime` block, summary
 field `step_time_s_fast`; the runs' `step_time_s` stay) and .md (the step-time column).
 
-    python -m experiments.tasks.sentiment --retime --pause=experiments.addition
+    python -m experiments.tasks.sentiment --retime --pause='experiments[.]addition'
+
+(`[.]`: the pattern does not match the command line that carries it, e.g. a wrapping shell's.)
 """
 
 from __future__ import annotations
@@ -666,9 +668,10 @@ def time_steps(setting: Setting, jobs: dict[str, Recorded], options: Options, tr
         _check_trainable(svft_jax.count_parameters(task.adapted, extra=task.trainable_filter)["trainable"], job)
         _, _, config = run_config(job.preset, job.seed, train, job.learning_rate)
         tx, _ = make_optimizer(config, task.extra, full_finetune=task.full_finetune)
+        tic = time.perf_counter()
         run(task, dataclasses.replace(config, steps=2), tx=tx)  # compiles, before the timing
         prepared[name] = (task, dataclasses.replace(config, steps=1 + options.timing_steps), tx)
-        log(f"  compiled {name}")
+        log(f"  compiled {name} ({time.perf_counter() - tic:.0f}s)")
     names = list(prepared)
     times: dict[str, list[float]] = {name: [] for name in names}
     with bench.paused(pause):
