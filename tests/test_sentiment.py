@@ -290,3 +290,127 @@ def test_demo_uses_the_sentiment_task_with_a_shorter_budget():
 
     assert set(demo.DEMO_METHODS) <= set(sentiment.METHODS)
     assert models.new_head(384, 2, 0)["kernel"].shape == (384, 2)
+
+
+# ----------------------------------------------------------------------------- --retime
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tiny_bert, tokenizer, tmp_path_factory):
+    """A finished tiny single-LR run (head_only, svft_banded_d2; seed 0) written as a results file,
+    with every recorded step time set to 9.876 s so that the old column is recognisable."""
+    module, params = tiny_bert
+    setting = sentiment.make_setting(module, params, {"train": _separable(64, 0), "test": _separable(21, 1)}, tokenizer)
+    options = sentiment.Options(methods=("head_only", "svft_banded_d2"), seeds=(0,), max_length=8, eval_batch_size=8)
+    train = dataclasses.replace(sentiment.TRAIN, steps=6, batch_size=8, head_learning_rate=0.1, data_parallel=False)
+    rows, _ = sentiment.run_experiment(options, train, setting=setting, log=lambda _: None)
+    rows = [{**row, "step_time_s": 9.876} for row in rows]
+    directory = tmp_path_factory.mktemp("results")
+    sentiment.write_results(rows, report.summarise(rows), options, train, "python -m experiments.tasks.sentiment --x",
+                            directory, prefix="tiny", notes="Complete.")
+    return setting, directory / "tiny.json"
+
+
+def _retime(setting, path, out, **changes):
+    options = sentiment.Options(**{"retime": True, "retime_from": str(path), "rounds": 2, "timing_steps": 2, **changes})
+    return sentiment.retime_results(options, output_dir=out, prefix="tiny", command="retime-test", setting=setting,
+                                    log=lambda _: None)
+
+
+def _table_row(md: str, method: str) -> list[str]:
+    """The cells of `method`'s row in the first table of `md` that has one (the summary table)."""
+    line = next(line for line in md.splitlines() if line.startswith(f"| {method} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+@needs_flax_models
+def test_retime_writes_the_new_step_times_labelled_with_their_path(tiny_results, tmp_path):
+    """The table's step-time column becomes the re-measured median (header naming
+    `models.EXECUTION`); the JSON keeps the runs' and summary's old `step_time_s` beside
+    `step_time_s_fast`; accuracies and runs are untouched; --report reproduces the file."""
+    setting, path = tiny_results
+    before = json.loads(path.read_text())
+    block = _retime(setting, path, tmp_path, check_methods=())
+    assert set(block["step_time_s"]) == {"head_only", "svft_banded_d2"}
+    assert block["execution"] == models.EXECUTION and block["invariance"] == [] and block["invariance_ok"]
+    for name, times in block["step_time_rounds_s"].items():
+        assert len(times) == 2 and all(0 < t < 9 for t in times)
+        assert block["step_time_s"][name] == pytest.approx(np.median(times))
+
+    md = (tmp_path / "tiny.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method | trainable"))
+    assert header.endswith(f"| step time (s), {models.EXECUTION} |")
+    for name, seconds in block["step_time_s"].items():
+        cells = _table_row(md, name)
+        assert cells[-1] == f"{seconds:.3f}" != "9.876"
+        assert cells[3].startswith(f"{100 * next(r for r in before['summary'] if r['method'] == name)['test_accuracy_mean']:.2f}")
+    assert f"## Step times, re-measured on `{models.EXECUTION}`" in md and "retime-test" in md
+    assert "other jobs were not paused" in md and "CPU:" in md  # the machine description
+
+    after = json.loads((tmp_path / "tiny.json").read_text())
+    assert after["runs"] == before["runs"] and after["command"] == before["command"]
+    for row in after["summary"]:
+        assert row["step_time_s"] == 9.876  # the training runs', kept for history
+        assert row["step_time_s_fast"] == block["step_time_s"][row["method"]]
+        assert row["step_time_execution"] == models.EXECUTION
+    sentiment.rewrite_report(tmp_path / "tiny.json", tmp_path, "again")
+    assert (tmp_path / "again.md").read_text() == md
+
+
+@needs_flax_models
+def test_invariance_check_passes_on_the_recorded_accuracy_and_flags_a_wrong_one(tiny_results, tmp_path):
+    """The tiny run was made on the current path, so training it again gives its recorded test
+    accuracy exactly; a file whose recorded accuracy is 2 of its 21 test examples off fails the
+    1-example tolerance, and the report says MISMATCH."""
+    setting, path = tiny_results
+    block = _retime(setting, path, tmp_path / "real", check_methods=("svft_banded_d2",), rounds=1)
+    (check,) = block["invariance"]
+    assert check["test_examples"] == 21 and check["difference_examples"] == 0 and block["invariance_ok"]
+
+    doctored = json.loads(path.read_text())
+    for row in doctored["runs"]:
+        if row["method"] == "svft_banded_d2":
+            row["test_accuracy"] += 2 / 21 if row["test_accuracy"] < 0.5 else -2 / 21
+    (tmp_path / "doctored.json").write_text(json.dumps(doctored))
+    block = _retime(setting, tmp_path / "doctored.json", tmp_path / "doctored", check_methods=("svft_banded_d2",),
+                    rounds=1)
+    (check,) = block["invariance"]
+    assert check["difference_examples"] == pytest.approx(2) and not check["within_tolerance"]
+    assert not block["invariance_ok"]
+    md = (tmp_path / "doctored" / "tiny.md").read_text()
+    assert "**MISMATCH**" in md and _table_row(md.split("## Accuracy on")[1], "svft_banded_d2")[-1] == "NO"
+
+
+def test_retime_repeats_each_methods_recorded_configuration():
+    """On the committed files: the full run's chosen rate and first seed (its final rows), the
+    single-LR run's usual rate (rows without a learning_rate field)."""
+    for path, rates in ((sentiment.RESULTS_DIR / "sentiment.json", {"svft_topk_d2": 0.00333, "head_only": 0.006}),
+                        (sentiment.PREVIOUS, {"svft_topk_d2": None, "head_only": None})):
+        payload = json.loads(path.read_text())
+        found = sentiment.read_results(payload)
+        jobs = sentiment.recorded_runs(payload, found, sentiment.METHODS)
+        assert list(jobs) == list(payload["methods"])
+        for name, rate in rates.items():
+            assert jobs[name].seed == 0 and jobs[name].learning_rate == rate
+        swept, rate, config = sentiment.run_config(jobs["head_only"].preset, 0, found.train, jobs["head_only"].learning_rate)
+        assert swept == "head_learning_rate"
+        assert config.head_learning_rate == rate == (rates["head_only"] or found.train.head_learning_rate)
+    with pytest.raises(ValueError, match="not in the results file"):
+        sentiment.recorded_runs(payload, found, ("svft_banded_d8",))
+
+
+def test_retime_command_line_rewrites_the_file_it_read_and_fails_on_a_mismatch(monkeypatch, tmp_path):
+    calls = []
+
+    def fake(options, *, output_dir, prefix, command, setting=None, log=print):
+        calls.append((output_dir, prefix, command))
+        return {"step_time_s": {"lora_r8": 0.5}, "invariance_ok": len(calls) == 1, "invariance": []}
+
+    monkeypatch.setattr(sentiment, "retime_results", fake)
+    source = tmp_path / "sentiment-single-lr.json"
+    sentiment.main(["--retime", f"--retime_from={source}", "--pause=experiments\\.addition"])
+    assert calls[0] == (tmp_path, "sentiment-single-lr",
+                        f"python -m experiments.tasks.sentiment --retime --retime_from={source} --pause=experiments\\.addition")
+    with pytest.raises(SystemExit, match="accuracy moved"):
+        sentiment.main(["--retime", f"--retime_from={source}", f"--output_dir={tmp_path / 'x'}", "--prefix=y"])
+    assert calls[1][:2] == (tmp_path / "x", "y")

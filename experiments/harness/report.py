@@ -119,16 +119,22 @@ def summarise(rows: list[dict], metric: str = "test_accuracy", reference: str = 
     return table
 
 
-def markdown_table(table: list[dict], metric: str = "test_accuracy", label: str = "test accuracy") -> str:
-    """The summary as a markdown table (scores in %)."""
-    lines = [f"| method | trainable params | % of model | {label} (mean ± sd) | % of full FT | step time (s) |",
+def markdown_table(table: list[dict], metric: str = "test_accuracy", label: str = "test accuracy",
+                   step_label: str = "step time (s)") -> str:
+    """The summary as a markdown table (scores in %); a step time of None shows as '—'.
+
+    Args:
+      step_label: the step-time column's header (e.g. naming the execution path it was timed on).
+    """
+    lines = [f"| method | trainable params | % of model | {label} (mean ± sd) | % of full FT | {step_label} |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in table:
         full = "—" if row["percent_of_full_ft"] is None else f"{row['percent_of_full_ft']:.1f}"
         spread = f"± {100 * row[f'{metric}_sd']:.2f}" if row["seeds"] > 1 else "(1 seed)"
+        step = "—" if row["step_time_s"] is None else f"{row['step_time_s']:.3f}"
         lines.append(f"| {row['method']} | {row['trainable']:,} | {row['percent_of_model']:.4f} | "
                      f"{100 * row[f'{metric}_mean']:.2f} {spread} | "
-                     f"{full} | {row['step_time_s']:.3f} |")
+                     f"{full} | {step} |")
     return "\n".join(lines)
 
 

@@ -25,13 +25,27 @@ file's runs of the other seeds are reused (`reused_from_previous_run`) instead o
 Writes experiments/results/sentiment.{json,md,png} (or `--output_dir`). `--resume` keeps the
 finished (method, seed, learning rate) runs of an interrupted run; `--report=<json>` only
 rewrites the markdown and the plot from a results file.
+
+`--retime` re-measures the step times of a finished results file (`--retime_from`, default the
+full run's) on the harness's current execution path (`models.EXECUTION`) without re-running it:
+each method's train step at its recorded configuration, the methods interleaved round-robin
+over `--rounds` rounds (`--pause=<pgrep -f pattern>` stops other jobs while timing), then a
+check that the path leaves test accuracy where it was (`--check_methods`, full runs with the
+first seed; see `check_invariance`). It rewrites the file's .json (`retime` block, summary
+field `step_time_s_fast`; the runs' `step_time_s` stay) and .md (the step-time column).
+
+    python -m experiments.tasks.sentiment --retime --pause='experiments[.]addition'
+
+(`[.]`: the pattern does not match the command line that carries it, e.g. a wrapping shell's.)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import json
+import os
 import sys
 import time
 from fractions import Fraction
@@ -42,10 +56,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import svft_jax
+from experiments.harness import bench, data, models, report
 from experiments.harness import config as config_lib
-from experiments.harness import data, models, report
 from experiments.harness import presets as presets_lib
-from experiments.harness.train import Task, TrainConfig, evaluate_model, keep_freed_memory, run
+from experiments.harness.train import (
+    Task,
+    TrainConfig,
+    evaluate_model,
+    keep_freed_memory,
+    make_optimizer,
+    run,
+)
 from experiments.tasks import rotten_tomatoes
 from svft_jax.training import losses
 
@@ -82,6 +103,15 @@ class Options:
       output_dir, prefix: where <prefix>.{json,md,png} go.
       report: only rewrite <prefix>.md/.png from this results JSON.
       resume: keep the finished runs of <output_dir>/<prefix>.json (same budget), run the rest.
+      retime: only re-measure the step times of `retime_from` (see the module docstring) and
+        rewrite it; `output_dir` / `prefix` default to that file's folder and name there.
+      retime_from: the results JSON `retime` reads.
+      rounds: `retime`'s interleaved rounds (one run of 1 + `timing_steps` steps per method each).
+      pause: a `pgrep -f` pattern of other jobs to stop (SIGSTOP) while `retime` times steps and
+        resume (SIGCONT) right after, also on failure ('' = none).
+      check_methods: the methods whose first-seed run `retime` trains again in full to check
+        that the test accuracy stays within `INVARIANCE_EXAMPLES` examples (() or
+        `--check_methods=`: no check).
     """
 
     methods: tuple[str, ...] = METHODS
@@ -99,10 +129,17 @@ class Options:
     prefix: str = "sentiment"
     report: str | None = None
     resume: bool = False
+    retime: bool = False
+    retime_from: str = str(RESULTS_DIR / "sentiment.json")
+    rounds: int = 5
+    pause: str = ""
+    check_methods: tuple[str, ...] = ("svft_banded_d2", "lora_r8")
 
     def __post_init__(self):
         presets_lib.get_many(self.methods)  # a typo fails here, before any model is loaded
-        for name in ("max_length", "eval_batch_size", "timing_steps"):
+        if self.check_methods:  # () or `--check_methods=`: no invariance check
+            presets_lib.get_many(self.check_methods)
+        for name in ("max_length", "eval_batch_size", "timing_steps", "rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Options.{name} must be ≥ 1, got {getattr(self, name)}.")
         if not self.seeds or min(self.seeds) < 0:
@@ -263,10 +300,7 @@ def run_one(setting: Setting, preset: presets_lib.Preset, seed: int, options: Op
     """
     task = make_task(setting, preset, seed, options, train)
     counts = svft_jax.count_parameters(task.adapted, extra=task.trainable_filter)
-    swept, usual = swept_rate(preset, train)
-    rate = usual if learning_rate is None else learning_rate
-    rates = {"learning_rate": preset.learning_rate, swept: rate}
-    config = dataclasses.replace(train, seed=seed, **rates)
+    swept, rate, config = run_config(preset, seed, train, learning_rate)
     results = run(task, config)
     history = results["history"]["train"]
     step_times = [config.batch_size / row["examples_per_s"] for row in history]  # log_every=1: one row per step
@@ -274,7 +308,6 @@ def run_one(setting: Setting, preset: presets_lib.Preset, seed: int, options: Op
         if index % 50 == 0 or index == len(history) - 1:
             log(f"  {preset.name} seed={seed} step={index} loss={row['loss']:.4f} "
                 f"acc={row['accuracy']:.3f} {step_times[index]:.3f}s/step")
-    timed = step_times[1:][: options.timing_steps] if len(step_times) > 1 else step_times
     validation = None
     if options.scores_validation:
         encode = rotten_tomatoes.encoder(setting.tokenizer, options.max_length)
@@ -285,13 +318,31 @@ def run_one(setting: Setting, preset: presets_lib.Preset, seed: int, options: Op
     row = dict(method=preset.name, seed=seed, learning_rate=rate, swept=swept,
                adapter_learning_rate=config.learning_rate, head_learning_rate=config.head_learning_rate,
                trainable=counts["trainable"], total=counts["total"],
-               test_accuracy=test, validation_accuracy=validation, step_time_s=float(np.median(timed)),
+               test_accuracy=test, validation_accuracy=validation,
+               step_time_s=step_time(history, config.batch_size, options.timing_steps),
                train_time_s=results["train_time_s"], eval_time_s=results["eval_time_s"],
                final_train_loss=float(history[-1]["loss"]), execution=models.EXECUTION)
     log(f"  {preset.name} seed={seed} {swept}={rate:g}: test={test:.4f} "
         f"validation={'—' if validation is None else f'{validation:.4f}'} trainable={counts['trainable']:,} "
         f"step={row['step_time_s']:.3f}s train={row['train_time_s']:.0f}s eval={row['eval_time_s']:.0f}s")
     return row
+
+
+def run_config(preset: presets_lib.Preset, seed: int, train: TrainConfig,
+               learning_rate: float | None = None) -> tuple[str, float, TrainConfig]:
+    """(the swept rate's name, its value, the loop's config) of one method's run with `seed`;
+    `learning_rate` None: the usual value (`swept_rate`)."""
+    swept, usual = swept_rate(preset, train)
+    rate = usual if learning_rate is None else learning_rate
+    return swept, rate, dataclasses.replace(train, seed=seed, **{"learning_rate": preset.learning_rate, swept: rate})
+
+
+def step_time(history: list[dict], batch_size: int, timing_steps: int) -> float:
+    """The task's step time: the median wall time of the `timing_steps` train steps after the
+    first (the one that compiles), from the loop's per-step rows (`log_every=1`)."""
+    step_times = [batch_size / row["examples_per_s"] for row in history]
+    timed = step_times[1:][:timing_steps] if len(step_times) > 1 else step_times
+    return float(np.median(timed))
 
 
 def run_experiment(options: Options, train: TrainConfig = TRAIN, *, setting: Setting | None = None, log=print,
@@ -350,14 +401,16 @@ def _run_or_reuse(setting, options, train, log, previous, checks, preset, seed, 
 
 def write_results(rows, table, options: Options, train: TrainConfig, command: str, output_dir: Path,
                   prefix: str = "sentiment", notes: str = "", expected_runs: int | None = None,
-                  run_time_min: float | None = None, previous_summary: list[dict] | None = None) -> dict:
+                  run_time_min: float | None = None, previous_summary: list[dict] | None = None,
+                  retime: dict | None = None) -> dict:
     """Write <prefix>.json (budget, per-seed rows, summary), <prefix>.md and <prefix>.png.
 
     With `options.sweep`, `table` is the summary of the chosen rates' rows and the markdown
     adds the chosen rates (beside `previous_summary`, the single-LR run's summary, if given),
-    the sweep and the reproduction check."""
+    the sweep and the reproduction check. `retime`: the block `retime_results` added to the
+    file, kept (its step times are the tables' column)."""
     output_dir.mkdir(parents=True, exist_ok=True)
-    payload = dict(command=command, config=budget(options, train), runs=rows, summary=table,
+    payload = dict(command=command, config=budget(options, train), runs=rows, summary=with_retimed(table, retime),
                    expected_runs=expected_runs or len(rows),
                    methods={name: presets_lib.get(name).describe() for name in dict.fromkeys(r["method"] for r in rows)},
                    jax_version=jax.__version__, devices=str(jax.devices()), notes=notes, run_time_min=run_time_min,
@@ -365,7 +418,21 @@ def write_results(rows, table, options: Options, train: TrainConfig, command: st
     if options.sweep:
         payload["chosen_learning_rates"] = {r["method"]: {"swept": r["swept"], "learning_rate": r["learning_rate"]}
                                             for r in report.final_rows(rows)}
+    if retime is not None:
+        payload["retime"] = retime
     (output_dir / f"{prefix}.json").write_text(json.dumps(config_lib.json_ready(payload), indent=2))
+    write_report(rows, table, options, train, command, output_dir, prefix, notes, previous_summary, retime)
+    return payload
+
+
+def write_report(rows, table, options: Options, train: TrainConfig, command: str, output_dir: Path,
+                 prefix: str, notes: str = "", previous_summary: list[dict] | None = None,
+                 retime: dict | None = None) -> None:
+    """Write <prefix>.md and <prefix>.png (`write_results` without the JSON). With `retime`, the
+    tables' step-time column is its re-measured times, labelled with their execution path."""
+    shown = table
+    if retime is not None:
+        shown = [{**row, "step_time_s": row["step_time_s_fast"]} for row in with_retimed(table, retime)]
     seeds = sorted({r["seed"] for r in rows})
     rule = "; learning rate chosen per method on validation" if options.sweep else ""
     splits = "all examples" if options.eval_limit is None else f"the first {options.eval_limit} examples"
@@ -376,18 +443,21 @@ def write_results(rows, table, options: Options, train: TrainConfig, command: st
           f"{options.max_length} tokens, AdamW, linear warmup ({train.warmup_fraction:.0%}) and decay, "
           f"head LR {train.head_learning_rate:g}"
           f"{' (head_only: swept)' if options.sweep else ''}. Test split: {splits}.", ""]
+    step_label = "step time (s)" if retime is None else f"step time (s), {retime['execution']}"
     if options.sweep:
-        md += _sweep_sections(rows, table, options, train, splits, previous_summary)
+        md += _sweep_sections(rows, shown, options, train, splits, previous_summary, step_label)
     else:
-        md += [report.markdown_table(table), ""]
-    md += ["Trainable parameters include the new classifier head (770). Step time is the median "
-           f"wall-clock time of a train step after compilation, {execution_note(rows)}, on a 2-core CPU "
-           "machine shared with other jobs: timings are noisy and only roughly comparable.", ""]
+        md += [report.markdown_table(shown, step_label=step_label), ""]
+    if retime is None:
+        md += ["Trainable parameters include the new classifier head (770). Step time is the median "
+               f"wall-clock time of a train step after compilation, {execution_note(rows)}, on a 2-core CPU "
+               "machine shared with other jobs: timings are noisy and only roughly comparable.", ""]
+    else:
+        md += ["Trainable parameters include the new classifier head (770).", "", *_retime_sections(rows, table, retime)]
     if notes:
         md += [notes, ""]
     (output_dir / f"{prefix}.md").write_text("\n".join(md))
     report.plot(table, output_dir / f"{prefix}.png", title="all-MiniLM-L6-v2 on Rotten Tomatoes (fresh vs rotten)")
-    return payload
 
 
 def execution_note(rows) -> str:
@@ -401,7 +471,7 @@ def execution_note(rows) -> str:
 
 
 def _sweep_sections(rows, table, options: Options, train: TrainConfig, splits: str,
-                    previous_summary: list[dict] | None) -> list[str]:
+                    previous_summary: list[dict] | None, step_label: str = "step time (s)") -> list[str]:
     """The markdown of a sweep: rule, final table, chosen rates, sweep tables, reproduction check."""
     first, rest = options.seeds[0], list(options.seeds[1:])
     factors = ", ".join(str(Fraction(f).limit_denominator(1000)) for f in options.sweep_factors)
@@ -415,7 +485,7 @@ def _sweep_sections(rows, table, options: Options, train: TrainConfig, splits: s
           f"its sweep varies the head's learning rate (the other methods keep the head at "
           f"{train.head_learning_rate:g}).", "",
           "## Final table: each method at its chosen learning rate", "",
-          report.markdown_table(table), "",
+          report.markdown_table(table, step_label=step_label), "",
           "| method | swept | usual | grid | chosen | at the grid's edge | seeds reused from the single-LR run "
           "| test accuracy: single-LR run → chosen rate |",
           "|---|---|---:|---|---:|---|---|---|"]
@@ -458,9 +528,21 @@ def _mean_sd(row: dict | None) -> str:
     return f"{100 * row['test_accuracy_mean']:.2f} ± {100 * row['test_accuracy_sd']:.2f}"
 
 
-def rewrite_report(json_path: Path, output_dir: Path, prefix: str) -> None:
-    """Regenerate the summary, markdown and plot from the per-seed rows of a results JSON."""
-    payload = json.loads(Path(json_path).read_text())
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """What a results file's report is written from (`read_results`)."""
+
+    rows: list
+    table: list
+    options: Options
+    train: TrainConfig
+    status: str
+    expected: int
+    previous_summary: list | None
+
+
+def read_results(payload: dict) -> Inputs:
+    """The per-seed rows, summary (recomputed from them), budget and status line of a results file."""
     rows = payload["runs"]
     options, train = from_budget(payload["config"])
     if "seeds" in payload:  # older files: the default seeds
@@ -474,10 +556,237 @@ def rewrite_report(json_path: Path, output_dir: Path, prefix: str) -> None:
     previous_summary = payload.get("previous_summary")
     if previous_summary is None and options.sweep and load_previous(options.previous, options, train, log=lambda _: None):
         previous_summary = json.loads(Path(options.previous).read_text())["summary"]  # files without it
-    write_results(rows, table, options, train, payload["command"], Path(output_dir), prefix, notes=status,
-                  expected_runs=expected, run_time_min=payload.get("run_time_min"),
-                  previous_summary=previous_summary)
-    print(report.markdown_table(table))
+    return Inputs(rows, table, options, train, status, expected, previous_summary)
+
+
+def rewrite_report(json_path: Path, output_dir: Path, prefix: str) -> None:
+    """Regenerate the summary, markdown and plot from the per-seed rows of a results JSON."""
+    payload = json.loads(Path(json_path).read_text())
+    found = read_results(payload)
+    write_results(found.rows, found.table, found.options, found.train, payload["command"], Path(output_dir), prefix,
+                  notes=found.status, expected_runs=found.expected, run_time_min=payload.get("run_time_min"),
+                  previous_summary=found.previous_summary, retime=payload.get("retime"))
+    print(report.markdown_table(found.table))
+
+
+# ----------------------------------------------------------------------------- re-timing a finished run
+
+# The test-accuracy difference (in test examples) that `check_invariance` accepts between a
+# recorded run and the same run (seed, rate, budget) on the current execution path. Merged and
+# factored kernels are the same function rounded differently in float32 (another summation
+# order), so a prediction whose two logits lie within rounding of each other can flip; one such
+# borderline example is rounding, more is a change of the model. Only accuracies are recorded,
+# so the check compares counts of correct predictions (flips that cancel go unseen).
+INVARIANCE_EXAMPLES = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Recorded:
+    """One method's recorded run that `retime_results` repeats: its preset (at the file's usual
+    rate), the seed, the swept rate's value (None: the usual one) and the file's row."""
+
+    preset: presets_lib.Preset
+    seed: int
+    learning_rate: float | None
+    row: dict
+
+
+def recorded_runs(payload: dict, found: Inputs, methods) -> dict[str, Recorded]:
+    """{method: its final row with the file's first seed} for `methods` (the file's order).
+
+    Raises:
+      ValueError: a method the file does not have, or whose preset is now another method.
+    """
+    final = report.final_rows(found.rows) if found.options.sweep else found.rows
+    by_method: dict[str, list[dict]] = {}
+    for row in final:
+        by_method.setdefault(row["method"], []).append(row)
+    missing = [m for m in methods if m not in by_method]
+    if missing:
+        raise ValueError(f"methods {missing} are not in the results file (it has {list(by_method)}).")
+    recorded = {}
+    for name in (m for m in by_method if m in methods):
+        described = payload["methods"][name]
+        preset = dataclasses.replace(presets_lib.get(name), learning_rate=described["learning_rate"])
+        if described.get("method", described.get("kind")) != preset.method:  # older files: "kind"
+            raise ValueError(f"{name}: the results file ran method {described!r}; the preset is now {preset.describe()!r}.")
+        first = found.options.seeds[0]
+        row = next((r for r in by_method[name] if r["seed"] == first), by_method[name][0])
+        recorded[name] = Recorded(preset, row["seed"], row.get("learning_rate"), row)
+    return recorded
+
+
+def _check_trainable(trainable: int, job: Recorded) -> None:
+    """The rebuilt method must be the recorded one: same trainable count (presets may change)."""
+    if trainable != job.row["trainable"]:
+        raise ValueError(f"{job.preset.name}: {trainable:,} trainable parameters now, {job.row['trainable']:,} in "
+                         "the results file: the preset changed since, so its step time would be another method's.")
+
+
+def check_invariance(setting: Setting, jobs: dict[str, Recorded], options: Options, train: TrainConfig,
+                     log=print) -> list[dict]:
+    """Train each of `jobs` again in full (its seed, rate and budget) on the current execution path
+    and compare its test accuracy with the recorded one.
+
+    Returns:
+      One row per method: {method, seed, learning_rate, recorded_test_accuracy, test_accuracy,
+      test_examples, difference_examples, within_tolerance (≤ `INVARIANCE_EXAMPLES`), execution}.
+    """
+    examples = len(data.limit(setting.sources["test"], options.eval_limit))
+    checked = []
+    for name, job in jobs.items():
+        row = run_one(setting, job.preset, job.seed, options, train, log, learning_rate=job.learning_rate)
+        _check_trainable(row["trainable"], job)
+        recorded = job.row["test_accuracy"]
+        difference = round(abs(row["test_accuracy"] - recorded) * examples, 6)
+        checked.append(dict(method=name, seed=job.seed, learning_rate=row["learning_rate"],
+                            recorded_test_accuracy=recorded, test_accuracy=row["test_accuracy"],
+                            test_examples=examples, difference_examples=difference,
+                            within_tolerance=difference <= INVARIANCE_EXAMPLES, execution=models.EXECUTION))
+        log(f"  invariance {name} seed={job.seed}: recorded test={recorded!r}, now {row['test_accuracy']!r} "
+            f"({difference:g} of {examples} examples; tolerance {INVARIANCE_EXAMPLES})")
+    return checked
+
+
+def time_steps(setting: Setting, jobs: dict[str, Recorded], options: Options, train: TrainConfig, *,
+               rounds: int, pause: str = "", log=print) -> dict:
+    """Each job's train-step time on the current execution path, measured as the task does
+    (`step_time`: the median of `options.timing_steps` steps after a round's first), the methods
+    interleaved round-robin over `rounds` rounds so that a change of load hits them alike.
+
+    Every method's step is compiled (a 2-step run) before the first round; the timed rounds run
+    with the processes matching `pause` stopped (`bench.paused`). Each run uses the method's own
+    optimiser for the full budget (`run_config`), so the program timed is the training run's.
+
+    Returns:
+      {"rounds_s": {method: [per-round step time]}, "machine": `bench.machine_description()` at
+      the start of the timing, "load_average_end": the 1-minute load average at its end}.
+    """
+    prepared = {}
+    for name, job in jobs.items():
+        task = dataclasses.replace(make_task(setting, job.preset, job.seed, options, train), eval_data=None)
+        _check_trainable(svft_jax.count_parameters(task.adapted, extra=task.trainable_filter)["trainable"], job)
+        _, _, config = run_config(job.preset, job.seed, train, job.learning_rate)
+        tx, _ = make_optimizer(config, task.extra, full_finetune=task.full_finetune)
+        tic = time.perf_counter()
+        run(task, dataclasses.replace(config, steps=2), tx=tx)  # compiles, before the timing
+        prepared[name] = (task, dataclasses.replace(config, steps=1 + options.timing_steps), tx)
+        log(f"  compiled {name} ({time.perf_counter() - tic:.0f}s)")
+    names = list(prepared)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    with bench.paused(pause):
+        machine = bench.machine_description()
+        for index in range(rounds):
+            shift = index % len(names)  # each round starts one method later
+            for name in names[shift:] + names[:shift]:
+                task, config, tx = prepared[name]
+                history = run(task, config, tx=tx)["history"]["train"]
+                times[name].append(step_time(history, config.batch_size, options.timing_steps))
+            log(f"  round {index + 1}/{rounds}: " + " ".join(f"{n}={times[n][-1]:.3f}s" for n in names))
+        load_end = os.getloadavg()[0]
+    return {"rounds_s": times, "machine": machine, "load_average_end": load_end}
+
+
+def retime_results(options: Options, *, output_dir: Path, prefix: str, command: str, setting: Setting | None = None,
+                   log=print) -> dict:
+    """Re-measure the step times of the results file `options.retime_from` on the current
+    execution path and rewrite it as <output_dir>/<prefix>.{json,md,png} (see the module docstring).
+
+    The methods are the file's that are in `options.methods`; each runs at its recorded
+    configuration (the file's budget, the rate and seed of its first-seed final row).
+    Then `options.check_methods` are trained again in full (`check_invariance`).
+
+    Returns:
+      The `retime` block written into the JSON: execution, date, command, machine,
+      load_average_end, paused, rounds, timing_steps, learning_rates, step_time_s (median over
+      rounds), step_time_rounds_s, invariance (rows), invariance_tolerance_examples, invariance_ok.
+    """
+    payload = json.loads(Path(options.retime_from).read_text())
+    found = read_results(payload)
+    jobs = recorded_runs(payload, found, [m for m in options.methods if m in payload["methods"]])
+    checks = recorded_runs(payload, found, options.check_methods)  # before loading anything
+    # the file's budget; the command line's timing; no validation pass (only the test split is compared)
+    measure = dataclasses.replace(found.options, timing_steps=options.timing_steps, validate=False, sweep=False)
+    setting = setting or make_setting()
+    # timing first: building every method checks it is still the recorded one before the long runs
+    timing = time_steps(setting, jobs, measure, found.train, rounds=options.rounds, pause=options.pause, log=log)
+    invariance = check_invariance(setting, checks, measure, found.train, log) if checks else []
+    swept = {name: run_config(job.preset, job.seed, found.train, job.learning_rate)[:2] for name, job in jobs.items()}
+    block = dict(execution=models.EXECUTION,
+                 date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                 command=command, machine=timing["machine"], load_average_end=timing["load_average_end"],
+                 paused=options.pause or None, rounds=options.rounds, timing_steps=options.timing_steps,
+                 seed=found.options.seeds[0], learning_rates={n: {"swept": s, "learning_rate": r} for n, (s, r) in swept.items()},
+                 step_time_s={n: float(np.median(t)) for n, t in timing["rounds_s"].items()},
+                 step_time_rounds_s=timing["rounds_s"], invariance=invariance,
+                 invariance_tolerance_examples=INVARIANCE_EXAMPLES,
+                 invariance_ok=all(r["within_tolerance"] for r in invariance))
+    payload["retime"] = block
+    payload["summary"] = with_retimed(payload["summary"], block)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{prefix}.json").write_text(json.dumps(config_lib.json_ready(payload), indent=2))
+    write_report(found.rows, found.table, found.options, found.train, payload["command"], output_dir, prefix,
+                 found.status, found.previous_summary, block)
+    return block
+
+
+def with_retimed(table: list[dict], retime: dict | None) -> list[dict]:
+    """Summary rows with `step_time_s_fast` (the re-measured time, None for a method not re-timed)
+    and `step_time_execution` (its path) added; `step_time_s` (the training runs') is kept."""
+    if retime is None:
+        return table
+    return [{**row, "step_time_s_fast": retime["step_time_s"].get(row["method"]),
+             "step_time_execution": retime["execution"]} for row in table]
+
+
+def _retime_sections(rows, table, retime: dict) -> list[str]:
+    """The markdown of a re-timing: how the column was measured, its spread, the invariance check."""
+    paused = (f"other jobs matching `{retime['paused']}` (`pgrep -f`) were paused (SIGSTOP) while timing"
+              if retime["paused"] else "other jobs were not paused")
+    T = retime["timing_steps"]
+    md = [f"## Step times, re-measured on `{retime['execution']}`", "",
+          f"The step-time column above was re-measured on {retime['date']}, without re-training, on the harness's "
+          f"execution path `{retime['execution']}` (`models.run_adapted`: `svft_jax.wrap(model, \"auto\", "
+          "strict=True)`, the model run on the adapted tree, never a merged copy), with "
+          f"`{retime['command']}`. Each method's train step ran at the configuration of its seed-{retime['seed']} "
+          "row (the budget above, the learning rate below); the methods were interleaved round-robin over "
+          f"{retime['rounds']} round{'s' * (retime['rounds'] > 1)} (each round starting one method later), each "
+          f"round a run of {T + 1} steps "
+          f"whose first is dropped and the median of the other {T} kept (every program was compiled before the "
+          f"first round); the column is the median over the rounds. During the timing {paused}; the 1-minute "
+          f"load average at its end was {retime['load_average_end']:.1f}. Machine:", "", retime["machine"], "",
+          "| method | learning rate | step time (s), median | min – max over rounds | training runs' step time (s) |",
+          "|---|---:|---:|---:|---:|"]
+    old = {row["method"]: row["step_time_s"] for row in table}
+    for name, times in retime["step_time_rounds_s"].items():
+        rate = retime["learning_rates"][name]
+        md.append(f"| {name} | {rate['learning_rate']:g}{' (head)' if rate['swept'] == 'head_learning_rate' else ''} | "
+                  f"{retime['step_time_s'][name]:.3f} | {min(times):.3f} – {max(times):.3f} | "
+                  f"{'—' if old.get(name) is None else f'{old[name]:.3f}'} |")
+    md += ["", "The last column is the training runs' own step time (the median over seeds; `step_time_s` in the "
+           f"JSON, kept for history), {execution_note(rows)}, on a 2-core CPU machine shared with other jobs.", ""]
+    checked = retime["invariance"]
+    if checked:
+        examples = checked[0]["test_examples"]
+        md += [f"## Accuracy on `{retime['execution']}`", "",
+               "The accuracies above come from the training runs. To check that the new path leaves them where "
+               f"they were, these methods' seed-{checked[0]['seed']} runs were trained again in full on it (same "
+               f"seed, learning rate and budget) and scored on the test split ({examples} examples). Tolerance: a "
+               f"difference of at most {retime['invariance_tolerance_examples']} test example(s): merged and "
+               "factored kernels are the same function rounded differently in float32, which can flip a "
+               "prediction whose two logits lie within rounding of each other; more would be a change of the "
+               "model. Only accuracies were recorded, so this compares counts of correct predictions (flips "
+               "that cancel go unseen).", "",
+               "| method | seed | learning rate | recorded test accuracy | test accuracy now | difference (examples) "
+               "| within tolerance |", "|---|---:|---:|---:|---:|---:|---|"]
+        md += [f"| {r['method']} | {r['seed']} | {r['learning_rate']:g} | {r['recorded_test_accuracy']!r} | "
+               f"{r['test_accuracy']!r} | {r['difference_examples']:g} | {'yes' if r['within_tolerance'] else 'NO'} |"
+               for r in checked]
+        md.append("")
+        if not retime["invariance_ok"]:
+            md += ["**MISMATCH**: the accuracy of at least one method moved by more than the tolerance on the new "
+                   "path; the table's accuracies are the recorded runs'.", ""]
+    return md
 
 
 def main(argv=None):
@@ -489,6 +798,17 @@ def main(argv=None):
     if options.report:
         return rewrite_report(Path(options.report), output_dir, options.prefix)
     command = " ".join(["python -m experiments.tasks.sentiment", *argv])
+    if options.retime:
+        given = config_lib.flags_given(argv)  # by default the file is rewritten in place
+        source = Path(options.retime_from)
+        block = retime_results(options, output_dir=output_dir if "output_dir" in given else source.parent,
+                               prefix=options.prefix if "prefix" in given else source.stem, command=command,
+                               log=lambda s: print(s, flush=True))
+        print("\n".join(f"{name}: {time:.3f}s" for name, time in block["step_time_s"].items()))
+        if not block["invariance_ok"]:
+            raise SystemExit(f"accuracy moved beyond {INVARIANCE_EXAMPLES} test example(s) on {models.EXECUTION}: "
+                             f"{block['invariance']} (the files were written, flagged MISMATCH)")
+        return block
     finished, earlier_minutes = [], 0.0
     if options.resume:
         earlier, finished, command = report.resume(output_dir / f"{options.prefix}.json", budget(options, train),
