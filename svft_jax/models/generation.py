@@ -208,16 +208,7 @@ def _merge_once(params):
     return merged
 
 
-# Transformers' Flax attention builds a (max_position_embeddings)² causal mask in `setup` on
-# every call and slices the rows it needs. Inside the decoding loop XLA's loop-invariant code
-# motion hoists that mask out of the loop and materialises it whole: for SmolLM2 (8192
-# positions) a 64 MiB boolean array built on every `generate` call (~0.1 s of a 1.6 s call at
-# batch 1), of which each step reads one row of prompt + steps entries. Without the pass the
-# iota-compare stays fused into the slice, so only the rows used are computed.
-_DECODE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), compiler_options=_DECODE_COMPILER_OPTIONS)
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _decode(model, steps: int, sample: bool, params, ids, mask, stop, pad, temperature, top_k, top_p, rng):
     """(tokens (B, steps), done (B,)); static: the model, the step count and greedy vs sampled.
     `params` is a plain (merged) parameter tree."""
