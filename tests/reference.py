@@ -60,3 +60,18 @@ def omega_gradient(node, g_kernel) -> np.ndarray:
     for layer in np.ndindex(*stack):
         out[layer] = full[layer][rows[layer], cols[layer]]
     return out
+
+
+def dense_nnx_model(base, kernels: dict):
+    """A clone of the NNX model `base` with the given kernels ({'/'-joined path: array}) in
+    place: the dense model an adapted one must equal."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    model = nnx.clone(base)
+    modules = dict(nnx.iter_modules(model))
+    for path, kernel in kernels.items():
+        parent, name = path.rsplit("/", 1)
+        module = modules[tuple(int(p) if p.isdigit() else p for p in parent.split("/"))]
+        getattr(module, name).set_value(jnp.asarray(kernel, jnp.float32))
+    return model

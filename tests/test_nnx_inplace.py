@@ -103,17 +103,6 @@ def _randomise(model, scale=0.3, seed=0):
     nnx.update(model, state)
 
 
-def _dense_model(base, kernels: dict):
-    """A clone of the base model with the given kernels ({path: array}) in place."""
-    model = nnx.clone(base)
-    modules = dict(nnx.iter_modules(model))
-    for path, kernel in kernels.items():
-        parent, name = path.rsplit("/", 1)
-        module = modules[tuple(int(p) if p.isdigit() else p for p in parent.split("/"))]
-        getattr(module, name).set_value(jnp.asarray(kernel, jnp.float32))
-    return model
-
-
 def _assert_grad_close(got, want, message=""):
     """float32 gradients against their reference: 1e-4 relative to the largest entry."""
     want = np.asarray(want, np.float64)
@@ -264,7 +253,7 @@ def test_outputs_and_gradients_equal_the_float64_merged_model(pattern):
     _randomise(model)
     nodes = _nodes(model)
     merged = {path: reference.kernel(node) for path, node in nodes.items()}
-    dense = _dense_model(base, merged)
+    dense = reference.dense_nnx_model(base, merged)
     np.testing.assert_allclose(model(x), dense(x), rtol=2e-5, atol=2e-5)
 
     g = _x((2, 5, OUT), seed=2)
@@ -359,7 +348,7 @@ def test_scanned_stack_is_read_per_layer_and_equals_its_merged_model():
     np.testing.assert_allclose(model(x), base(x), rtol=1e-5, atol=1e-5)
     _randomise(model)
     (node,) = _nodes(model).values()
-    dense = _dense_model(base, {"blocks/lin/kernel": reference.kernel(node)})
+    dense = reference.dense_nnx_model(base, {"blocks/lin/kernel": reference.kernel(node)})
     np.testing.assert_allclose(model(x), dense(x), rtol=2e-5, atol=2e-5)
     grads = nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, x, g)
     dense_grads = nnx.grad(_loss, argnums=nnx.DiffState(0, nnx.Param))(dense, x, g)

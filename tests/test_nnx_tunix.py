@@ -150,16 +150,6 @@ def _nodes(model) -> dict:
             if svft_jax.is_node(x)}
 
 
-def _dense(base, kernels):
-    model = nnx.clone(base)
-    modules = dict(nnx.iter_modules(model))
-    for path, kernel in kernels.items():
-        parent, name = path.rsplit("/", 1)
-        module = modules[tuple(int(p) if p.isdigit() else p for p in parent.split("/"))]
-        getattr(module, name).set_value(jnp.asarray(kernel, jnp.float32))
-    return model
-
-
 @pytest.mark.parametrize("name", sorted(PROJECTIONS))
 def test_every_projection_is_adapted_with_no_override_and_m_zero_is_the_base(name):
     factory, projections = PROJECTIONS[name]
@@ -188,7 +178,7 @@ def test_logits_and_gradients_equal_the_float64_merged_model(name):
     nnx.update(model, jax.tree.map(lambda a: jnp.asarray(0.2 * rng.standard_normal(a.shape), a.dtype),
                                    nnx.state(model, nnx.LoRAParam)))
     nodes = _nodes(model)
-    dense = _dense(base, {path: reference.kernel(node) for path, node in nodes.items()})
+    dense = reference.dense_nnx_model(base, {path: reference.kernel(node) for path, node in nodes.items()})
     np.testing.assert_allclose(_logits(model, tokens, positions, attention_mask),
                                _logits(dense, tokens, positions, attention_mask), rtol=5e-5, atol=5e-5)
     g = jnp.asarray(np.random.default_rng(2).standard_normal((BATCH, TOKENS, VOCAB)), jnp.float32)
