@@ -62,7 +62,7 @@ from experiments.harness import config as config_lib
 from experiments.harness import data, report
 from experiments.harness import presets as presets_lib
 from experiments.harness.text import HFTokenizer, pad_to
-from experiments.harness.train import Task, TrainConfig, make_optimizer, run
+from experiments.harness.train import Task, TrainConfig, keep_freed_memory, make_optimizer, run
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results"
 FROZEN = "frozen_3shot"
@@ -732,6 +732,7 @@ def expected_runs(options: Options, rows: Sequence[dict] = ()) -> int:
 
 
 def main(argv=None):
+    keep_freed_memory()  # before JAX starts its threads: no per-step page faults (see its docstring)
     argv = list(sys.argv[1:] if argv is None else argv)
     options, train = config_lib.parse(argv, Options(), TRAIN, description=__doc__)
     output_dir = Path(options.output_dir)
