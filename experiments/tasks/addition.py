@@ -640,8 +640,8 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
     table = summary(rows) if table is None else table
     gains = nll_gain_of_full_ft(table)
     lines = ["| method | trainable params | % of model | exact match (mean ± sd) | 2-digit | 3-digit | 4-digit | "
-             "% of full FT (exact) | answer NLL (mean ± sd) | NLL gain, % of full FT's | LR | step time (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "% of full FT (exact) | answer NLL (mean ± sd) | NLL gain, % of full FT's | LR |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in table:
         full = "—" if row["percent_of_full_ft"] is None else f"{row['percent_of_full_ft']:.1f}"
         spread = f"± {100 * row['test_accuracy_sd']:.2f}" if row["seeds"] > 1 else "(1 run)"
@@ -650,8 +650,7 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
         lines.append(f"| {row['method']} | {row['trainable']:,} | {row['percent_of_model']:.4f} | "
                      f"{100 * row['test_accuracy_mean']:.2f} {spread} | "
                      + " | ".join(f"{100 * row[f'exact_{d}digit_mean']:.1f}" for d in TEST_DIGITS)
-                     + f" | {full} | {row['test_nll_mean']:.3f}{nll_spread} | {gain} | {row['learning_rate']:g} | "
-                     f"{row['step_time_s']:.2f} |")
+                     + f" | {full} | {row['test_nll_mean']:.3f}{nll_spread} | {gain} | {row['learning_rate']:g} |")
     checks = [(r["method"], r["generation_check"]) for r in rows if r.get("generation_check")]
     agree = sum(c["agree"] for _, c in checks)
     total = sum(c["problems"] for _, c in checks)
@@ -673,7 +672,9 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
           f"decoding with the KV cache agreed on {agree} of {total} checked problems. frozen_3shot is the untouched "
           "model with three solved examples in the prompt. Trainable parameters of full FT count the tied "
           "embedding once. NLL gain: (frozen 3-shot's test answer NLL − the method's) ÷ (frozen 3-shot's − full "
-          "FT's), in %. Step time: median after compilation on a 2-core CPU shared with other jobs.", ""]
+          "FT's), in %. No step-time column: the runs shared the 2-core CPU with other jobs for part of the "
+          "time, so their step times (kept in the JSON) compare nothing; quiet-machine step times of these "
+          "methods on this model: `bench_llm_step.md`.", ""]
     if budget_notes(table):
         md += [f"Equal-budget rows. {budget_notes(table)}", ""]
     md += [f"The frontier: `{options.prefix}.png` (test exact match, mean ± sd over seeds, against trainable "
