@@ -12,6 +12,9 @@ loss on `svft_jax.merge(adapted)` (the merged model is the definition of the ada
 import dataclasses
 import json
 import math
+import pathlib
+import subprocess
+import sys
 
 import grain
 import jax
@@ -366,3 +369,26 @@ def test_demo_task_loss_through_wrap_equals_the_merged_models_loss_and_gradient(
     jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, atol=1e-5 * float(np.max(np.abs(want)) or 1), rtol=1e-4),
                  grads, want_grads)
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings (a no-op elsewhere)")
+def test_kept_heap_holds_freed_memory_until_release_gives_it_back():
+    # A fresh process: the malloc settings are process-wide and must not reach the test runner.
+    script = """
+import numpy as np
+from experiments.harness import train
+def rss_mib():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS')).split()[1]) / 1024
+assert train.keep_freed_memory()
+block = np.ones(64 * 2**20, np.float32)  # 256 MiB, every page touched
+held = rss_mib()
+del block
+kept = rss_mib()
+assert train.release_freed_memory()
+print(held, kept, rss_mib())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                         cwd=pathlib.Path(__file__).resolve().parents[1])
+    held, kept, released = map(float, out.stdout.split())
+    assert kept > held - 16  # keep_freed_memory: the freed 256 MiB stay resident (no mmap, no trim)
+    assert released < kept - 200  # release_freed_memory: they go back to the OS

@@ -29,7 +29,6 @@ every method and process).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -48,7 +47,12 @@ import svft_jax
 from experiments.harness import config as config_lib
 from experiments.harness import models, presets
 from experiments.harness.bench import machine_description, markdown_table, paused
-from experiments.harness.train import TrainConfig, keep_freed_memory, make_optimizer
+from experiments.harness.train import (
+    TrainConfig,
+    keep_freed_memory,
+    make_optimizer,
+    release_freed_memory,
+)
 from svft_jax.training import losses, train_step_fn
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / "results"
@@ -211,15 +215,6 @@ def build_step(variant: Variant, model, adapted, batch):
     return state, memory, compile_s, plan, sum(x.size for x in jax.tree.leaves(trainable))
 
 
-def _release_free_memory() -> None:
-    """Return the heap's free pages to the OS (glibc `malloc_trim`), so that the resident memory
-    measured next is what the step holds, not what set-up once used."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
 def one_step(state, batch):
     """Run one step; record wall, user/system CPU seconds and minor faults."""
     before, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -271,7 +266,7 @@ def measure_alone(name: str, steps: int, pause: str = "") -> dict:
     import gc
 
     gc.collect()
-    _release_free_memory()
+    release_freed_memory()
     resident_before = _resident()["current"]
     _reset_peak_resident()
     with paused(pause):

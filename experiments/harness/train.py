@@ -192,6 +192,27 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_arena_max, 1) and mallopt(m_mmap_max, 0) and mallopt(m_trim_threshold, 2**31 - 1))
 
 
+def release_freed_memory() -> bool:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim(0)`).
+
+    `keep_freed_memory` keeps what XLA frees so that the steps of one run reuse it; across the
+    runs of one process (a sweep: other methods, other scratch sizes) that kept heap only grows —
+    on the addition experiment by ~0.6 GB of resident memory per run (3.3 → 13.4 GB over 16
+    runs). `run` calls this first, so each run starts from the memory its predecessors still
+    hold, not from their peaks (measured on that process: 4.73 → 3.58 GB). Changes no result;
+    Linux/glibc only (elsewhere a no-op).
+
+    Returns:
+      True where memory was given back.
+    """
+    import ctypes
+
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 _OPTIMIZERS: dict = {}
 
 
@@ -475,6 +496,7 @@ def run(task: Task, config: TrainConfig, *, checkpoint_manager=None, tx: optax.G
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}.")
+    release_freed_memory()  # what earlier runs of this process freed (a sweep), not kept at their peaks
     out_dir = Path(config.output_dir) if config.output_dir else None
     is_main = jax.process_index() == 0
     trainable_host, frozen_host = svft_jax.split(task.adapted, extra=task.trainable_filter)
