@@ -370,10 +370,9 @@ def test_demo_task_loss_through_wrap_equals_the_merged_models_loss_and_gradient(
                  grads, want_grads)
 
 
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings (a no-op elsewhere)")
 def test_kept_heap_holds_freed_memory_until_release_gives_it_back():
-    # A fresh process: the malloc settings are process-wide and must not reach the test runner.
+    # A fresh process: its heap holds only this block, so the resident-memory deltas are the block's.
     script = """
 import numpy as np
 from experiments.harness import train
