@@ -199,3 +199,16 @@ def test_frontier_plot_has_sd_error_bars_and_the_frozen_line_and_the_reading_is_
     assert "| svft_banded_d2 | 4,000 | 32.00 ± 2.00 | 2 of 2 | loses lora_r8 (24,000; -9.0) |" in reading
     assert "ties vera_r256 (400; -20.0); loses lora_r1 (3,000; -11.0); loses lora_r8" in reading
     assert "Of 4 such comparisons SVFT beats the baseline in 0, ties in 1 and loses in 3" in reading
+
+
+def test_a_run_below_the_frozen_model_is_named_with_its_methods_other_seeds():
+    rows = (_rows(addition.FROZEN, 0, [0.02], lr=0.0) + _rows("full_ft", 1_000_000, [0.30, 0.34, 0.38])
+            + _rows("lora_r1", 3_000, [0.20, 0.0, 0.22]))
+    rows[-2]["final_train_loss"] = 1.9
+    text = addition.runs_that_did_not_learn(rows)
+    # lora_r1 seed 1 (0 % < the frozen model's 2 %); its other seeds 0.20, 0.22: 21.00 ± 1.41
+    assert text.startswith("Runs that did not learn (test exact match below the frozen 3-shot model's 2.00 %")
+    assert "lora_r1 seed 1 at 0.01: 0.00 % (final training loss 1.90; its other 2 seeds: 21.00 ± 1.41 %)" in text
+    assert "full_ft" not in text
+    assert addition.runs_that_did_not_learn(rows[:4]) == ""  # nobody below the frozen model
+    assert addition.runs_that_did_not_learn(rows[1:]) == ""  # no frozen reference

@@ -597,6 +597,33 @@ def reading(table: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def runs_that_did_not_learn(rows: Sequence[dict]) -> str:
+    """The runs at a method's chosen rate whose test exact match is below the frozen 3-shot model's
+    (training failed at that rate and seed), with the method's mean over its other seeds. The table
+    and the reading keep every seed, as the protocol says; this names the seed that pulls a mean down."""
+    frozen = next((r for r in rows if r["method"] == FROZEN), None)
+    if frozen is None:
+        return ""
+    final = [r for r in report.final_rows(rows) if r["method"] != FROZEN]
+    failed = [r for r in final if r["test_accuracy"] < frozen["test_accuracy"]]
+    if not failed:
+        return ""
+    parts = []
+    for failure in failed:
+        others = [r["test_accuracy"] for r in final if r["method"] == failure["method"] and r not in failed]
+        loss = f"final training loss {failure['final_train_loss']:.2f}; " if "final_train_loss" in failure else ""
+        if len(others) > 1:
+            rest = (f"its other {len(others)} seeds: {100 * np.mean(others):.2f} ± "
+                    f"{100 * np.std(others, ddof=1):.2f} %")
+        else:
+            rest = f"its other seed: {100 * others[0]:.2f} %" if others else "no other seed"
+        parts.append(f"{failure['method']} seed {failure['seed']} at {failure['learning_rate']:g}: "
+                     f"{100 * failure['test_accuracy']:.2f} % ({loss}{rest})")
+    return (f"Runs that did not learn (test exact match below the frozen 3-shot model's "
+            f"{100 * frozen['test_accuracy']:.2f} %, at the method's chosen rate): {'; '.join(parts)}. The table and "
+            "the reading above keep every seed.")
+
+
 def budget_notes(table: Sequence[dict]) -> str:
     """One line per equal-budget row: its reference, the reference's count, the solved size, its count."""
     notes = []
@@ -687,6 +714,8 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
     if sweep_notes(rows, options):
         md += [sweep_notes(rows, options), ""]
     md += [reading(table), ""]
+    if runs_that_did_not_learn(rows):
+        md += [runs_that_did_not_learn(rows), ""]
     if notes:
         md += [notes, ""]
     return "\n".join(md)
