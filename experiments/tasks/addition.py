@@ -702,8 +702,9 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
           "FT's), in %. No step-time column: the runs shared the 2-core CPU with other jobs for part of the "
           "time, so their step times (kept in the JSON) compare nothing; quiet-machine step times of these "
           "methods on this model: `bench_llm_step.md`.", ""]
-    if budget_notes(table):
-        md += [f"Equal-budget rows. {budget_notes(table)}", ""]
+    budgets, sweeps, failures = budget_notes(table), sweep_notes(rows, options), runs_that_did_not_learn(rows)
+    if budgets:
+        md += [f"Equal-budget rows. {budgets}", ""]
     md += [f"The frontier: `{options.prefix}.png` (test exact match, mean ± sd over seeds, against trainable "
            f"parameters on a log scale; dashed line: frozen 3-shot).", "",
            "## Learning-rate sweep (first seed): validation answer NLL, nats/token (validation exact match)", "",
@@ -711,11 +712,11 @@ def markdown(rows: Sequence[dict], options: Options, train: TrainConfig, command
            "rates whose exact match on the validation problems ties or differs by a few problems.", "",
            report.sweep_table([r for r in rows if r["method"] != FROZEN], select="validation_nll",
                               label="validation NLL (exact match)", percent=False, also="validation_accuracy"), ""]
-    if sweep_notes(rows, options):
-        md += [sweep_notes(rows, options), ""]
+    if sweeps:
+        md += [sweeps, ""]
     md += [reading(table), ""]
-    if runs_that_did_not_learn(rows):
-        md += [runs_that_did_not_learn(rows), ""]
+    if failures:
+        md += [failures, ""]
     if notes:
         md += [notes, ""]
     return "\n".join(md)
